@@ -1,0 +1,46 @@
+"""The ``llamaswap`` console script.
+
+``llamaswap -c CONFIG [...]`` runs the twistd plugin in the foreground with
+no pidfile; ``llamaswap check-config CONFIG`` validates a config and prints
+it resolved.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def check_config(path: str) -> int:
+    import yaml
+
+    from llamaswap.tap import load_or_exit
+
+    config = load_or_exit(path)
+    sys.stdout.write(yaml.safe_dump(_plain(config.document), sort_keys=False))
+    return 0
+
+
+def _plain(value: object) -> object:
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}  # type: ignore[union-attr]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["check-config"]:
+        if len(args) != 2:
+            print("usage: llamaswap check-config CONFIG", file=sys.stderr)
+            return 2
+        return check_config(args[1])
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["llamaswap", "--nodaemon", "--pidfile=", "llamaswap", *args]
+    run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

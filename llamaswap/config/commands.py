@@ -1,0 +1,41 @@
+"""Turning a configured ``cmd``/``cmdStop`` string into an argv.
+
+No shell is involved: comment lines are dropped, ``\\`` line continuations and
+newlines become plain whitespace, and the rest is split with POSIX shell-word
+rules (quotes and backslash escapes, no expansion).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+
+def _is_comment(line: str) -> bool:
+    return line.strip().startswith("#")
+
+
+def strip_comment_lines(cmd: str) -> str:
+    """``cmd`` without the lines whose trimmed text starts with ``#``."""
+    return "\n".join(line for line in cmd.split("\n") if not _is_comment(line))
+
+
+def split_command(cmd: str) -> tuple[str, ...]:
+    """Split a (possibly multi-line) command into its argv, which may be empty.
+
+    Raises :class:`ValueError` for unbalanced quoting or a trailing escape.
+    """
+    lines = []
+    for line in cmd.split("\n"):
+        trimmed = line.strip()
+        if trimmed.startswith("#"):
+            continue
+        lines.append(trimmed[:-1] + " " if trimmed.endswith("\\") else line)
+    return tuple(shlex.split("\n".join(lines), posix=True))
+
+
+def parse_command(cmd: str) -> tuple[str, ...]:
+    """:func:`split_command`, raising :class:`ValueError` for an empty command."""
+    argv = split_command(cmd)
+    if not argv:
+        raise ValueError("empty command")
+    return argv

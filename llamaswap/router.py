@@ -1,0 +1,251 @@
+"""Wiring the pure scheduler to real processes.
+
+The :class:`Router` implements the scheduler's ``IEffects``: it turns
+decisions into process starts and stops, and grants into :class:`Lease`
+objects handed to waiting HTTP handlers.  Swaps run through one
+:class:`SerialQueue` so state changes never interleave (DESIGN rule 2);
+proxying itself runs concurrently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from llamaswap.config import Config
+from llamaswap.logs import LogMonitor
+from llamaswap.process import ModelProcess, ProcessState, StartError
+from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, SingleModelPlanner, Ticket
+
+log = Logger()
+
+
+class TooManyRequests(Exception):
+    """The model's concurrency budget is used up (answered with 429)."""
+
+
+class RequestFailed(Exception):
+    """The scheduler answered the request with an error (start failure,
+    unload, shutdown)."""
+
+
+class SerialQueue:
+    """Runs asynchronous operations one after another, in submission order."""
+
+    def __init__(self) -> None:
+        self._tail: defer.Deferred[None] = defer.succeed(None)
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def run(self, operation: Callable[[], Awaitable[Any]]) -> defer.Deferred[Any]:
+        """Queue ``operation``; the result fires with its outcome."""
+        result: defer.Deferred[Any] = defer.Deferred()
+        self._pending += 1
+
+        def step(_: object) -> defer.Deferred[None]:
+            d = defer.ensureDeferred(operation())  # type: ignore[arg-type]
+
+            def settle(outcome: object) -> None:
+                self._pending -= 1
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+
+            return d.addBoth(settle)
+
+        self._tail.addCallback(step)
+        return result
+
+
+class Lease:
+    """A granted request's hold on a ready model; release it exactly once."""
+
+    __slots__ = ("model_id", "upstream", "_router", "_ticket", "_released")
+
+    def __init__(self, router: Router, ticket: Ticket, upstream: bytes) -> None:
+        self.model_id = ticket.model
+        self.upstream = upstream
+        self._router = router
+        self._ticket = ticket
+        self._released = False
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._router._release(self._ticket)
+
+
+def build_processes(
+    config: Config, reactor: Any, *, upstream_log: LogMonitor | None = None
+) -> dict[str, ModelProcess]:
+    """One :class:`ModelProcess` per configured model, with its own log."""
+    processes = {}
+    for model_id, model in config.models.items():
+        sinks = (upstream_log,) if upstream_log is not None else ()
+        processes[model_id] = ModelProcess(
+            model,
+            reactor=reactor,
+            health_check_timeout=config.health_check_timeout,
+            log=LogMonitor(model_id, sinks=sinks),
+        )
+    return processes
+
+
+@implementer(IEffects)
+class Router:
+    """Routes admitted requests to ready model processes."""
+
+    def __init__(
+        self,
+        config: Config,
+        processes: Mapping[str, ModelProcess],
+        *,
+        planner: ISwapPlanner | None = None,
+    ) -> None:
+        self.config = config
+        self.processes = dict(processes)
+        self._upstreams = {
+            model_id: model.proxy.rstrip("/").encode() for model_id, model in config.models.items()
+        }
+        self._waiters: dict[Ticket, defer.Deferred[Lease]] = {}
+        self._queue_positions: dict[Ticket, int] = {}
+        self._serial = SerialQueue()
+        self._collected_stops: list[defer.Deferred[None]] | None = None
+        self.scheduler = Scheduler(
+            self,
+            planner or SingleModelPlanner(),
+            state_of=lambda model: self.processes[model].state.value,
+            limits={m: c.concurrency_limit for m, c in config.models.items()},
+        )
+        for process in self.processes.values():
+            process.add_state_listener(self._on_state)
+
+    # -- requests -----------------------------------------------------------
+
+    def admit(self, model_id: str) -> Ticket:
+        """Reserve a slot for a request (raises :class:`TooManyRequests`)."""
+        ticket = self.scheduler.admit(model_id)
+        if ticket is None:
+            raise TooManyRequests(model_id)
+        return ticket
+
+    def wait(self, ticket: Ticket) -> defer.Deferred[Lease]:
+        """Wait for an admitted request to be granted.
+
+        Cancelling the Deferred (client went away) withdraws the request and
+        releases its reservation; the model load, if any, goes on.
+        """
+
+        def withdraw(d: defer.Deferred[Lease]) -> None:
+            if self._waiters.pop(ticket, None) is not None:
+                self._queue_positions.pop(ticket, None)
+                self.scheduler.cancel(ticket)
+
+        waiter: defer.Deferred[Lease] = defer.Deferred(withdraw)
+        self._waiters[ticket] = waiter
+        self.scheduler.submit(ticket)
+        return waiter
+
+    def acquire(self, model_id: str) -> defer.Deferred[Lease]:
+        """Admit and wait in one step."""
+        try:
+            ticket = self.admit(model_id)
+        except Exception:
+            return defer.fail()
+        return self.wait(ticket)
+
+    def queue_position_of(self, ticket: Ticket) -> int | None:
+        return self._queue_positions.get(ticket)
+
+    def _release(self, ticket: Ticket) -> None:
+        self.processes[ticket.model].request_finished()
+        self.scheduler.serve_done(ticket)
+
+    # -- IEffects -------------------------------------------------------------
+
+    def grant(self, ticket: Ticket) -> bool:
+        waiter = self._waiters.pop(ticket, None)
+        self._queue_positions.pop(ticket, None)
+        if waiter is None or waiter.called:
+            return False
+        self.processes[ticket.model].request_started()
+        waiter.callback(Lease(self, ticket, self._upstreams[ticket.model]))
+        return True
+
+    def fail(self, ticket: Ticket, message: str) -> None:
+        waiter = self._waiters.pop(ticket, None)
+        self._queue_positions.pop(ticket, None)
+        if waiter is not None and not waiter.called:
+            waiter.errback(RequestFailed(message))
+
+    def queue_position(self, ticket: Ticket, position: int) -> None:
+        if ticket in self._waiters:
+            self._queue_positions[ticket] = position
+
+    def start_swap(self, target: str, evict: frozenset[str]) -> None:
+        self._serial.run(lambda: self._swap(target, evict))
+
+    def stop_models(self, models: frozenset[str]) -> None:
+        stops = [self.processes[m].stop() for m in sorted(models)]
+        if self._collected_stops is not None:
+            self._collected_stops.extend(stops)
+
+    # -- operations -----------------------------------------------------------
+
+    async def _swap(self, target: str, evict: frozenset[str]) -> None:
+        error: str | None = None
+        try:
+            if evict:
+                log.info("swapping to {target}: stopping {evict}", target=target, evict=sorted(evict))
+                timeout = self.config.health_check_timeout
+                await defer.gatherResults(
+                    [self.processes[m].stop(timeout) for m in sorted(evict)], consumeErrors=True
+                )
+            await self.processes[target].make_ready()
+        except StartError as exc:
+            error = str(exc)
+        except Exception as exc:  # a bug, not a start failure: still answer every waiter
+            log.failure("swap to {target} failed", Failure(), target=target)
+            error = str(exc) or type(exc).__name__
+        self.scheduler.swap_done(target, error)
+
+    def unload(self, models: Iterable[str] | None = None) -> defer.Deferred[None]:
+        """Stop ``models`` (all when ``None``); fires once they are stopped."""
+        self._collected_stops = []
+        try:
+            self.scheduler.unload(None if models is None else list(models))
+            stops = self._collected_stops
+        finally:
+            self._collected_stops = None
+        if models is None:
+            # A model may be stopping on its own (TTL) without the scheduler
+            # having asked; "unload all" waits for it too.
+            stops.extend(
+                p.stop() for p in self.processes.values() if p.state is ProcessState.STOPPING
+            )
+        d = defer.gatherResults(stops, consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+    def shutdown(self, timeout: float) -> defer.Deferred[None]:
+        """Fail everything waiting and stop every process; fires when all
+        children are gone."""
+        self.scheduler.shutdown()
+        d = defer.gatherResults(
+            [p.shutdown(timeout) for p in self.processes.values()], consumeErrors=True
+        )
+        return d.addCallback(lambda _: None)
+
+    def _on_state(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
+        log.debug("{model} {old} -> {new}", model=process.model_id, old=old.value, new=new.value)
+        if new is ProcessState.STOPPED:
+            self.scheduler.state_changed(process.model_id)

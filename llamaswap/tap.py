@@ -1,0 +1,151 @@
+"""Command-line options and the service tree (``twistd llamaswap``)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.web.server import Site
+
+from llamaswap import __version__
+from llamaswap.config import Config, ConfigError, load_config
+from llamaswap.logs import LogMonitor
+from llamaswap.proxy import UpstreamClient
+from llamaswap.router import Router, build_processes
+from llamaswap.web.app import LlamaSwapApp
+from llamaswap.web.site import LlamaSwapSite
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+_ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "tls", "unix", "systemd")
+
+
+def listen_endpoint(value: str, cert: str | None = None, key: str | None = None) -> str:
+    """A Twisted endpoint string for ``--listen`` (llama-swap's ``host:port``
+    and ``:port`` forms are accepted too)."""
+    kind = value.split(":", 1)[0]
+    if kind in _ENDPOINT_TYPES:
+        return value
+    match = re.fullmatch(r"(?:\[([^\]]*)\]|([^:]*)):(\d+)", value)
+    if match is None:
+        raise usage.UsageError(f"--listen: not an endpoint or host:port: {value!r}")
+    host = match.group(1) if match.group(1) is not None else match.group(2)
+    port = match.group(3)
+    host = host or "0.0.0.0"
+    if host == "localhost":
+        host = "127.0.0.1"
+    escaped = host.replace(":", r"\:")
+    if cert and key:
+        return f"ssl:{port}:interface={escaped}:privateKey={key}:certKey={cert}"
+    return f"tcp:{port}:interface={escaped}"
+
+
+def is_loopback_only(endpoint: str) -> bool:
+    if endpoint.startswith(("unix:", "systemd:")):
+        return True
+    found = re.search(r"interface=([^:]+(?:\\:[^:]*)*)", endpoint)
+    if not found:
+        return False
+    host = found.group(1).replace("\\:", ":")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class Options(usage.Options):
+    synopsis = "-c CONFIG [--listen ENDPOINT]"
+    optParameters = [
+        ["config", "c", None, "Path to the YAML configuration file."],
+        ["listen", "l", DEFAULT_LISTEN, "Twisted endpoint or host:port to listen on."],
+        ["config-dir", None, None, "Directory of extra *.yaml files merged after --config."],
+        ["tls-cert-file", None, None, "TLS certificate (with --tls-key-file)."],
+        ["tls-key-file", None, None, "TLS private key (with --tls-cert-file)."],
+    ]
+    optFlags = [
+        ["watch-config", None, "Reload the configuration when the file changes."],
+        ["version", "V", "Print the version and exit."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["version"]:
+            print(f"version: {__version__}")
+            raise SystemExit(0)
+        if not self["config"] and not self["config-dir"]:
+            raise usage.UsageError("at least one of --config or --config-dir must be provided")
+        if bool(self["tls-cert-file"]) != bool(self["tls-key-file"]):
+            raise usage.UsageError("both --tls-cert-file and --tls-key-file must be provided for TLS")
+        listen = self["listen"]
+        if self["tls-cert-file"] and listen == DEFAULT_LISTEN:
+            listen = "127.0.0.1:8443"
+        self["endpoint"] = listen_endpoint(listen, self["tls-cert-file"], self["tls-key-file"])
+        self["loaded"] = load_or_exit(self["config"])
+
+
+def load_or_exit(path: str) -> Config:
+    """Load the config; on errors print one line per problem and exit 1."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise SystemExit(1) from None
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return config
+
+
+class LlamaSwapService(service.Service):
+    """Owns the router and the model processes; stopping it stops every child."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.config = config
+        self.upstream_log = LogMonitor("upstream")
+        self.processes = build_processes(config, reactor, upstream_log=self.upstream_log)
+        self.router = Router(config, self.processes)
+        self.client = UpstreamClient(reactor)
+        self.app = LlamaSwapApp(config, self.router, self.client)
+
+    def startService(self) -> None:
+        super().startService()
+        log.info(
+            "llamaswap {version} managing {count} models: {models}",
+            version=__version__,
+            count=len(self.config.models),
+            models=", ".join(self.config.models),
+        )
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        log.info("stopping every model process")
+        timeout = max([m.unload_timeout for m in self.config.models.values()] or [10])
+        d = self.router.shutdown(timeout)
+        d.addBoth(lambda _: self.client.close())
+        d.addCallback(lambda _: log.info("shutdown complete"))
+        return d
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    config: Config = options["loaded"]
+    top = service.MultiService()
+    core = LlamaSwapService(config, reactor)
+    core.setServiceParent(top)
+    endpoint = options["endpoint"]
+    if not is_loopback_only(endpoint):
+        log.warn(
+            "listening on {endpoint}: reachable from other hosts and no apiKeys are configured",
+            endpoint=endpoint,
+        )
+    site = LlamaSwapSite(core.app.resource())
+    web = strports.service(endpoint, site)
+    web.setServiceParent(top)
+    return top

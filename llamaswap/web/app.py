@@ -1,0 +1,341 @@
+"""The HTTP face of llamaswap.
+
+Model-dispatched inference paths are looked up in one dict built at import
+time and handled without Klein's routing machinery: they are the hot path.
+Everything else (listing, status, unload, ...) goes through a Klein app.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from klein import Klein
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from llamaswap.config import Config
+from llamaswap.process import ProcessState
+from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
+from llamaswap.router import RequestFailed, Router, TooManyRequests
+from llamaswap.scheduling import ShuttingDown, UnknownModel
+from llamaswap.web.errors import render_error, write_error, write_too_many
+from llamaswap.web.extract import (
+    extract_model,
+    replace_json_model,
+    replace_multipart_model,
+)
+
+log = Logger()
+
+_POST = frozenset({b"POST"})
+_GET = frozenset({b"GET", b"HEAD"})
+_BOTH = _GET | _POST
+
+_JSON_POSTS = (
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/embeddings",
+    "/reranking",
+    "/rerank",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/infill",
+    "/completion",
+    "/v1/audio/speech",
+    "/v1/images/generations",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+    "/v1/audio/transcriptions",
+    "/v1/images/edits",
+)
+_VERSIONLESS = (
+    "chat/completions",
+    "responses",
+    "completions",
+    "messages",
+    "messages/count_tokens",
+    "embeddings",
+    "rerank",
+    "reranking",
+)
+
+
+def _routes() -> dict[bytes, tuple[bytes, frozenset[bytes]]]:
+    routes: dict[bytes, tuple[bytes, frozenset[bytes]]] = {}
+    for path in _JSON_POSTS:
+        routes[path.encode()] = (path.encode(), _POST)
+    for path in _VERSIONLESS:
+        routes[f"/v/{path}".encode()] = (f"/{path}".encode(), _POST)
+    routes[b"/v1/audio/voices"] = (b"/v1/audio/voices", _BOTH)
+    routes[b"/sdapi/v1/loras"] = (b"/sdapi/v1/loras", _GET)
+    routes[b"/props"] = (b"/props", _GET)
+    routes[b"/audioapi/v1/tasks/run"] = (b"/v1/tasks/run", _POST)
+    return routes
+
+
+#: request path -> (path sent upstream, allowed methods)
+INFERENCE_ROUTES = _routes()
+
+
+def _client_ip(request: Any) -> str | None:
+    peer = request.getClientAddress()
+    return getattr(peer, "host", None)
+
+
+def _query_of(uri: bytes) -> bytes:
+    _, sep, query = uri.partition(b"?")
+    return query if sep else b""
+
+
+def _json(request: Any, payload: object, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+class LlamaSwapApp:
+    """Request handling for one configuration."""
+
+    app = Klein()
+
+    def __init__(self, config: Config, router: Router, client: UpstreamClient) -> None:
+        self.config = config
+        self.router = router
+        self.client = client
+
+    def resource(self) -> Resource:
+        return _Root(self)
+
+    # -- model-dispatched requests -------------------------------------------
+
+    def handle_inference(self, request: Any, upstream_path: bytes) -> object:
+        body = request.content.read() if request.content is not None else b""
+        query = _query_of(request.uri)
+        ctype = request.getHeader(b"content-type") or b""
+        extracted = extract_model(request.method, ctype, body, parse_qs(query) if query else {})
+        if not extracted.model:
+            return render_error(request, 404, "no model id could be identified")
+        model_id = self.config.resolve(extracted.model)
+        if model_id is None:
+            return render_error(request, 404, "no local server found for requested model")
+        model = self.config.models[model_id]
+        if model.use_model_name:
+            if b"application/json" in ctype.lower():
+                body = replace_json_model(body, model.use_model_name)
+            elif b"multipart/form-data" in ctype.lower():
+                body = replace_multipart_model(ctype, body, model.use_model_name)
+        target = upstream_path + (b"?" + query if query else b"")
+        return self._dispatch(request, model_id, target, body)
+
+    def handle_upstream(self, request: Any) -> object:
+        """``/upstream/<model>/<rest>``: raw passthrough to a model's server."""
+        raw_path = request.uri.partition(b"?")[0]
+        query = _query_of(request.uri)
+        rest = raw_path[len(b"/upstream/") :]
+        segments = rest.split(b"/")
+        match: tuple[str, int] | None = None
+        for count in range(1, len(segments) + 1):
+            name = b"/".join(segments[:count]).decode("utf-8", "replace")
+            if name and self.config.resolve(name) is not None:
+                match = (name, count)
+        if match is None:
+            return render_error(request, 404, "model not found")
+        name, count = match
+        remaining = b"/" + b"/".join(segments[count:])
+        if remaining == b"/" and not raw_path.endswith(b"/"):
+            location = b"/upstream/" + b"/".join(segments[:count]) + b"/"
+            if query:
+                location += b"?" + query
+            request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
+            request.setHeader(b"location", location)
+            return b""
+        body = request.content.read() if request.content is not None else b""
+        target = remaining + (b"?" + query if query else b"")
+        model_id = self.config.resolve(name)
+        assert model_id is not None
+        return self._dispatch(request, model_id, target, body)
+
+    def _dispatch(self, request: Any, model_id: str, target: bytes, body: bytes) -> object:
+        d = defer.Deferred.fromCoroutine(self._serve(request, model_id, target, body))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addErrback(self._serve_failed, request)
+        return NOT_DONE_YET
+
+    async def _serve(self, request: Any, model_id: str, target: bytes, body: bytes) -> None:
+        try:
+            lease = await self.router.acquire(model_id)
+        except TooManyRequests:
+            write_too_many(request)
+            return
+        except UnknownModel:
+            write_error(request, 404, "no local server found for requested model")
+            return
+        except (RequestFailed, ShuttingDown) as exc:
+            write_error(request, 500, f"unspecific error: {exc}")
+            return
+        try:
+            headers = forward_headers(request.requestHeaders, client_ip=_client_ip(request))
+            try:
+                await self.client.forward(request, lease.upstream + target, headers=headers, body=body)
+            except UpstreamUnavailable as exc:
+                log.warn(
+                    "{model}: upstream request failed: {reason}", model=model_id, reason=str(exc)
+                )
+                write_error(request, 502, f"upstream {model_id} unavailable: {exc}")
+                return
+            if not request.finished and not request._disconnected:
+                request.finish()
+        finally:
+            lease.release()
+
+    def _serve_failed(self, failure: Failure, request: Any) -> None:
+        if failure.check(defer.CancelledError):
+            return
+        log.failure("error while serving {uri}", failure, uri=request.uri)
+        write_error(request, 500, f"unspecific error: {failure.getErrorMessage()}")
+
+    # -- Klein routes -----------------------------------------------------------
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: Any, failure: Failure) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"404 page not found\n"
+
+    @app.handle_errors(MethodNotAllowed)
+    def wrong_method(self, request: Any, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        request.setResponseCode(405)
+        request.setHeader(b"allow", ", ".join(allowed).encode())
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Method Not Allowed\n"
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"OK"
+
+    @app.route("/wol-health", methods=["GET", "HEAD"])
+    def wol_health(self, request: Any) -> bytes:
+        return self.health(request)
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: Any) -> bytes:
+        request.redirect(b"/ui")
+        return b""
+
+    @app.route("/upstream", methods=["GET", "HEAD"])
+    def upstream_index(self, request: Any) -> bytes:
+        request.redirect(b"/ui/models")
+        return b""
+
+    @app.route("/v1/models", methods=["GET", "HEAD"])
+    @app.route("/models", methods=["GET", "HEAD"])
+    def list_models(self, request: Any) -> bytes:
+        origin = request.getHeader(b"origin")
+        if origin:
+            request.setHeader(b"access-control-allow-origin", origin)
+        return _json(request, {"object": "list", "data": self.model_records()})
+
+    def model_records(self) -> list[dict[str, Any]]:
+        created = int(time.time())
+        records = []
+        for model_id, model in self.config.models.items():
+            if model.unlisted:
+                continue
+            record: dict[str, Any] = {
+                "id": model_id,
+                "object": "model",
+                "created": created,
+                "owned_by": "llama-swap",
+            }
+            if model.name.strip():
+                record["name"] = model.name.strip()
+            if model.description.strip():
+                record["description"] = model.description.strip()
+            internal: dict[str, Any] = {"type": "model"}
+            if model.aliases:
+                internal["aliases"] = list(model.aliases)
+            record["meta"] = {"llamaswap": {**dict(model.metadata), **internal}}
+            state = self.router.processes[model_id].state
+            loaded = state not in (ProcessState.STOPPED, ProcessState.SHUTDOWN)
+            record["status"] = {"value": "loaded" if loaded else "unloaded"}
+            records.append(record)
+        records.sort(key=lambda r: r["id"])
+        return records
+
+    @app.route("/running", methods=["GET", "HEAD"])
+    def running(self, request: Any) -> bytes:
+        running = []
+        for model_id, process in sorted(self.router.processes.items()):
+            if process.state in (ProcessState.STOPPED, ProcessState.SHUTDOWN):
+                continue
+            model = self.config.models[model_id]
+            running.append(
+                {
+                    "model": model_id,
+                    "state": process.state.value,
+                    "cmd": model.cmd,
+                    "proxy": model.proxy,
+                    "ttl": model.ttl,
+                    "name": model.name,
+                    "description": model.description,
+                }
+            )
+        return _json(request, {"running": running})
+
+    @app.route("/unload", methods=["GET", "HEAD"])
+    async def unload_all_legacy(self, request: Any) -> bytes:
+        await self.router.unload()
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"OK"
+
+    @app.route("/api/models/unload", methods=["POST"])
+    async def unload_all(self, request: Any) -> bytes:
+        await self.router.unload()
+        return _json(request, {"msg": "ok"})
+
+    @app.route("/api/models/unload/<path:name>", methods=["POST"])
+    async def unload_one(self, request: Any, name: str) -> bytes:
+        model_id = self.config.resolve(name)
+        if model_id is None:
+            return render_error(request, 404, "model not found")
+        await self.router.unload([model_id])
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"OK"
+
+
+class _Root(Resource):
+    """Dispatches the hot paths directly and hands the rest to Klein."""
+
+    isLeaf = True
+
+    def __init__(self, app: LlamaSwapApp) -> None:
+        super().__init__()
+        self._app = app
+        self._klein = app.app.resource()
+
+    def render(self, request: Any) -> object:
+        path = request.path
+        route = INFERENCE_ROUTES.get(path)
+        if route is not None:
+            upstream_path, methods = route
+            if request.method not in methods:
+                request.setResponseCode(405)
+                request.setHeader(b"allow", b", ".join(sorted(methods)))
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                return b"Method Not Allowed\n"
+            return self._app.handle_inference(request, upstream_path)
+        if path.startswith(b"/upstream/"):
+            return self._app.handle_upstream(request)
+        return self._klein.render(request)

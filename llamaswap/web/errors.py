@@ -1,0 +1,86 @@
+"""Error responses in the format the client asked for (reference §10).
+
+``Accept`` containing ``text/plain`` gets ``llama-swap: <message>``,
+``text/html`` a small HTML page, anything else the OpenAI-style JSON envelope
+``{"src":"llama-swap","error":{...}}``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+_TYPES: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "unauthorized"),
+    403: ("authentication_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    409: ("invalid_request_error", "conflict"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "gateway_timeout"),
+}
+
+#: The 429 body llama-swap sends for a full concurrency budget, always JSON.
+TOO_MANY_REQUESTS = (
+    b'{"src":"llama-swap","error":{"message":"Too many requests",'
+    b'"type":"rate_limit_error","param":null,"code":"concurrency_limit"}}'
+)
+
+
+def error_type(status: int) -> tuple[str, str]:
+    if status in _TYPES:
+        return _TYPES[status]
+    if 400 <= status < 500:
+        return ("invalid_request_error", "invalid_request")
+    return ("server_error", "internal_error")
+
+
+def json_envelope(status: int, message: str, code: str | None = None) -> bytes:
+    kind, default_code = error_type(status)
+    return json.dumps(
+        {
+            "src": "llama-swap",
+            "error": {"message": message, "type": kind, "param": None, "code": code or default_code},
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def render_error(request: Any, status: int, message: str, code: str | None = None) -> bytes:
+    """Set status and content type on ``request``; return the body bytes."""
+    accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+    request.setResponseCode(status)
+    if "text/plain" in accept:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return f"llama-swap: {message}".encode()
+    if "text/html" in accept:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return (
+            "<html><body><h1>llama-swap</h1><p>" + html.escape(message) + "</p></body></html>"
+        ).encode()
+    request.setHeader(b"content-type", b"application/json")
+    return json_envelope(status, message, code)
+
+
+def write_error(request: Any, status: int, message: str, code: str | None = None) -> None:
+    """Answer ``request`` with an error and finish it (if still open)."""
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    body = render_error(request, status, message, code)
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def write_too_many(request: Any) -> None:
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    request.setResponseCode(429)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"retry-after", b"1")
+    request.setHeader(b"content-length", b"%d" % len(TOO_MANY_REQUESTS))
+    request.write(TOO_MANY_REQUESTS)
+    request.finish()

@@ -1,0 +1,408 @@
+"""End-to-end tests: the whole service over loopback with real child servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from llamaswap.config import load_config_text
+from llamaswap.process import ProcessState
+from llamaswap.tap import LlamaSwapService
+from llamaswap.web.errors import TOO_MANY_REQUESTS
+from llamaswap.web.site import LlamaSwapSite
+from tests.support import PYTHON, RESPONDER, base_url, free_port, poll_until
+
+
+def responder_model(port: int, *extra: str, **keys: Any) -> dict[str, Any]:
+    """A model entry running tests/responder.py on ``port``."""
+    entry: dict[str, Any] = {
+        "cmd": " ".join([PYTHON, RESPONDER, "--port", str(port), *extra]),
+        "proxy": f"http://127.0.0.1:{port}",
+    }
+    entry.update(keys)
+    return entry
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class ServiceTestCase(TestCase):
+    """Runs a LlamaSwapService on a loopback port for each test."""
+
+    timeout = 60
+
+    async def start(self, models: dict[str, Any], **globals_: Any) -> None:
+        document = {"healthCheckTimeout": 15, **globals_, "models": models}
+        self.config = load_config_text(json.dumps(document), environ=dict(os.environ))
+        self.service = LlamaSwapService(self.config, reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.port = reactor.listenTCP(
+            0, LlamaSwapSite(self.service.app.resource()), interface="127.0.0.1"
+        )
+        self.addCleanup(self.port.stopListening)
+        self.url = base_url(self.port)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    @property
+    def router(self) -> Any:
+        return self.service.router
+
+    async def chat(self, model: str, **extra: Any) -> Any:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], **extra})
+        return await treq.post(
+            self.url + "/v1/chat/completions",
+            data=body.encode(),
+            headers={b"content-type": [b"application/json"]},
+            pool=self.pool,
+        )
+
+    def state(self, model: str) -> ProcessState:
+        return self.router.processes[model].state
+
+    async def settled(self) -> None:
+        """Wait until no request is reserved or in flight anywhere."""
+        scheduler = self.router.scheduler
+        await poll_until(
+            lambda: all(
+                scheduler.reserved(m) == 0 and scheduler.in_flight(m) == 0
+                for m in self.config.models
+            )
+        )
+
+
+class SwapTests(ServiceTestCase):
+    async def test_on_demand_start_and_swap(self) -> None:
+        """The first request starts its model; a request for another model
+        stops the first (its process is gone) and starts the second."""
+        await self.start({"a": responder_model(free_port()), "b": responder_model(free_port())})
+        response = await self.chat("a")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        self.assertEqual(self.state("a"), ProcessState.READY)
+        pid_a = self.router.processes["a"].pid
+        response = await self.chat("b")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        self.assertEqual(self.state("b"), ProcessState.READY)
+        self.assertEqual(self.state("a"), ProcessState.STOPPED)
+        self.assertFalse(pid_alive(pid_a))
+        running = await (await treq.get(self.url + "/running", pool=self.pool)).json()
+        self.assertEqual([r["model"] for r in running["running"]], ["b"])
+        self.assertEqual(running["running"][0]["state"], "ready")
+        await self.settled()
+
+    async def test_concurrent_requests_share_one_start(self) -> None:
+        """Requests arriving while the model starts join that start."""
+        await self.start({"a": responder_model(free_port(), "--startup-delay", "0.5")})
+        starts = []
+        self.router.processes["a"].add_state_listener(
+            lambda p, old, new: starts.append(new) if new is ProcessState.STARTING else None
+        )
+        responses = await defer.gatherResults([defer.ensureDeferred(self.chat("a")) for _ in range(3)])
+        self.assertEqual([r.code for r in responses], [200, 200, 200])
+        for r in responses:
+            await r.content()
+        self.assertEqual(len(starts), 1)
+        await self.settled()
+
+    async def test_alias_and_use_model_name(self) -> None:
+        """An alias reaches its model, and useModelName rewrites only the
+        model value in the body sent upstream."""
+        await self.start(
+            {"real": responder_model(free_port(), aliases=["nick"], useModelName="upstream-name")}
+        )
+        body = b'{"model": "nick", "n": 1.50, "s": "\\u00e9"}'
+        response = await treq.post(
+            self.url + "/v1/chat/completions",
+            data=body,
+            headers={b"content-type": [b"application/json"]},
+            pool=self.pool,
+        )
+        payload = await response.json()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(payload["request_body"], '{"model": "upstream-name", "n": 1.50, "s": "\\u00e9"}')
+
+    async def test_start_failure_answers_waiters_and_retries(self) -> None:
+        """A model whose server exits during start-up answers 500 with the
+        exit status and last output; the next request tries again."""
+        port = free_port()
+        await self.start(
+            {"bad": responder_model(port, "--exit-after", "0", "--exit-code", "3", "--print", "boom-line")}
+        )
+        for _ in range(2):
+            response = await self.chat("bad")
+            self.assertEqual(response.code, 500)
+            payload = await response.json()
+            message = payload["error"]["message"]
+            self.assertIn("exit code 3", message)
+            self.assertIn("boom-line", message)
+        self.assertEqual(self.state("bad"), ProcessState.STOPPED)
+        await self.settled()
+
+    async def test_concurrency_limit_429(self) -> None:
+        """Past concurrencyLimit, requests get 429 with llama-swap's body."""
+        await self.start({"a": responder_model(free_port(), concurrencyLimit=1)})
+        slow = await treq.get(
+            self.url + "/upstream/a/slow?chunks=20&delay=0.05", pool=self.pool, unbuffered=True
+        )
+        self.assertEqual(slow.code, 200)
+        response = await self.chat("a")
+        self.assertEqual(response.code, 429)
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"1"])
+        self.assertEqual(await response.content(), TOO_MANY_REQUESTS)
+        await slow.content()
+        await self.settled()
+
+    async def test_disconnect_while_loading_releases(self) -> None:
+        """A client that leaves while its model loads holds nothing
+        afterwards; the load completes."""
+        await self.start({"a": responder_model(free_port(), "--startup-delay", "0.6")})
+        d = defer.ensureDeferred(self.chat("a"))
+        await poll_until(lambda: self.state("a") is ProcessState.STARTING)
+        await poll_until(lambda: self.router.scheduler.reserved("a") == 1)
+        d.cancel()
+        d.addErrback(lambda f: None)
+        await poll_until(lambda: self.state("a") is ProcessState.READY)
+        await self.settled()
+
+    async def test_disconnect_mid_stream_releases(self) -> None:
+        """A client that leaves mid-stream releases its in-flight slot."""
+        await self.start({"a": responder_model(free_port())})
+        response = await treq.get(
+            self.url + "/upstream/a/slow?chunks=100&delay=0.05", pool=self.pool, unbuffered=True
+        )
+        received: list[bytes] = []
+        collecting = treq.collect(response, received.append)
+        await poll_until(lambda: received)
+        self.assertEqual(self.router.scheduler.in_flight("a"), 1)
+        collecting.addErrback(lambda f: None)
+        collecting.cancel()
+        response.original._transport.loseConnection()
+        await self.settled()
+
+    async def test_stop_service_leaves_no_children(self) -> None:
+        """Stopping the service stops every child, grandchildren included."""
+        port = free_port()
+        await self.start({"a": responder_model(port, "--spawn-grandchild")})
+        response = await self.chat("a")
+        await response.content()
+        process = self.router.processes["a"]
+        pid = process.pid
+        grandchild = await self._grandchild_pid(process)
+        await self.service.stopService()
+        self.assertFalse(pid_alive(pid))
+        self.assertFalse(pid_alive(grandchild))
+
+    async def _grandchild_pid(self, process: Any) -> int:
+        found: list[int] = []
+
+        def scan() -> bool:
+            for line in process.log.history().decode().splitlines():
+                if line.startswith("GRANDCHILD "):
+                    found.append(int(line.split()[1]))
+                    return True
+            return False
+
+        await poll_until(scan)
+        return found[0]
+
+
+class EndpointTests(ServiceTestCase):
+    async def test_models_listing(self) -> None:
+        """/v1/models lists listed models sorted, with llama-swap's shape."""
+        await self.start(
+            {
+                "b": responder_model(free_port(), name=" B model ", aliases=["bee"]),
+                "a": responder_model(free_port(), description="first", metadata={"k": 1}),
+                "hidden": responder_model(free_port(), unlisted=True),
+            }
+        )
+        response = await treq.get(
+            self.url + "/v1/models", headers={b"origin": [b"http://ui.example"]}, pool=self.pool
+        )
+        self.assertEqual(
+            response.headers.getRawHeaders(b"access-control-allow-origin"), [b"http://ui.example"]
+        )
+        payload = await response.json()
+        self.assertEqual(payload["object"], "list")
+        self.assertEqual([m["id"] for m in payload["data"]], ["a", "b"])
+        a, b = payload["data"]
+        self.assertEqual(a["owned_by"], "llama-swap")
+        self.assertEqual(a["object"], "model")
+        self.assertEqual(a["description"], "first")
+        self.assertNotIn("name", a)
+        self.assertEqual(a["meta"], {"llamaswap": {"k": 1, "type": "model"}})
+        self.assertEqual(a["status"], {"value": "unloaded"})
+        self.assertEqual(b["name"], "B model")
+        self.assertEqual(b["meta"]["llamaswap"]["aliases"], ["bee"])
+        same = await (await treq.get(self.url + "/models", pool=self.pool)).json()
+        self.assertEqual([m["id"] for m in same["data"]], ["a", "b"])
+
+    async def test_errors(self) -> None:
+        """Missing and unknown models give 404 in the format Accept asks for."""
+        await self.start({"a": responder_model(free_port())})
+        response = await treq.post(
+            self.url + "/v1/chat/completions",
+            data=b"{}",
+            headers={b"content-type": [b"application/json"]},
+            pool=self.pool,
+        )
+        self.assertEqual(response.code, 404)
+        payload = await response.json()
+        self.assertEqual(payload["error"]["message"], "no model id could be identified")
+        response = await treq.post(
+            self.url + "/v1/chat/completions",
+            data=b'{"model":"nope"}',
+            headers={b"content-type": [b"application/json"], b"accept": [b"text/plain"]},
+            pool=self.pool,
+        )
+        self.assertEqual(response.code, 404)
+        self.assertEqual(await response.text(), "llama-swap: no local server found for requested model")
+        response = await treq.get(self.url + "/v1/chat/completions", pool=self.pool)
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"POST"])
+        response = await treq.get(self.url + "/nothing/here", pool=self.pool)
+        self.assertEqual(response.code, 404)
+        await response.content()
+        health = await treq.get(self.url + "/health", pool=self.pool)
+        self.assertEqual(await health.text(), "OK")
+
+    async def test_upstream_longest_prefix_and_redirect(self) -> None:
+        """/upstream picks the longest model id prefix (ids may contain
+        slashes) and redirects the bare model path to its slash form."""
+        await self.start(
+            {
+                "org": responder_model(free_port()),
+                "org/model": responder_model(free_port()),
+            }
+        )
+        response = await treq.get(self.url + "/upstream/org/model/health", pool=self.pool)
+        self.assertEqual(response.code, 200)
+        await response.content()
+        self.assertEqual(self.state("org/model"), ProcessState.READY)
+        self.assertEqual(self.state("org"), ProcessState.STOPPED)
+        response = await treq.get(
+            self.url + "/upstream/org/model?x=1", pool=self.pool, allow_redirects=False
+        )
+        self.assertEqual(response.code, 301)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/upstream/org/model/?x=1"])
+        response = await treq.get(self.url + "/upstream/missing/x", pool=self.pool)
+        self.assertEqual(response.code, 404)
+        await response.content()
+
+    async def test_unload_endpoints(self) -> None:
+        """Unload by model (alias accepted) and unload-all stop processes."""
+        await self.start({"a": responder_model(free_port(), aliases=["al"])})
+        await (await self.chat("a")).content()
+        self.assertEqual(self.state("a"), ProcessState.READY)
+        response = await treq.post(self.url + "/api/models/unload/al", pool=self.pool)
+        self.assertEqual(await response.text(), "OK")
+        self.assertEqual(self.state("a"), ProcessState.STOPPED)
+        response = await treq.post(self.url + "/api/models/unload/unknown", pool=self.pool)
+        self.assertEqual(response.code, 404)
+        await response.content()
+        await (await self.chat("a")).content()
+        response = await treq.post(self.url + "/api/models/unload", pool=self.pool)
+        self.assertEqual(await response.json(), {"msg": "ok"})
+        self.assertEqual(self.state("a"), ProcessState.STOPPED)
+        await (await self.chat("a")).content()
+        response = await treq.get(self.url + "/unload", pool=self.pool)
+        self.assertEqual(await response.text(), "OK")
+        self.assertEqual(self.state("a"), ProcessState.STOPPED)
+
+
+class CommandLineTests(TestCase):
+    timeout = 60
+
+    async def test_sigterm_leaves_no_descendants(self) -> None:
+        """SIGTERM to a running ``llamaswap`` stops every child and
+        grandchild, then the service exits 0."""
+        import tempfile
+
+        model_port, listen_port = free_port(), free_port()
+        config = {"models": {"a": responder_model(model_port, "--spawn-grandchild")}}
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            json.dump(config, f)
+        self.addCleanup(os.unlink, f.name)
+        from twisted.internet import protocol
+
+        ended: defer.Deferred[int] = defer.Deferred()
+        output: list[bytes] = []
+
+        class Watch(protocol.ProcessProtocol):
+            def outReceived(self, data: bytes) -> None:
+                output.append(data)
+
+            errReceived = outReceived
+
+            def processEnded(self, reason: Any) -> None:
+                ended.callback(reason.value.exitCode)
+
+        transport = reactor.spawnProcess(
+            Watch(),
+            PYTHON,
+            [PYTHON, "-m", "llamaswap", "-c", f.name, "--listen", f"127.0.0.1:{listen_port}"],
+            env=dict(os.environ),
+        )
+        url = f"http://127.0.0.1:{listen_port}"
+        pool = HTTPConnectionPool(reactor, persistent=False)
+
+        async def up() -> bool:
+            try:
+                r = await treq.get(url + "/health", pool=pool)
+                await r.content()
+                return r.code == 200
+            except Exception:
+                return False
+
+        deadline = reactor.seconds() + 20
+        while not await up():
+            self.assertLess(reactor.seconds(), deadline, b"".join(output).decode())
+            await poll_until(lambda: True)
+        response = await treq.get(url + "/upstream/a/health", pool=pool)
+        await response.content()
+        running = await (await treq.get(url + "/running", pool=pool)).json()
+        self.assertEqual(running["running"][0]["state"], "ready")
+        descendants = _descendants(transport.pid)
+        self.assertGreaterEqual(len(descendants), 2, descendants)
+        transport.signalProcess(signal.SIGTERM)
+        code = await ended
+        self.assertEqual(code, 0, b"".join(output).decode())
+        await poll_until(lambda: not any(pid_alive(p) for p in descendants), timeout=5)
+
+
+def _descendants(root: int) -> list[int]:
+    """Every live descendant of ``root``, including those in other process
+    groups (the children run in their own groups)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
