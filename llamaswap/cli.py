@@ -35,10 +35,16 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: llamaswap check-config CONFIG", file=sys.stderr)
             return 2
         return check_config(args[1])
-    from twisted.scripts.twistd import run
+    from twisted.application import app
+    from twisted.scripts.twistd import ServerOptions, _SomeApplicationRunner
+
+    def run_app(config: object) -> None:
+        # Unlike twistd, do not re-raise SIGTERM/SIGINT on the way out: a
+        # requested, completed shutdown exits 0.
+        _SomeApplicationRunner(config).run()
 
     sys.argv = ["llamaswap", "--nodaemon", "--pidfile=", "llamaswap", *args]
-    run()
+    app.run(run_app, ServerOptions)
     return 0
 
 

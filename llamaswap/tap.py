@@ -50,10 +50,10 @@ def listen_endpoint(value: str, cert: str | None = None, key: str | None = None)
 def is_loopback_only(endpoint: str) -> bool:
     if endpoint.startswith(("unix:", "systemd:")):
         return True
-    found = re.search(r"interface=([^:]+(?:\\:[^:]*)*)", endpoint)
+    found = re.search(r"(?:^|:)interface=((?:\\.|[^:\\])+)", endpoint)
     if not found:
         return False
-    host = found.group(1).replace("\\:", ":")
+    host = re.sub(r"\\(.)", r"\1", found.group(1))
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -17,7 +17,7 @@ from llamaswap.process import ProcessState
 from llamaswap.tap import LlamaSwapService
 from llamaswap.web.errors import TOO_MANY_REQUESTS
 from llamaswap.web.site import LlamaSwapSite
-from tests.support import PYTHON, RESPONDER, base_url, free_port, poll_until
+from tests.support import PYTHON, REPO, RESPONDER, base_url, free_port, poll_until
 
 
 def responder_model(port: int, *extra: str, **keys: Any) -> dict[str, Any]:
@@ -359,7 +359,7 @@ class CommandLineTests(TestCase):
             Watch(),
             PYTHON,
             [PYTHON, "-m", "llamaswap", "-c", f.name, "--listen", f"127.0.0.1:{listen_port}"],
-            env=dict(os.environ),
+            env={**os.environ, "PYTHONPATH": REPO},
         )
         url = f"http://127.0.0.1:{listen_port}"
         pool = HTTPConnectionPool(reactor, persistent=False)

@@ -1,0 +1,99 @@
+"""Command line, plugin discovery and start-up errors."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from twisted.internet import reactor, utils
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from llamaswap.tap import DEFAULT_LISTEN, Options, is_loopback_only, listen_endpoint
+from tests.support import PYTHON
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ListenTests(SynchronousTestCase):
+    def test_endpoint_strings_pass_through(self) -> None:
+        """Twisted endpoint strings are used as they are."""
+        for value in ("tcp:8080:interface=0.0.0.0", "unix:/run/l.sock", "systemd:domain=INET:index=0"):
+            self.assertEqual(listen_endpoint(value), value)
+
+    def test_llama_swap_forms(self) -> None:
+        """llama-swap's host:port, :port and [v6]:port forms are accepted."""
+        self.assertEqual(listen_endpoint(":8080"), "tcp:8080:interface=0.0.0.0")
+        self.assertEqual(listen_endpoint("localhost:9000"), "tcp:9000:interface=127.0.0.1")
+        self.assertEqual(listen_endpoint("[::1]:9000"), r"tcp:9000:interface=\:\:1")
+        self.assertEqual(
+            listen_endpoint("127.0.0.1:8443", cert="c.pem", key="k.pem"),
+            "ssl:8443:interface=127.0.0.1:privateKey=k.pem:certKey=c.pem",
+        )
+        self.assertRaises(usage.UsageError, listen_endpoint, "nonsense")
+
+    def test_loopback_detection(self) -> None:
+        """Only loopback interfaces, unix and systemd sockets count as local."""
+        self.assertTrue(is_loopback_only(DEFAULT_LISTEN))
+        self.assertTrue(is_loopback_only(r"tcp:1:interface=\:\:1"))
+        self.assertTrue(is_loopback_only("unix:/tmp/x"))
+        self.assertFalse(is_loopback_only("tcp:8080:interface=0.0.0.0"))
+        self.assertFalse(is_loopback_only("tcp:8080"))
+
+    def test_options_require_a_config(self) -> None:
+        """Neither --config nor --config-dir is a usage error."""
+        self.assertRaises(usage.UsageError, Options().parseOptions, [])
+
+    def test_tls_needs_both_files(self) -> None:
+        """Only one of the TLS files is a usage error."""
+        self.assertRaises(
+            usage.UsageError, Options().parseOptions, ["-c", "x.yaml", "--tls-cert-file", "c"]
+        )
+
+    def test_plugin_is_found(self) -> None:
+        """twistd finds the llamaswap plugin."""
+        from twisted.application.service import IServiceMaker
+
+        names = [p.tapname for p in getPlugins(IServiceMaker)]
+        self.assertIn("llamaswap", names)
+
+
+class StartupErrorTests(TestCase):
+    timeout = 60
+
+    async def _run(self, *args: str) -> tuple[bytes, bytes, int]:
+        result = await utils.getProcessOutputAndValue(
+            PYTHON, ["-m", "llamaswap", *args], env=dict(os.environ), path=REPO, reactor=reactor
+        )
+        return result
+
+    async def test_config_errors_one_line_each(self) -> None:
+        """A bad config prints one line per problem naming the key path and
+        exits non-zero without a traceback."""
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write("models:\n  a:\n    cmd: x --port ${PORT}\n    ttl: -5\n    tll: 3\n  b:\n    cmd: y\n")
+        self.addCleanup(os.unlink, f.name)
+        out, err, code = await self._run("-c", f.name)
+        self.assertNotEqual(code, 0)
+        text = err.decode()
+        self.assertNotIn("Traceback", text)
+        self.assertIn("models.a.ttl: must be >= 0, got -5", text.splitlines())
+        self.assertTrue(any(line.startswith("models.b.proxy") for line in text.splitlines()), text)
+        self.assertIn('did you mean "ttl"', text)
+
+    async def test_check_config_prints_resolved(self) -> None:
+        """check-config prints the resolved config with ports assigned."""
+        out, err, code = await self._run("check-config", os.path.join(REPO, "etc", "demo.yaml"))
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"--port 5800", out)
+        self.assertNotIn(b"${PORT}", out)
+
+    async def test_version(self) -> None:
+        """--version prints the version and exits 0."""
+        from llamaswap import __version__
+
+        out, err, code = await self._run("--version")
+        self.assertEqual(code, 0, err)
+        self.assertIn(__version__.encode(), out)
+
