@@ -18,8 +18,9 @@ Subscriber = Callable[[bytes], None]
 class LogMonitor:
     """Keeps the last ``HISTORY_BYTES`` written and fans chunks out."""
 
-    def __init__(self, name: str, history_bytes: int = HISTORY_BYTES,
-                 sinks: tuple[LogMonitor, ...] = ()) -> None:
+    def __init__(
+        self, name: str, history_bytes: int = HISTORY_BYTES, sinks: tuple[LogMonitor, ...] = ()
+    ) -> None:
         self.name = name
         self._limit = history_bytes
         self._chunks: deque[bytes] = deque()
@@ -38,7 +39,7 @@ class LogMonitor:
         while self._size > self._limit and len(self._chunks) > 1:
             self._size -= len(self._chunks.popleft())
         if self._size > self._limit:
-            only = self._chunks.pop()[-self._limit:]
+            only = self._chunks.pop()[-self._limit :]
             self._chunks.append(only)
             self._size = len(only)
         for subscriber in tuple(self._subscribers):

@@ -274,7 +274,10 @@ class ProcessGroupLauncher:
         on_output: Callable[[bytes], None],
         on_exit: Callable[[ExitStatus], None],
     ) -> IChildProcess:
-        executable = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+        # llamaswap's own scripts directory comes last, so a venv's console
+        # scripts (such as the demo upstream) run without activating it.
+        search = os.pathsep.join([env.get("PATH", os.defpath), os.path.dirname(sys.executable)])
+        executable = shutil.which(argv[0], path=search)
         if executable is None:
             raise FileNotFoundError(f'exec: "{argv[0]}": executable file not found in $PATH')
         protocol = _ChildProtocol(cast(IReactorTime, self._reactor), on_output, on_exit)

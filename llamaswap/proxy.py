@@ -26,7 +26,7 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse, UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 log = Logger()
@@ -258,4 +258,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, PartialDownloadError):
         return "partial response"
     return str(exc) or type(exc).__name__
-

@@ -206,7 +206,9 @@ class Router:
         error: str | None = None
         try:
             if evict:
-                log.info("swapping to {target}: stopping {evict}", target=target, evict=sorted(evict))
+                log.info(
+                    "swapping to {target}: stopping {evict}", target=target, evict=sorted(evict)
+                )
                 timeout = self.config.health_check_timeout
                 await defer.gatherResults(
                     [self.processes[m].stop(timeout) for m in sorted(evict)], consumeErrors=True

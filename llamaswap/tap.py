@@ -11,7 +11,6 @@ from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
 
 from llamaswap import __version__
 from llamaswap.config import Config, ConfigError, load_config
@@ -81,7 +80,9 @@ class Options(usage.Options):
         if not self["config"] and not self["config-dir"]:
             raise usage.UsageError("at least one of --config or --config-dir must be provided")
         if bool(self["tls-cert-file"]) != bool(self["tls-key-file"]):
-            raise usage.UsageError("both --tls-cert-file and --tls-key-file must be provided for TLS")
+            raise usage.UsageError(
+                "both --tls-cert-file and --tls-key-file must be provided for TLS"
+            )
         listen = self["listen"]
         if self["tls-cert-file"] and listen == DEFAULT_LISTEN:
             listen = "127.0.0.1:8443"

@@ -8,9 +8,9 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, protocol, reactor
-from twisted.web.client import HTTPConnectionPool
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -234,7 +234,9 @@ class ProxyTests(TestCase):
         self.addCleanup(client.close)
         front = listen(_Front(client, f"http://127.0.0.1:{free_port()}"), LlamaSwapSite)
         self.addCleanup(front.stopListening)
-        response = await treq.post(base_url(front) + "/v1/chat/completions", data=b"{}", pool=self.pool)
+        response = await treq.post(
+            base_url(front) + "/v1/chat/completions", data=b"{}", pool=self.pool
+        )
         self.assertEqual(response.code, 502)
         payload = await response.json()
         self.assertEqual(payload["error"]["code"], "bad_gateway")

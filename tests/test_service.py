@@ -65,7 +65,9 @@ class ServiceTestCase(TestCase):
         return self.service.router
 
     async def chat(self, model: str, **extra: Any) -> Any:
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], **extra})
+        body = json.dumps(
+            {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+        )
         return await treq.post(
             self.url + "/v1/chat/completions",
             data=body.encode(),
@@ -115,7 +117,9 @@ class SwapTests(ServiceTestCase):
         self.router.processes["a"].add_state_listener(
             lambda p, old, new: starts.append(new) if new is ProcessState.STARTING else None
         )
-        responses = await defer.gatherResults([defer.ensureDeferred(self.chat("a")) for _ in range(3)])
+        responses = await defer.gatherResults(
+            [defer.ensureDeferred(self.chat("a")) for _ in range(3)]
+        )
         self.assertEqual([r.code for r in responses], [200, 200, 200])
         for r in responses:
             await r.content()
@@ -137,14 +141,20 @@ class SwapTests(ServiceTestCase):
         )
         payload = await response.json()
         self.assertEqual(response.code, 200)
-        self.assertEqual(payload["request_body"], '{"model": "upstream-name", "n": 1.50, "s": "\\u00e9"}')
+        self.assertEqual(
+            payload["request_body"], '{"model": "upstream-name", "n": 1.50, "s": "\\u00e9"}'
+        )
 
     async def test_start_failure_answers_waiters_and_retries(self) -> None:
         """A model whose server exits during start-up answers 500 with the
         exit status and last output; the next request tries again."""
         port = free_port()
         await self.start(
-            {"bad": responder_model(port, "--exit-after", "0", "--exit-code", "3", "--print", "boom-line")}
+            {
+                "bad": responder_model(
+                    port, "--exit-after", "0", "--exit-code", "3", "--print", "boom-line"
+                )
+            }
         )
         for _ in range(2):
             response = await self.chat("bad")
@@ -274,7 +284,9 @@ class EndpointTests(ServiceTestCase):
             pool=self.pool,
         )
         self.assertEqual(response.code, 404)
-        self.assertEqual(await response.text(), "llama-swap: no local server found for requested model")
+        self.assertEqual(
+            await response.text(), "llama-swap: no local server found for requested model"
+        )
         response = await treq.get(self.url + "/v1/chat/completions", pool=self.pool)
         self.assertEqual(response.code, 405)
         self.assertEqual(response.headers.getRawHeaders(b"allow"), [b"POST"])
@@ -406,3 +418,40 @@ def _descendants(root: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+class DemoTests(ServiceTestCase):
+    async def test_openai_sdk_streams_from_two_demo_models(self) -> None:
+        """The OpenAI SDK streams a chat completion from one demo model and
+        then another; the swap stopped the first model's process."""
+        from openai import OpenAI
+        from twisted.internet.threads import deferToThread
+
+        def demo(name: str) -> dict[str, Any]:
+            port = free_port()
+            return {
+                "cmd": f"{PYTHON} -m llamaswap.demo --host 127.0.0.1 --port {port} --model {name}",
+                "proxy": f"http://127.0.0.1:{port}",
+                "env": [f"PYTHONPATH={REPO}"],
+            }
+
+        await self.start({"demo-a": demo("demo-a"), "demo-b": demo("demo-b")})
+        client = OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        self.addCleanup(client.close)
+
+        def stream(model: str) -> tuple[int, str]:
+            chunks = client.chat.completions.create(
+                model=model, stream=True, messages=[{"role": "user", "content": "hi"}]
+            )
+            parts = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+            return len(parts), "".join(parts)
+
+        count, text = await deferToThread(stream, "demo-a")
+        self.assertGreater(count, 2)
+        self.assertIn("demo-a", text)
+        pid_a = self.router.processes["demo-a"].pid
+        count, text = await deferToThread(stream, "demo-b")
+        self.assertIn("demo-b", text)
+        self.assertEqual(self.state("demo-a"), ProcessState.STOPPED)
+        self.assertFalse(pid_alive(pid_a))
+        await self.settled()

@@ -19,7 +19,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class ListenTests(SynchronousTestCase):
     def test_endpoint_strings_pass_through(self) -> None:
         """Twisted endpoint strings are used as they are."""
-        for value in ("tcp:8080:interface=0.0.0.0", "unix:/run/l.sock", "systemd:domain=INET:index=0"):
+        for value in (
+            "tcp:8080:interface=0.0.0.0",
+            "unix:/run/l.sock",
+            "systemd:domain=INET:index=0",
+        ):
             self.assertEqual(listen_endpoint(value), value)
 
     def test_llama_swap_forms(self) -> None:
@@ -72,7 +76,9 @@ class StartupErrorTests(TestCase):
         """A bad config prints one line per problem naming the key path and
         exits non-zero without a traceback."""
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write("models:\n  a:\n    cmd: x --port ${PORT}\n    ttl: -5\n    tll: 3\n  b:\n    cmd: y\n")
+            f.write(
+                "models:\n  a:\n    cmd: x --port ${PORT}\n    ttl: -5\n    tll: 3\n  b:\n    cmd: y\n"
+            )
         self.addCleanup(os.unlink, f.name)
         out, err, code = await self._run("-c", f.name)
         self.assertNotEqual(code, 0)
@@ -96,4 +102,3 @@ class StartupErrorTests(TestCase):
         out, err, code = await self._run("--version")
         self.assertEqual(code, 0, err)
         self.assertIn(__version__.encode(), out)
-

@@ -186,7 +186,9 @@ class LlamaSwapApp:
         try:
             headers = forward_headers(request.requestHeaders, client_ip=_client_ip(request))
             try:
-                await self.client.forward(request, lease.upstream + target, headers=headers, body=body)
+                await self.client.forward(
+                    request, lease.upstream + target, headers=headers, body=body
+                )
             except UpstreamUnavailable as exc:
                 log.warn(
                     "{model}: upstream request failed: {reason}", model=model_id, reason=str(exc)

@@ -43,7 +43,12 @@ def json_envelope(status: int, message: str, code: str | None = None) -> bytes:
     return json.dumps(
         {
             "src": "llama-swap",
-            "error": {"message": message, "type": kind, "param": None, "code": code or default_code},
+            "error": {
+                "message": message,
+                "type": kind,
+                "param": None,
+                "code": code or default_code,
+            },
         },
         separators=(",", ":"),
     ).encode()

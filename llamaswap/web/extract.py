@@ -63,10 +63,15 @@ def extract_model(
         if top is None:
             return Extracted("", False)
         model = top.get("model")
-        return Extracted(_scalar_text(model[0]) if model else "", bool(top.get("stream")) and _truthy(top["stream"][0]))
+        return Extracted(
+            _scalar_text(model[0]) if model else "",
+            bool(top.get("stream")) and _truthy(top["stream"][0]),
+        )
     if b"multipart/form-data" in ctype:
         fields = multipart_fields(content_type, body, (b"model", b"stream"))
-        model = fields.get(b"model", b"").decode("utf-8", "replace") or _query_value(query, b"model")
+        model = fields.get(b"model", b"").decode("utf-8", "replace") or _query_value(
+            query, b"model"
+        )
         return Extracted(model, fields.get(b"stream", b"") == b"true")
     form = parse_qs(body, keep_blank_values=True) if body else {}
     model = _query_value(form, b"model") or _query_value(query, b"model")
