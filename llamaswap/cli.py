@@ -43,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         # requested, completed shutdown exits 0.
         _SomeApplicationRunner(config).run()
 
-    sys.argv = ["llamaswap", "--nodaemon", "--pidfile=", "llamaswap", *args]
+    sys.argv = [
+        "llamaswap",
+        "--nodaemon",
+        "--pidfile=",
+        "--logger=llamaswap.logsetup.observer",
+        "llamaswap",
+        *args,
+    ]
     app.run(run_app, ServerOptions)
     return 0
 

@@ -15,6 +15,7 @@ from twisted.python import usage
 from llamaswap import __version__
 from llamaswap.config import Config, ConfigError, load_config
 from llamaswap.logs import LogMonitor
+from llamaswap.logsetup import set_log_level
 from llamaswap.proxy import UpstreamClient
 from llamaswap.router import Router, build_processes
 from llamaswap.web.app import LlamaSwapApp
@@ -137,6 +138,7 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     config: Config = options["loaded"]
+    set_log_level(config.log_level)
     top = service.MultiService()
     core = LlamaSwapService(config, reactor)
     core.setServiceParent(top)

@@ -1,0 +1,37 @@
+"""Log output for the ``llamaswap`` console script.
+
+twistd's ``--logger`` option takes a factory of the log observer; ours
+writes twistd's usual text format to stdout, filtered by the config's
+``logLevel`` (set once the config is loaded).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    textFileLogObserver,
+)
+
+_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+_level_filter = LogLevelFilterPredicate(LogLevel.info)
+
+
+def set_log_level(name: str) -> None:
+    """Apply a config ``logLevel`` (debug/info/warn/error)."""
+    _level_filter.defaultLogLevel = _LEVELS.get(name.lower(), LogLevel.info)
+    _level_filter.clearLogLevels()
+
+
+def observer() -> ILogObserver:
+    """The observer factory for ``twistd --logger``."""
+    return FilteringLogObserver(textFileLogObserver(sys.stdout), [_level_filter])
