@@ -43,6 +43,10 @@ StateListener = Callable[["ModelProcess", "ProcessState", "ProcessState"], None]
 #: health polling: first probe right after spawn, then these sleeps, doubling.
 POLL_FIRST_DELAY = 0.01
 POLL_MAX_DELAY = 0.25
+#: Health polls wait a tenth of the time spent so far (within the bounds
+#: above): a server that takes T to start is seen ready by T * 1.1 at worst,
+#: while a slow loader is not polled more than four times a second.
+POLL_BACKOFF_FRACTION = 0.1
 #: upper bound for one health probe (also bounded by the remaining deadline).
 PROBE_TIMEOUT = 5.0
 #: graceful stop budget after a failed health check (as llama-swap).
@@ -286,6 +290,11 @@ class ProcessGroupLauncher:
         return _GroupChild(transport.pid, protocol)
 
 
+def poll_delay(elapsed: float) -> float:
+    """The pause before the next health probe, ``elapsed`` seconds into a start."""
+    return min(max(elapsed * POLL_BACKOFF_FRACTION, POLL_FIRST_DELAY), POLL_MAX_DELAY)
+
+
 def group_alive(pgid: int) -> bool:
     """Whether process group ``pgid`` has a member that is not a zombie.
 
@@ -325,7 +334,10 @@ class _Discard(Protocol):
 
 def http_probe(reactor: Any) -> Probe:
     """A probe that GETs a URL and returns the status code (body discarded)."""
-    agent = Agent(reactor)  # its default pool is not persistent
+    from llamaswap.endpoints import UpstreamEndpoints
+
+    # Not persistent: each probe on a fresh connection, as a client would.
+    agent = Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor))
 
     def probe(url: str, timeout: float) -> Deferred[int]:
         def status(response: Any) -> int:
@@ -578,7 +590,7 @@ class ModelProcess:
 
     async def _poll_health(self, url: str, deadline: float) -> bool:
         """Probe ``url`` until it answers 200 (True) or ``deadline`` passes."""
-        delay = POLL_FIRST_DELAY
+        began = self._clock.seconds()
         while True:
             remaining = deadline - self._clock.seconds()
             if remaining <= 0:
@@ -595,8 +607,7 @@ class ModelProcess:
             remaining = deadline - self._clock.seconds()
             if remaining <= 0:
                 return False
-            await deferLater(self._clock, min(delay, remaining))
-            delay = min(delay * 2, POLL_MAX_DELAY)
+            await deferLater(self._clock, min(poll_delay(self._clock.seconds() - began), remaining))
 
     def _start_settled(self, result: None | Failure, start: Deferred[None]) -> None:
         if self._start is not start:

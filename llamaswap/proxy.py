@@ -30,6 +30,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from llamaswap.endpoints import UpstreamEndpoints
+
 log = Logger()
 
 # Every pooled upstream connection would otherwise log "Starting factory" and
@@ -178,7 +180,9 @@ class UpstreamClient:
         self._pool.maxPersistentPerHost = max_per_host
         self._pool.cachedConnectionTimeout = idle_timeout
         self._pool.retryAutomatically = True
-        self._agent = Agent(reactor, pool=self._pool, connectTimeout=connect_timeout)
+        self._agent = Agent.usingEndpointFactory(
+            reactor, UpstreamEndpoints(reactor, connect_timeout), pool=self._pool
+        )
 
     def close(self) -> defer.Deferred[None]:
         return self._pool.closeCachedConnections()

@@ -212,17 +212,21 @@ class StartTests(ProcessTestCase):
         self.assertEqual(self.monitor.history(), b"hello world\n")
 
     def test_health_polling_schedule(self) -> None:
-        """The first probe runs right after spawn, then every 10 ms doubling up to 250 ms."""
+        """The first probe runs right after spawn; later probes wait a tenth
+        of the time spent so far, at least 10 ms and at most 250 ms."""
         self.probe.answer = ConnectionRefusedError()
         process = self.make()
         waiter = process.make_ready()
         sleeps = []
-        for _ in range(8):
+        for _ in range(60):
             (sleep,) = self.clock.getDelayedCalls()
-            sleeps.append(round(sleep.getTime() - self.clock.seconds(), 3))
+            sleeps.append((self.clock.seconds(), sleep.getTime() - self.clock.seconds()))
             self.clock.advance(sleep.getTime() - self.clock.seconds())
-        self.assertEqual(sleeps, [0.01, 0.02, 0.04, 0.08, 0.16, 0.25, 0.25, 0.25])
-        self.assertEqual(len(self.probe.calls), 9)
+        self.assertEqual([round(delay, 6) for _, delay in sleeps[:10]], [0.01] * 10)
+        for elapsed, delay in sleeps:
+            self.assertAlmostEqual(delay, min(max(elapsed * 0.1, 0.01), 0.25), places=9)
+        self.assertAlmostEqual(sleeps[-1][1], 0.25, places=9)
+        self.assertEqual(len(self.probe.calls), 61)
         self.assertEqual(self.probe.calls[0][:3], (0.0, "http://127.0.0.1:5800/health", 5.0))
         self.assertNoResult(waiter)
         self.probe.answer = 200
@@ -299,12 +303,12 @@ class StartTests(ProcessTestCase):
         waiter = process.make_ready()
         self.clock.advance(5)
         self.assertTrue(self.probe.calls[0][3].called)
-        self.clock.advance(0.01)
-        self.clock.advance(1.99)
+        self.clock.advance(0.25)
+        self.clock.advance(1.75)
         self.failureResultOf(waiter, StartError)
         self.assertEqual(
             [(round(when, 2), round(timeout, 2)) for when, _, timeout, _ in self.probe.calls],
-            [(0.0, 5.0), (5.01, 1.99)],
+            [(0.0, 5.0), (5.25, 1.75)],
         )
         self.launcher.children[0].exit(signum=signal.SIGTERM)
         self.assert_no_timers()
