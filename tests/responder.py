@@ -69,6 +69,21 @@ def make_handler(ready_at: float) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
+        def echo(self, body: bytes) -> None:
+            """Any other path: describe the request that arrived."""
+            url = urlsplit(self.path)
+            self.send_json(
+                200,
+                {
+                    "method": self.command,
+                    "path": url.path,
+                    "query": url.query,
+                    "content_type": self.headers.get("Content-Type", ""),
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "request_body": body.decode("latin-1"),
+                },
+            )
+
         def write_chunk(self, data: bytes) -> None:
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
@@ -99,12 +114,12 @@ def make_handler(ready_at: float) -> type[BaseHTTPRequestHandler]:
             elif url.path == "/":
                 self.send_json(200, {"pid": os.getpid()})
             else:
-                self.send_json(404, {"error": "not found"})
+                self.echo(b"")
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if urlsplit(self.path).path != "/v1/chat/completions":
-                self.send_json(404, {"error": "not found"})
+                self.echo(body)
                 return
             try:
                 request = json.loads(body or b"{}")

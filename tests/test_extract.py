@@ -28,7 +28,13 @@ def multipart(*fields: tuple[bytes, bytes], filename: bytes | None = None) -> by
         if filename and name == b"file":
             disposition += b'; filename="' + filename + b'"'
         parts.append(
-            b"--" + BOUNDARY + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + value + b"\r\n"
+            b"--"
+            + BOUNDARY
+            + b"\r\nContent-Disposition: "
+            + disposition
+            + b"\r\n\r\n"
+            + value
+            + b"\r\n"
         )
     return b"".join(parts) + b"--" + BOUNDARY + b"--\r\n"
 

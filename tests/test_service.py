@@ -455,3 +455,79 @@ class DemoTests(ServiceTestCase):
         self.assertEqual(self.state("demo-a"), ProcessState.STOPPED)
         self.assertFalse(pid_alive(pid_a))
         await self.settled()
+
+
+class DispatchTests(ServiceTestCase):
+    async def test_every_body_kind_dispatches(self) -> None:
+        """Multipart, urlencoded and GET ?model= requests reach the right
+        model; multipart gets useModelName; /v and /audioapi prefixes are
+        stripped upstream."""
+        await self.start(
+            {"whisper": responder_model(free_port(), useModelName="large-v3", aliases=["w"])}
+        )
+        boundary = b"b0undary"
+        body = (
+            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="a.wav"'
+            b"\r\nContent-Type: audio/wav\r\n\r\nRIFF\x00\x01\xff\r\n"
+            b"--" + boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\nw\r\n'
+            b"--" + boundary + b"--\r\n"
+        )
+        response = await treq.post(
+            self.url + "/v1/audio/transcriptions",
+            data=body,
+            headers={b"content-type": [b"multipart/form-data; boundary=" + boundary]},
+            pool=self.pool,
+        )
+        echoed = await response.json()
+        self.assertEqual(echoed["path"], "/v1/audio/transcriptions")
+        self.assertEqual(
+            echoed["request_body"].encode("latin-1"),
+            body.replace(b"\r\n\r\nw\r\n", b"\r\n\r\nlarge-v3\r\n"),
+        )
+        response = await treq.post(
+            self.url + "/v1/images/generations",
+            data=b"model=whisper&prompt=a+cat",
+            headers={b"content-type": [b"application/x-www-form-urlencoded"]},
+            pool=self.pool,
+        )
+        echoed = await response.json()
+        self.assertEqual(echoed["request_body"], "model=whisper&prompt=a+cat")
+        response = await treq.get(self.url + "/v1/audio/voices?model=w", pool=self.pool)
+        echoed = await response.json()
+        self.assertEqual((echoed["method"], echoed["query"]), ("GET", "model=w"))
+        response = await treq.post(
+            self.url + "/v/embeddings",
+            data=b'{"model":"w","input":"x"}',
+            headers={b"content-type": [b"application/json"]},
+            pool=self.pool,
+        )
+        self.assertEqual((await response.json())["path"], "/embeddings")
+        response = await treq.post(
+            self.url + "/audioapi/v1/tasks/run",
+            data=b'{"model":"w"}',
+            headers={b"content-type": [b"application/json"]},
+            pool=self.pool,
+        )
+        self.assertEqual((await response.json())["path"], "/v1/tasks/run")
+        await self.settled()
+
+    async def test_hop_by_hop_and_forwarded_headers(self) -> None:
+        """Hop-by-hop headers stay behind; X-Forwarded-For is added; the
+        client's Host is kept."""
+        await self.start({"a": responder_model(free_port())})
+        response = await treq.post(
+            self.url + "/v1/embeddings",
+            data=b'{"model":"a"}',
+            headers={
+                b"content-type": [b"application/json"],
+                b"connection": [b"keep-alive, x-private"],
+                b"x-private": [b"secret"],
+                b"x-kept": [b"yes"],
+            },
+            pool=self.pool,
+        )
+        headers = (await response.json())["headers"]
+        self.assertNotIn("x-private", headers)
+        self.assertEqual(headers["x-kept"], "yes")
+        self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
+        self.assertEqual(headers["host"], f"127.0.0.1:{self.port.getHost().port}")
