@@ -10,14 +10,20 @@ put there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from llamaswap.jsonedit import delete_path, encode_value, set_path, split_path
 
-__all__ = ["PROTECTED_PARAMS", "ModelFilters", "apply_filters", "parse_filters"]
+__all__ = [
+    "PROTECTED_PARAMS",
+    "ModelFilters",
+    "apply_filters",
+    "parse_filters",
+    "sanitize_strip_params",
+]
 
 #: Parameters no filter may strip or set.
 PROTECTED_PARAMS = frozenset({"model"})
@@ -53,8 +59,11 @@ def sanitize_strip_params(value: str) -> tuple[str, ...]:
 
 
 def _protected(path: str) -> bool:
-    head = path.split(".", 1)[0]
-    return head in PROTECTED_PARAMS
+    """Whether ``path`` is, or lies under, a protected parameter."""
+    try:
+        return split_path(path)[0] in PROTECTED_PARAMS
+    except ValueError:
+        return False  # not a path at all; reported when the config is parsed
 
 
 def _sorted_settable(params: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
@@ -85,12 +94,12 @@ def apply_filters(
     return body
 
 
-def _edit(body: bytes, doing: str, edit: Any, *args: Any) -> bytes:
+def _edit(body: bytes, doing: str, edit: Callable[..., bytes], *args: Any) -> bytes:
+    """``edit(body, *args)``, its ValueError prefixed with what was being done."""
     try:
-        result: bytes = edit(body, *args)
+        return edit(body, *args)
     except ValueError as e:
         raise ValueError(f"error {doing}: {e}") from None
-    return result
 
 
 # --- parsing ---

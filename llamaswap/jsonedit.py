@@ -115,9 +115,9 @@ def set_path(body: bytes, dotted: str, value: object) -> bytes:
     An existing value's span is replaced in place.  A missing member is added
     as ``,"key":<json>`` after the object's last member (or right after ``{``
     for an empty object); missing intermediate objects are created, and an
-    intermediate that is not an object (``null``, a number, ...) is replaced by
-    one.  Raises ``ValueError`` if ``body`` is not a JSON object, ``value`` is
-    not JSON-serialisable, or an array index is out of range.
+    intermediate that is ``null`` or another scalar is replaced by one.  Raises
+    ``ValueError`` if ``body`` is not a JSON object, ``value`` is not
+    JSON-serialisable, or a segment under an array is not an index in range.
     """
     text = _text(body)
     segments = split_path(dotted)
@@ -128,14 +128,14 @@ def set_path(body: bytes, dotted: str, value: object) -> bytes:
         rest = segments[depth + 1 :]
         if not found:
             if container.is_array:
-                raise ValueError(f"cannot set {dotted!r}: no array element {segment!r}")
+                raise ValueError(f"no array element {segment!r} for {dotted!r}")
             return _insert(text, container, segment, _nest(rest, encoded)).encode("utf-8")
         if not rest:
             edits = [(m.value_start, m.value_end, encoded) for m in found]
             return _apply(text, edits).encode("utf-8")
         member = found[-1]
         child = _container_at(text, member.value_start, member.value_end)
-        if child is None or (child.is_array and not _INDEX.fullmatch(rest[0])):
+        if child is None:
             edits = [(member.value_start, member.value_end, _nest(rest, encoded))]
             return _apply(text, edits).encode("utf-8")
         container = child
@@ -171,7 +171,7 @@ def encode_value(value: object) -> str:
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot encode {value!r} as JSON: {e}") from None
+        raise ValueError(f"not a JSON value ({e})") from None
 
 
 # --- scanning ---
