@@ -531,3 +531,85 @@ class DispatchTests(ServiceTestCase):
         self.assertEqual(headers["x-kept"], "yes")
         self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
         self.assertEqual(headers["host"], f"127.0.0.1:{self.port.getHost().port}")
+
+
+class PipelineTests(ServiceTestCase):
+    async def test_api_keys_guard_every_route_class(self) -> None:
+        """With apiKeys, every route but the open ones needs a key; any of
+        Basic, Bearer or x-api-key works; the key is not forwarded."""
+        await self.start({"a": responder_model(free_port())}, apiKeys=["sekrit"])
+        guarded = [
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v1/models"),
+            ("GET", "/running"),
+            ("GET", "/upstream/a/health"),
+            ("POST", "/api/models/unload"),
+            ("GET", "/unload"),
+        ]
+        for method, path in guarded:
+            response = await treq.request(method, self.url + path, pool=self.pool)
+            self.assertEqual(response.code, 401, path)
+            self.assertEqual(
+                response.headers.getRawHeaders(b"www-authenticate"), [b'Basic realm="llama-swap"']
+            )
+            payload = await response.json()
+            self.assertEqual(payload["error"]["message"], "unauthorized: invalid or missing API key")
+        for path in ("/health", "/wol-health"):
+            response = await treq.get(self.url + path, pool=self.pool)
+            self.assertEqual(response.code, 200, path)
+            await response.content()
+        response = await treq.request("OPTIONS", self.url + "/v1/chat/completions", pool=self.pool)
+        self.assertEqual(response.code, 204)
+        self.assertEqual(response.headers.getRawHeaders(b"access-control-allow-origin"), [b"*"])
+        import base64
+
+        for headers in (
+            {b"authorization": [b"Bearer sekrit"]},
+            {b"authorization": [b"Basic " + base64.b64encode(b"user:sekrit")]},
+            {b"x-api-key": [b"sekrit"]},
+        ):
+            response = await treq.post(
+                self.url + "/v1/embeddings",
+                data=b'{"model":"a"}',
+                headers={b"content-type": [b"application/json"], **headers},
+                pool=self.pool,
+            )
+            self.assertEqual(response.code, 200, headers)
+            seen = (await response.json())["headers"]
+            self.assertNotIn("authorization", seen)
+            self.assertNotIn("x-api-key", seen)
+        response = await treq.get(
+            self.url + "/v1/models", headers={b"authorization": [b"Bearer wrong"]}, pool=self.pool
+        )
+        self.assertEqual(response.code, 401)
+        await response.content()
+
+    async def test_filters_rewrite_bytes_exactly(self) -> None:
+        """stripParams/setParams/setParamsByID edit the JSON body in place;
+        every other byte reaches the upstream as sent."""
+        await self.start(
+            {
+                "a": responder_model(
+                    free_port(),
+                    filters={
+                        "stripParams": "top_k, model",
+                        "setParams": {"temperature": 0.7, "opts.reasoning": "low"},
+                        "setParamsByID": {"a:high": {"opts.reasoning": "high"}},
+                    },
+                )
+            }
+        )
+        body = '{"model": "a:high", "top_k": 40, "n": 1.50, "s": "\\u00e9", "opts": {"x": 1e3}}'
+        response = await treq.post(
+            self.url + "/v1/embeddings",
+            data=body.encode(),
+            headers={b"content-type": [b"application/json"]},
+            pool=self.pool,
+        )
+        self.assertEqual(response.code, 200)
+        sent = (await response.json())["request_body"]
+        self.assertEqual(
+            sent,
+            '{"model": "a:high", "n": 1.50, "s": "\\u00e9", "opts": {"x": 1e3,"reasoning":"high"}'
+            ',"temperature":0.7}',
+        )

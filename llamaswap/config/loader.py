@@ -35,6 +35,8 @@ from llamaswap.config.macros import (
     unresolved,
 )
 from llamaswap.config.model import DEFAULT_CONCURRENCY_LIMIT, Config, ConfigError, ModelConfig
+from llamaswap.filters import parse_filters
+from llamaswap.web.auth import api_key_strings, validate_api_keys
 
 DEFAULT_PROXY = "http://localhost:${PORT}"
 DEFAULT_CHECK_ENDPOINT = "/health"
@@ -465,6 +467,7 @@ def _build(raw: dict[str, Any]) -> Config:
         expanded["models"] = models_doc
 
     models, aliases = _register_aliases(models, models_doc, report)
+    report.errors.extend(validate_api_keys(expanded.get("apiKeys")))
     if report.errors:
         raise ConfigError(report.errors)
     return Config(
@@ -476,6 +479,7 @@ def _build(raw: dict[str, Any]) -> Config:
         global_ttl=globals_.global_ttl,
         unload_timeout=globals_.unload_timeout,
         send_loading_state=send_loading_state,
+        api_keys=api_key_strings(expanded.get("apiKeys")),
         macros=MappingProxyType({macro.name: macro.value for macro in global_macros}),
         warnings=tuple(report.warnings),
         document=MappingProxyType(expanded),
@@ -590,6 +594,8 @@ def _model_config(
     )
     if model_id == COMFYUI_MODEL_ID:
         concurrency_limit = max(concurrency_limit, COMFYUI_MIN_CONCURRENCY)
+    filters, problems = parse_filters(entry.get("filters"), f"{path}.filters")
+    report.errors.extend(problems)
     return ModelConfig(
         id=model_id,
         argv=argv,
@@ -609,6 +615,7 @@ def _model_config(
         concurrency_limit=concurrency_limit,
         send_loading_state=fields.boolean("sendLoadingState", None),
         port=port,
+        filters=filters,
     )
 
 

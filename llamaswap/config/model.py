@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from llamaswap.filters import ModelFilters
+
 DEFAULT_CONCURRENCY_LIMIT = 10
 
 
@@ -52,6 +54,8 @@ class ModelConfig:
     send_loading_state: bool | None = None
     #: the port assigned through ``${PORT}``, if the model used it.
     port: int | None = None
+    #: JSON body rewrites (``filters.stripParams/setParams/setParamsByID``).
+    filters: ModelFilters = field(default_factory=ModelFilters)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class Config:
     global_ttl: int = 0
     unload_timeout: int = 10
     send_loading_state: bool = False
+    #: ``apiKeys``; empty = no authentication.
+    api_keys: tuple[str, ...] = ()
     macros: Mapping[str, Any] = field(default_factory=_frozen_map)
     #: non-fatal problems found while loading (unknown keys, ...), one line each.
     warnings: tuple[str, ...] = ()

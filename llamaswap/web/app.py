@@ -21,16 +21,15 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llamaswap.config import Config
+from llamaswap.filters import apply_filters
 from llamaswap.process import ProcessState
 from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
 from llamaswap.router import RequestFailed, Router, TooManyRequests
 from llamaswap.scheduling import ShuttingDown, UnknownModel
+from llamaswap.web.auth import ApiKeys, find_credential, unauthorized
+from llamaswap.web.cors import preflight
 from llamaswap.web.errors import render_error, write_error, write_too_many
-from llamaswap.web.extract import (
-    extract_model,
-    replace_json_model,
-    replace_multipart_model,
-)
+from llamaswap.web.extract import extract_model, replace_multipart_model
 
 log = Logger()
 
@@ -86,6 +85,9 @@ def _routes() -> dict[bytes, tuple[bytes, frozenset[bytes]]]:
 #: request path -> (path sent upstream, allowed methods)
 INFERENCE_ROUTES = _routes()
 
+#: Paths answered without an API key (GET/HEAD only), as in llama-swap.
+OPEN_PATHS = frozenset({b"/health", b"/wol-health", b"/", b"/upstream", b"/favicon.ico"})
+
 
 def _client_ip(request: Any) -> str | None:
     peer = request.getClientAddress()
@@ -112,6 +114,22 @@ class LlamaSwapApp:
         self.config = config
         self.router = router
         self.client = client
+        self.api_keys = ApiKeys(config.api_keys)
+
+    def authorize(self, request: Any) -> bool:
+        """Check the request's API key when keys are configured.
+
+        Remembers which header carried the key, so it is not forwarded to
+        local upstreams (SPEC decision 5)."""
+        if not self.api_keys.enabled:
+            return True
+        if request.method in _GET and request.path in OPEN_PATHS:
+            return True
+        credential = find_credential(request.requestHeaders)
+        if credential is None or not self.api_keys.check(credential.key):
+            return False
+        request.llamaswap_credential_header = credential.source.header
+        return True
 
     def resource(self) -> Resource:
         return _Root(self)
@@ -129,11 +147,14 @@ class LlamaSwapApp:
         if model_id is None:
             return render_error(request, 404, "no local server found for requested model")
         model = self.config.models[model_id]
-        if model.use_model_name:
-            if b"application/json" in ctype.lower():
-                body = replace_json_model(body, model.use_model_name)
-            elif b"multipart/form-data" in ctype.lower():
-                body = replace_multipart_model(ctype, body, model.use_model_name)
+        lowered = ctype.lower()
+        if b"application/json" in lowered:
+            try:
+                body = apply_filters(body, model.filters, extracted.model, model.use_model_name)
+            except ValueError as exc:
+                return render_error(request, 500, str(exc))
+        elif model.use_model_name and b"multipart/form-data" in lowered:
+            body = replace_multipart_model(ctype, body, model.use_model_name)
         target = upstream_path + (b"?" + query if query else b"")
         return self._dispatch(request, model_id, target, body)
 
@@ -184,7 +205,12 @@ class LlamaSwapApp:
             write_error(request, 500, f"unspecific error: {exc}")
             return
         try:
-            headers = forward_headers(request.requestHeaders, client_ip=_client_ip(request))
+            carried = getattr(request, "llamaswap_credential_header", None)
+            headers = forward_headers(
+                request.requestHeaders,
+                client_ip=_client_ip(request),
+                drop=(carried,) if carried else (),
+            )
             try:
                 await self.client.forward(
                     request, lease.upstream + target, headers=headers, body=body
@@ -328,6 +354,10 @@ class _Root(Resource):
         self._klein = app.app.resource()
 
     def render(self, request: Any) -> object:
+        if request.method == b"OPTIONS":
+            return preflight(request)
+        if not self._app.authorize(request):
+            return unauthorized(request)
         path = request.path
         route = INFERENCE_ROUTES.get(path)
         if route is not None:
