@@ -13,7 +13,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from llamaswap import __version__
-from llamaswap.config import Config, ConfigError, load_config
+from llamaswap.config import Config, ConfigError
+from llamaswap.config.loader import load_config_sources
 from llamaswap.logs import LogMonitor
 from llamaswap.logsetup import set_log_level
 from llamaswap.proxy import UpstreamClient
@@ -88,13 +89,13 @@ class Options(usage.Options):
         if self["tls-cert-file"] and listen == DEFAULT_LISTEN:
             listen = "127.0.0.1:8443"
         self["endpoint"] = listen_endpoint(listen, self["tls-cert-file"], self["tls-key-file"])
-        self["loaded"] = load_or_exit(self["config"])
+        self["loaded"] = load_or_exit(self["config"], self["config-dir"])
 
 
-def load_or_exit(path: str) -> Config:
+def load_or_exit(path: str | None, config_dir: str | None = None) -> Config:
     """Load the config; on errors print one line per problem and exit 1."""
     try:
-        config = load_config(path)
+        config = load_config_sources(path, config_dir)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

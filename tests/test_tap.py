@@ -102,3 +102,44 @@ class StartupErrorTests(TestCase):
         out, err, code = await self._run("--version")
         self.assertEqual(code, 0, err)
         self.assertIn(__version__.encode(), out)
+
+
+class ConfigDirTests(SynchronousTestCase):
+    def write(self, directory: str, name: str, text: str) -> str:
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_config_dir_merges_after_config(self) -> None:
+        """--config-dir files merge after --config in name order: models add
+        up, lists concatenate."""
+        from llamaswap.config.loader import load_config_sources
+
+        root = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, root)
+        main = self.write(root, "main.yaml", "apiKeys: [k1]\nmodels:\n  a:\n    cmd: a ${PORT}\n")
+        extra = os.path.join(root, "conf.d")
+        os.mkdir(extra)
+        self.write(extra, "20-c.yaml", "models:\n  c:\n    cmd: c ${PORT}\n")
+        self.write(extra, "10-b.yml", "apiKeys: [k2]\nmodels:\n  b:\n    cmd: b ${PORT}\n")
+        self.write(extra, "notes.txt", "ignored")
+        config = load_config_sources(main, extra, environ={})
+        self.assertEqual(list(config.models), ["a", "b", "c"])
+        self.assertEqual(config.api_keys, ("k1", "k2"))
+        self.assertEqual(config.models["c"].port, 5802)
+
+    def test_duplicate_model_across_files(self) -> None:
+        """The same model id in two sources is an error naming the file."""
+        from llamaswap.config import ConfigError
+        from llamaswap.config.loader import load_config_sources
+
+        root = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, root)
+        main = self.write(root, "main.yaml", "models:\n  a:\n    cmd: a ${PORT}\n")
+        extra = os.path.join(root, "d")
+        os.mkdir(extra)
+        self.write(extra, "x.yaml", "models:\n  a:\n    cmd: other ${PORT}\n")
+        with self.assertRaises(ConfigError) as caught:
+            load_config_sources(main, extra, environ={})
+        self.assertIn('duplicate models "a"', caught.exception.problems[0])

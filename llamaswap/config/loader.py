@@ -34,6 +34,7 @@ from llamaswap.config.macros import (
     substitute_keys,
     unresolved,
 )
+from llamaswap.config.merge import config_sources, merge_documents
 from llamaswap.config.model import DEFAULT_CONCURRENCY_LIMIT, Config, ConfigError, ModelConfig
 from llamaswap.filters import parse_filters
 from llamaswap.web.auth import api_key_strings, validate_api_keys
@@ -110,14 +111,47 @@ MODEL_KEYS = frozenset(
 
 def load_config(path: str) -> Config:
     """Read and load the config file at ``path``."""
+    return load_config_text(_read(path))
+
+
+def load_config_sources(
+    config: str | None, config_dir: str | None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load ``config`` merged with the ``*.yaml`` files of ``config_dir``
+    (llama-swap's ``-config`` + ``-config-dir`` rules)."""
+    try:
+        files = config_sources(config, config_dir)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+    if config and not config_dir:
+        return load_config_text(_read(config), environ)
+    env = os.environ if environ is None else environ
+    documents = []
+    for path in files:
+        text = _read(path)
+        try:
+            text = substitute_env(text, env, _visible(text))
+        except EnvMacroError as e:
+            raise ConfigError([f"{path}: {problem}" for problem in e.problems]) from None
+        try:
+            documents.append((path, _parse_yaml(text) if text.strip() else None))
+        except ConfigError as e:
+            raise ConfigError([f"{path}: {problem}" for problem in e.problems]) from None
+    try:
+        merged = merge_documents(documents)
+    except ValueError as e:
+        raise ConfigError([str(e)]) from None
+    return _build(merged)
+
+
+def _read(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as stream:
-            text = stream.read()
+            return stream.read()
     except OSError as e:
         raise ConfigError([f"{path}: cannot read config: {e.strerror or e}"]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([f"{path}: cannot read config: not UTF-8 text ({e.reason})"]) from None
-    return load_config_text(text)
 
 
 def load_config_text(text: str, environ: Mapping[str, str] | None = None) -> Config:
