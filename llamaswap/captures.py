@@ -1,0 +1,274 @@
+"""Request/response captures: zstd-compressed CBOR in a byte-budgeted FIFO.
+
+A capture holds what one recorded request sent and got back, for
+``GET /api/captures/{id}``.  `build_capture` applies llama-swap's per-path
+field masks and header redaction; `CaptureCache` stores the compressed
+captures under a byte budget (counted on compressed bytes), evicting the
+oldest first; `CaptureBuffer` collects a response body up to its own cap
+while it streams.  Nothing here touches the reactor.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+import zstandard
+
+#: Header names whose values are replaced by `REDACTED` (compared lowercased).
+#: llama-swap's list, plus the other API-key headers clients commonly send.
+REDACTED_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "set-cookie",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+    }
+)
+REDACTED = "[REDACTED]"
+#: Default cap on the response body kept for one capture.
+DEFAULT_BODY_CAP = 4 * 1024 * 1024
+#: zstd level close to Go's ``SpeedBetterCompression``.
+ZSTD_LEVEL = 7
+
+
+class CaptureFields(enum.Flag):
+    """Which parts of a request/response a capture keeps."""
+
+    REQ_HEADERS = enum.auto()
+    REQ_BODY = enum.auto()
+    RESP_HEADERS = enum.auto()
+    RESP_BODY = enum.auto()
+    REQ_ALL = REQ_HEADERS | REQ_BODY
+    RESP_ALL = RESP_HEADERS | RESP_BODY
+    ALL = REQ_ALL | RESP_ALL
+
+
+#: Routes with large binary payloads keep less (llama-swap's masks).
+FIELDS_BY_PATH: Mapping[str, CaptureFields] = {
+    "/v1/audio/speech": CaptureFields.REQ_ALL | CaptureFields.RESP_HEADERS,
+    "/v1/audio/voices": CaptureFields.REQ_HEADERS | CaptureFields.RESP_ALL,
+    "/v1/audio/transcriptions": CaptureFields.REQ_HEADERS | CaptureFields.RESP_ALL,
+    "/v1/images/generations": CaptureFields.REQ_ALL | CaptureFields.RESP_HEADERS,
+    "/v1/images/edits": CaptureFields.REQ_HEADERS | CaptureFields.RESP_HEADERS,
+    "/sdapi/v1/txt2img": CaptureFields.REQ_ALL | CaptureFields.RESP_HEADERS,
+    "/sdapi/v1/img2img": CaptureFields.REQ_HEADERS | CaptureFields.RESP_HEADERS,
+}
+
+
+def fields_for(path: str) -> CaptureFields:
+    """The capture mask for a forwarded path; unlisted paths keep everything."""
+    return FIELDS_BY_PATH.get(path, CaptureFields.ALL)
+
+
+class CaptureBuffer:
+    """Collects a (decoded) response body up to ``cap`` bytes, then stops.
+
+    ``write`` fits `UsageParser`'s ``decoded_sink``.  Past the cap nothing more
+    is kept and `truncated` becomes true.
+    """
+
+    def __init__(self, cap: int = DEFAULT_BODY_CAP) -> None:
+        self._cap = cap
+        self._buffer = bytearray()
+        self.truncated = False
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def write(self, data: bytes) -> None:
+        room = self._cap - len(self._buffer)
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(room, 0)]
+        self._buffer += data
+
+    def getvalue(self) -> bytes:
+        return bytes(self._buffer)
+
+
+HeaderSource = Mapping[Any, Any] | Iterable[tuple[Any, Any]]
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+
+
+def canonical_header_name(name: str) -> str:
+    """Go's canonical MIME header spelling: ``x-api-key`` → ``X-Api-Key``."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def flatten_headers(headers: HeaderSource | None) -> dict[str, str]:
+    """Headers as ``{Canonical-Name: first value}``, sensitive values redacted.
+
+    Accepts a Twisted ``Headers`` (its raw header pairs), a mapping, or pairs;
+    a value may be one str/bytes or a sequence of them.
+    """
+    if headers is None:
+        return {}
+    raw = getattr(headers, "getAllRawHeaders", None)
+    pairs = (
+        raw() if raw is not None else (headers.items() if isinstance(headers, Mapping) else headers)
+    )
+    flat: dict[str, str] = {}
+    for name, value in pairs:
+        key = canonical_header_name(_text(name))
+        if key in flat:
+            continue
+        if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+            if not value:
+                continue
+            value = value[0]
+        flat[key] = REDACTED if key.lower() in REDACTED_HEADERS else _text(value)
+    return flat
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One stored request/response pair (llama-swap's ``ReqRespCapture``)."""
+
+    id: int
+    req_path: str
+    req_headers: Mapping[str, str] | None
+    req_body: bytes | None
+    resp_headers: Mapping[str, str] | None
+    resp_body: bytes | None
+    resp_body_truncated: bool = False
+
+    def to_cbor(self) -> bytes:
+        record: dict[str, Any] = {
+            "id": self.id,
+            "req_path": self.req_path,
+            "req_headers": None if self.req_headers is None else dict(self.req_headers),
+            "req_body": self.req_body,
+            "resp_headers": None if self.resp_headers is None else dict(self.resp_headers),
+            "resp_body": self.resp_body,
+        }
+        if self.resp_body_truncated:
+            record["resp_body_truncated"] = True
+        return cbor2.dumps(record)
+
+
+def build_capture(
+    *,
+    id: int,
+    req_path: str,
+    req_headers: HeaderSource | None,
+    req_body: bytes | None,
+    resp_status: int,
+    resp_headers: HeaderSource | None,
+    resp_body: bytes | CaptureBuffer | None,
+    fields: CaptureFields | None = None,
+) -> Capture:
+    """Assemble a capture as llama-swap does.
+
+    Applies the path's field mask (or ``fields``), redacts sensitive headers,
+    drops ``Content-Encoding`` from the response headers (the stored body is
+    the decoded one), and keeps no response body for a non-200 response.
+    """
+    mask = fields if fields is not None else fields_for(req_path)
+    if resp_status != 200:
+        mask &= ~CaptureFields.RESP_BODY
+    stored_resp_headers = None
+    if mask & CaptureFields.RESP_HEADERS:
+        stored_resp_headers = flatten_headers(resp_headers)
+        stored_resp_headers.pop("Content-Encoding", None)
+    body: bytes | None = None
+    truncated = False
+    if mask & CaptureFields.RESP_BODY:
+        if isinstance(resp_body, CaptureBuffer):
+            body, truncated = resp_body.getvalue(), resp_body.truncated
+        else:
+            body = resp_body
+    return Capture(
+        id=id,
+        req_path=req_path,
+        req_headers=flatten_headers(req_headers) if mask & CaptureFields.REQ_HEADERS else None,
+        req_body=req_body if mask & CaptureFields.REQ_BODY else None,
+        resp_headers=stored_resp_headers,
+        resp_body=body,
+        resp_body_truncated=truncated,
+    )
+
+
+def _b64(value: bytes | None) -> str | None:
+    return None if value is None else base64.b64encode(value).decode("ascii")
+
+
+class CaptureCache:
+    """Compressed captures by activity id, FIFO-evicted to stay within ``budget_bytes``.
+
+    The budget counts compressed bytes.  Compression is CPU work on the
+    caller's thread (a few milliseconds per MiB); the body caps keep it small.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._size = 0
+        self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    @property
+    def size(self) -> int:
+        """Compressed bytes currently held."""
+        return self._size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._items
+
+    def has(self, id: int) -> bool:
+        return id in self._items
+
+    def add(self, capture: Capture) -> bool:
+        """Store ``capture``; False (nothing stored) when it alone exceeds the budget."""
+        data = self._compressor.compress(capture.to_cbor())
+        if len(data) > self.budget_bytes:
+            return False
+        old = self._items.pop(capture.id, None)
+        if old is not None:
+            self._size -= len(old)
+        while self._items and self._size + len(data) > self.budget_bytes:
+            _, evicted = self._items.popitem(last=False)
+            self._size -= len(evicted)
+        self._items[capture.id] = data
+        self._size += len(data)
+        return True
+
+    def compressed(self, id: int) -> bytes | None:
+        """The stored zstd bytes of a capture, or None."""
+        return self._items.get(id)
+
+    def get(self, id: int) -> dict[str, Any] | None:
+        """The JSON body of ``GET /api/captures/{id}``, or None if absent or evicted.
+
+        Bodies are base64 strings (as Go encodes ``[]byte``) or null.
+        ``resp_body_truncated: true`` is added when the body hit its cap.
+        """
+        data = self._items.get(id)
+        if data is None:
+            return None
+        record = cbor2.loads(self._decompressor.decompress(data))
+        result: dict[str, Any] = {
+            "id": record["id"],
+            "req_path": record["req_path"],
+            "req_headers": record["req_headers"],
+            "req_body": _b64(record["req_body"]),
+            "resp_headers": record["resp_headers"],
+            "resp_body": _b64(record["resp_body"]),
+        }
+        if record.get("resp_body_truncated"):
+            result["resp_body_truncated"] = True
+        return result
