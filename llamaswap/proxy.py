@@ -208,13 +208,15 @@ class UpstreamClient:
         headers: Headers,
         body: bytes,
         method: bytes | None = None,
-        observer: Callable[[bytes], None] | None = None,
+        on_response: Callable[[IResponse], Callable[[bytes], None] | None] | None = None,
     ) -> int:
         """Relay ``request`` to ``url`` and stream the answer back.
 
         Returns the upstream status code once the whole body has been written
         to the client.  Raises :class:`UpstreamUnavailable` when no response
-        arrived (nothing has been written to the client then).  Cancelling
+        arrived (nothing has been written to the client then).  ``on_response``
+        sees the upstream response once its headers arrived and may return an
+        observer that is handed every body chunk as it is relayed.  Cancelling
         the returned coroutine's Deferred aborts the upstream request.
         """
         try:
@@ -224,6 +226,7 @@ class UpstreamClient:
         except Exception as exc:
             raise UpstreamUnavailable(_describe(exc)) from exc
         copy_response_headers(response, request)
+        observer = on_response(response) if on_response is not None else None
         if response.length is not UNKNOWN_LENGTH and response.length is not None:
             request.responseHeaders.setRawHeaders(_CONTENT_LENGTH, [b"%d" % response.length])
         if request.method == b"HEAD" or response.code in (204, 304):

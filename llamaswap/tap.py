@@ -13,11 +13,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from llamaswap import __version__
+from llamaswap.activity import ActivityLog
+from llamaswap.captures import CaptureCache
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.loader import load_config_sources
 from llamaswap.logs import LogMonitor
 from llamaswap.logsetup import set_log_level
 from llamaswap.proxy import UpstreamClient
+from llamaswap.recording import ActivityRecorder
 from llamaswap.router import Router, build_processes
 from llamaswap.web.app import LlamaSwapApp
 from llamaswap.web.site import LlamaSwapSite
@@ -105,6 +108,21 @@ def load_or_exit(path: str | None, config_dir: str | None = None) -> Config:
     return config
 
 
+def build_recorder(config: Config, reactor: Any) -> ActivityRecorder:
+    """The activity log (``metricsMaxInMemory`` rows) and capture cache
+    (``captureBuffer`` MiB of compressed captures; 0 disables)."""
+    document = config.document
+    rows = document.get("metricsMaxInMemory") or 1000
+    if not isinstance(rows, int) or rows <= 0:
+        rows = 1000
+    budget = document.get("captureBuffer", 5)
+    captures = (
+        CaptureCache(budget * 1024 * 1024) if isinstance(budget, int) and budget > 0 else None
+    )
+    activity = ActivityLog(rows) if captures is None else ActivityLog(rows, captures.has)
+    return ActivityRecorder(reactor, activity, captures)
+
+
 class LlamaSwapService(service.Service):
     """Owns the router and the model processes; stopping it stops every child."""
 
@@ -114,7 +132,8 @@ class LlamaSwapService(service.Service):
         self.processes = build_processes(config, reactor, upstream_log=self.upstream_log)
         self.router = Router(config, self.processes)
         self.client = UpstreamClient(reactor)
-        self.app = LlamaSwapApp(config, self.router, self.client)
+        self.recorder = build_recorder(config, reactor)
+        self.app = LlamaSwapApp(config, self.router, self.client, self.recorder)
 
     def startService(self) -> None:
         super().startService()

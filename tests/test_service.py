@@ -553,7 +553,9 @@ class PipelineTests(ServiceTestCase):
                 response.headers.getRawHeaders(b"www-authenticate"), [b'Basic realm="llama-swap"']
             )
             payload = await response.json()
-            self.assertEqual(payload["error"]["message"], "unauthorized: invalid or missing API key")
+            self.assertEqual(
+                payload["error"]["message"], "unauthorized: invalid or missing API key"
+            )
         for path in ("/health", "/wol-health"):
             response = await treq.get(self.url + path, pool=self.pool)
             self.assertEqual(response.code, 200, path)
@@ -613,3 +615,73 @@ class PipelineTests(ServiceTestCase):
             '{"model": "a:high", "n": 1.50, "s": "\\u00e9", "opts": {"x": 1e3,"reasoning":"high"}'
             ',"temperature":0.7}',
         )
+
+
+class ActivityTests(ServiceTestCase):
+    async def test_requests_are_recorded_with_tokens_and_captures(self) -> None:
+        """Model-dispatched POSTs become activity rows with parsed tokens,
+        streaming or not; captures are redacted and fetchable."""
+        await self.start({"a": responder_model(free_port())})
+        response = await treq.post(
+            self.url + "/v1/chat/completions",
+            data=b'{"model":"a","messages":[]}',
+            headers={b"content-type": [b"application/json"], b"authorization": [b"Bearer x"]},
+            pool=self.pool,
+        )
+        await response.content()
+        streamed = await self.chat("a", stream=True)
+        self.assertIn(b"data:", await streamed.content())
+        await (await treq.get(self.url + "/upstream/a/health", pool=self.pool)).content()
+        page = await (await treq.get(self.url + "/api/metrics/activity", pool=self.pool)).json()
+        self.assertEqual(page["total"], 2)
+        newest, oldest = page["data"]
+        self.assertEqual((oldest["model"], oldest["req_path"]), ("a", "/v1/chat/completions"))
+        self.assertEqual(oldest["resp_status_code"], 200)
+        self.assertEqual(oldest["tokens"]["input_tokens"], 25)
+        self.assertEqual(oldest["tokens"]["output_tokens"], 10)
+        self.assertEqual(newest["tokens"]["output_tokens"], 10)
+        self.assertTrue(oldest["has_capture"])
+        capture = await (
+            await treq.get(self.url + f"/api/captures/{oldest['id']}", pool=self.pool)
+        ).json()
+        self.assertEqual(capture["req_path"], "/v1/chat/completions")
+        self.assertEqual(capture["req_headers"]["Authorization"], "[REDACTED]")
+        import base64
+
+        self.assertEqual(base64.b64decode(capture["req_body"]), b'{"model":"a","messages":[]}')
+        self.assertIn(b'"usage"', base64.b64decode(capture["resp_body"]))
+        stats = await (await treq.get(self.url + "/api/metrics/stats", pool=self.pool)).json()
+        self.assertEqual(stats["total_requests"], 2)
+        self.assertEqual(stats["total_output_tokens"], 20)
+        recent = await (await treq.get(self.url + "/api/metrics", pool=self.pool)).json()
+        self.assertEqual([row["id"] for row in recent], [oldest["id"], newest["id"]])
+        bad = await treq.get(self.url + "/api/metrics/activity?limit=0", pool=self.pool)
+        self.assertEqual(bad.code, 400)
+        await bad.content()
+        missing = await treq.get(self.url + "/api/captures/999", pool=self.pool)
+        self.assertEqual(missing.code, 404)
+        await missing.content()
+
+    async def test_failed_and_abandoned_requests_are_recorded(self) -> None:
+        """A start failure and a client that leaves while loading still
+        leave activity rows, with the error message."""
+        await self.start(
+            {
+                "bad": responder_model(free_port(), "--exit-after", "0", "--exit-code", "2"),
+                "slow": responder_model(free_port(), "--startup-delay", "0.5"),
+            }
+        )
+        response = await self.chat("bad")
+        self.assertEqual(response.code, 500)
+        await response.content()
+        d = defer.ensureDeferred(self.chat("slow"))
+        await poll_until(lambda: self.router.scheduler.reserved("slow") == 1)
+        d.cancel()
+        d.addErrback(lambda f: None)
+        activity = self.service.recorder.activity
+        await poll_until(lambda: len(activity) == 2)
+        rows = {row.model: row for row in activity.recent()}
+        self.assertEqual(rows["bad"].resp_status_code, 500)
+        self.assertIn("exit code 2", rows["bad"].error_msg)
+        self.assertEqual(rows["slow"].error_msg, "client disconnected")
+        await self.settled()

@@ -20,10 +20,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from llamaswap import __version__
+from llamaswap.activity import activity_page_json, narrow_accept_encoding, parse_activity_query
 from llamaswap.config import Config
 from llamaswap.filters import apply_filters
 from llamaswap.process import ProcessState
 from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
+from llamaswap.recording import RECORDED_PATHS, ActivityRecorder, Recording
 from llamaswap.router import RequestFailed, Router, TooManyRequests
 from llamaswap.scheduling import ShuttingDown, UnknownModel
 from llamaswap.web.auth import ApiKeys, find_credential, unauthorized
@@ -110,10 +113,17 @@ class LlamaSwapApp:
 
     app = Klein()
 
-    def __init__(self, config: Config, router: Router, client: UpstreamClient) -> None:
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        client: UpstreamClient,
+        recorder: ActivityRecorder | None = None,
+    ) -> None:
         self.config = config
         self.router = router
         self.client = client
+        self.recorder = recorder
         self.api_keys = ApiKeys(config.api_keys)
 
     def authorize(self, request: Any) -> bool:
@@ -156,7 +166,20 @@ class LlamaSwapApp:
         elif model.use_model_name and b"multipart/form-data" in lowered:
             body = replace_multipart_model(ctype, body, model.use_model_name)
         target = upstream_path + (b"?" + query if query else b"")
-        return self._dispatch(request, model_id, target, body)
+        recording = self._begin_recording(request, model_id, request.path, body)
+        return self._dispatch(request, model_id, target, body, recording)
+
+    def _begin_recording(
+        self, request: Any, model_id: str, path: bytes, body: bytes
+    ) -> Recording | None:
+        if self.recorder is None or request.method != b"POST":
+            return None
+        req_path = path.decode("utf-8", "replace")
+        if req_path not in RECORDED_PATHS:
+            return None
+        return self.recorder.begin(
+            model=model_id, req_path=req_path, req_headers=request.requestHeaders, req_body=body
+        )
 
     def handle_upstream(self, request: Any) -> object:
         """``/upstream/<model>/<rest>``: raw passthrough to a model's server."""
@@ -186,24 +209,57 @@ class LlamaSwapApp:
         assert model_id is not None
         return self._dispatch(request, model_id, target, body)
 
-    def _dispatch(self, request: Any, model_id: str, target: bytes, body: bytes) -> object:
-        d = defer.Deferred.fromCoroutine(self._serve(request, model_id, target, body))
+    def _dispatch(
+        self,
+        request: Any,
+        model_id: str,
+        target: bytes,
+        body: bytes,
+        recording: Recording | None = None,
+    ) -> object:
+        d = defer.Deferred.fromCoroutine(self._serve(request, model_id, target, body, recording))
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addErrback(self._serve_failed, request)
         return NOT_DONE_YET
 
-    async def _serve(self, request: Any, model_id: str, target: bytes, body: bytes) -> None:
+    async def _serve(
+        self,
+        request: Any,
+        model_id: str,
+        target: bytes,
+        body: bytes,
+        recording: Recording | None,
+    ) -> None:
+        error = "client disconnected"
+        try:
+            error = await self._acquire_and_forward(request, model_id, target, body, recording)
+        finally:
+            if recording is not None:
+                recording.finish(status=request.code, error=error)
+
+    async def _acquire_and_forward(
+        self,
+        request: Any,
+        model_id: str,
+        target: bytes,
+        body: bytes,
+        recording: Recording | None,
+    ) -> str:
+        """Wait for the model and relay the request.  Returns the error text
+        for the activity row when no upstream response arrived ("" if one did)."""
         try:
             lease = await self.router.acquire(model_id)
         except TooManyRequests:
             write_too_many(request)
-            return
+            return "Too many requests"
         except UnknownModel:
-            write_error(request, 404, "no local server found for requested model")
-            return
+            message = "no local server found for requested model"
+            write_error(request, 404, message)
+            return message
         except (RequestFailed, ShuttingDown) as exc:
-            write_error(request, 500, f"unspecific error: {exc}")
-            return
+            message = f"unspecific error: {exc}"
+            write_error(request, 500, message)
+            return message
         try:
             carried = getattr(request, "llamaswap_credential_header", None)
             headers = forward_headers(
@@ -211,18 +267,27 @@ class LlamaSwapApp:
                 client_ip=_client_ip(request),
                 drop=(carried,) if carried else (),
             )
+            if recording is not None and headers.hasHeader(b"accept-encoding"):
+                wanted = b", ".join(headers.getRawHeaders(b"accept-encoding", []))
+                headers.setRawHeaders(b"accept-encoding", [narrow_accept_encoding(wanted) or b""])
             try:
                 await self.client.forward(
-                    request, lease.upstream + target, headers=headers, body=body
+                    request,
+                    lease.upstream + target,
+                    headers=headers,
+                    body=body,
+                    on_response=recording.on_response if recording is not None else None,
                 )
             except UpstreamUnavailable as exc:
                 log.warn(
                     "{model}: upstream request failed: {reason}", model=model_id, reason=str(exc)
                 )
-                write_error(request, 502, f"upstream {model_id} unavailable: {exc}")
-                return
+                message = f"upstream {model_id} unavailable: {exc}"
+                write_error(request, 502, message)
+                return message
             if not request.finished and not request._disconnected:
                 request.finish()
+            return ""
         finally:
             lease.release()
 
@@ -301,6 +366,47 @@ class LlamaSwapApp:
             records.append(record)
         records.sort(key=lambda r: r["id"])
         return records
+
+    @app.route("/api/version", methods=["GET", "HEAD"])
+    def version(self, request: Any) -> bytes:
+        return _json(request, {"version": __version__, "commit": "", "build_date": ""})
+
+    @app.route("/api/metrics/activity", methods=["GET", "HEAD"])
+    def activity(self, request: Any) -> bytes:
+        if self.recorder is None:
+            return _json(
+                request, {"data": [], "page": 1, "limit": 25, "total": 0, "total_pages": 0}
+            )
+        try:
+            query = parse_activity_query(request.args)
+        except ValueError as exc:
+            return render_error(request, 400, str(exc))
+        rows, total = self.recorder.activity.select(query)
+        return _json(request, activity_page_json(rows, total, query))
+
+    @app.route("/api/metrics/stats", methods=["GET", "HEAD"])
+    def activity_stats(self, request: Any) -> bytes:
+        model = request.args.get(b"model", [b""])[0].decode("utf-8", "replace") or None
+        if self.recorder is None:
+            return _json(request, {})
+        return _json(request, self.recorder.activity.stats(model).to_json())
+
+    @app.route("/api/metrics", methods=["GET", "HEAD"])
+    def recent_activity(self, request: Any) -> bytes:
+        rows = self.recorder.activity.recent() if self.recorder is not None else []
+        return _json(request, [row.to_json() for row in rows])
+
+    @app.route("/api/captures/<capture_id>", methods=["GET", "HEAD"])
+    def capture(self, request: Any, capture_id: str) -> bytes:
+        try:
+            number = int(capture_id)
+        except ValueError:
+            return render_error(request, 400, "invalid capture ID")
+        captures = self.recorder.captures if self.recorder is not None else None
+        found = captures.get(number) if captures is not None else None
+        if found is None:
+            return render_error(request, 404, "capture not found")
+        return _json(request, found)
 
     @app.route("/running", methods=["GET", "HEAD"])
     def running(self, request: Any) -> bytes:

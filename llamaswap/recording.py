@@ -1,0 +1,185 @@
+"""Recording model-dispatched requests: activity rows and captures.
+
+A :class:`Recording` follows one request: it sees the upstream response's
+headers, parses the body incrementally while it is relayed (never holding it
+whole), and when the request ends (completed, failed or abandoned) adds one
+activity row and, when enabled, one capture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from llamaswap.activity import ActivityEntry, ActivityLog, Usage, UsageParser
+from llamaswap.captures import CaptureBuffer, CaptureCache, build_capture
+
+log = Logger()
+
+#: POST paths whose requests are recorded (llama-swap §8.1), as seen upstream
+#: of any ``/v`` or ``/audioapi`` prefix handling: the client's path.
+RECORDED_PATHS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/completions",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/embeddings",
+        "/reranking",
+        "/rerank",
+        "/v1/rerank",
+        "/v1/reranking",
+        "/infill",
+        "/completion",
+        "/v1/audio/speech",
+        "/v1/audio/voices",
+        "/v1/images/generations",
+        "/sdapi/v1/txt2img",
+        "/sdapi/v1/img2img",
+        "/audioapi/v1/tasks/run",
+        "/v1/audio/transcriptions",
+        "/v1/images/edits",
+        "/v/chat/completions",
+        "/v/responses",
+        "/v/completions",
+        "/v/messages",
+        "/v/messages/count_tokens",
+        "/v/embeddings",
+        "/v/rerank",
+        "/v/reranking",
+    }
+)
+
+
+def _header(headers: Headers, name: bytes) -> str:
+    values = headers.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else ""
+
+
+class Recording:
+    """One request being recorded."""
+
+    def __init__(
+        self,
+        recorder: ActivityRecorder,
+        *,
+        model: str,
+        req_path: str,
+        req_headers: Headers,
+        req_body: bytes,
+        started: float,
+    ) -> None:
+        self._recorder = recorder
+        self.model = model
+        self.req_path = req_path
+        self._req_headers = req_headers
+        self._req_body = req_body
+        self.started = started
+        self.status = 0
+        self._content_type = ""
+        self._resp_headers: Headers | None = None
+        self._parser: UsageParser | None = None
+        self._buffer: CaptureBuffer | None = None
+        self._done = False
+
+    def on_response(self, response: IResponse) -> Callable[[bytes], None]:
+        """Hook for :meth:`UpstreamClient.forward`: returns the body observer."""
+        self.status = response.code
+        self._resp_headers = response.headers
+        self._content_type = _header(response.headers, b"content-type")
+        if self._recorder.captures is not None and response.code == 200:
+            self._buffer = CaptureBuffer()
+        self._parser = UsageParser(
+            self.req_path,
+            response.code,
+            self._content_type,
+            _header(response.headers, b"content-encoding"),
+            decoded_sink=self._buffer.write if self._buffer is not None else None,
+        )
+        return self._parser.feed
+
+    def finish(self, *, status: int | None = None, error: str = "") -> ActivityEntry | None:
+        """Record the request once; ``status``/``error`` describe a request
+        that got no upstream response (e.g. 502)."""
+        if self._done:
+            return None
+        self._done = True
+        return self._recorder._record(self, status, error)
+
+    def _usage(self, error: str) -> Usage:
+        if self._parser is not None:
+            return self._parser.finish()
+        return Usage(error_msg=error)
+
+
+class ActivityRecorder:
+    """Creates recordings and stores their rows and captures."""
+
+    def __init__(
+        self,
+        clock: Any,
+        activity: ActivityLog,
+        captures: CaptureCache | None,
+        on_entry: Callable[[ActivityEntry], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self.activity = activity
+        self.captures = captures
+        self._on_entry = on_entry
+
+    def begin(
+        self, *, model: str, req_path: str, req_headers: Headers, req_body: bytes
+    ) -> Recording:
+        return Recording(
+            self,
+            model=model,
+            req_path=req_path,
+            req_headers=req_headers,
+            req_body=req_body,
+            started=self._clock.seconds(),
+        )
+
+    def _record(self, recording: Recording, status: int | None, error: str) -> ActivityEntry:
+        usage = recording._usage(error)
+        if usage.warning:
+            log.debug(
+                "{model} {path}: {note}",
+                model=recording.model,
+                path=recording.req_path,
+                note=usage.warning,
+            )
+        code = recording.status or status or 0
+        wall_ms = int((self._clock.seconds() - recording.started) * 1000)
+        entry = self.activity.add(
+            model=recording.model,
+            req_path=recording.req_path,
+            resp_content_type=recording._content_type,
+            resp_status_code=code,
+            usage=usage,
+            wall_ms=wall_ms,
+            timestamp=recording.started,
+        )
+        if self.captures is not None:
+            capture = build_capture(
+                id=entry.id,
+                req_path=recording.req_path,
+                req_headers=recording._req_headers,
+                req_body=recording._req_body,
+                resp_status=code,
+                resp_headers=recording._resp_headers,
+                resp_body=recording._buffer,
+            )
+            if not self.captures.add(capture):
+                log.warn(
+                    "capture {id} for {path} exceeds captureBuffer; not stored",
+                    id=entry.id,
+                    path=recording.req_path,
+                )
+        if self._on_entry is not None:
+            self._on_entry(entry)
+        return entry
