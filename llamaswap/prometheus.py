@@ -1,0 +1,380 @@
+"""Prometheus ``/metrics`` (SPEC decision 9): request-path metrics and system figures.
+
+`Metrics` owns a dedicated ``CollectorRegistry`` (never the process-global
+one, so several app instances or tests never share series).  The app calls
+its methods as things happen: a request finished, a request waited in the
+queue, a model loaded, swapped, was evicted or changed state.  API keys are
+exported only by name (``key-<index>`` from `api_key_label`), never the
+secret; a name of any other shape is refused.
+
+`SystemCollector` exports llama-swap's system figures, read from ``/proc`` at
+scrape time (a handful of tiny procfs reads; no sampling loop).  CPU use per
+core is the change since the previous scrape (or since start for the first).
+GPU figures are not exported: llama-swap gets them from ``nvidia-smi`` and
+friends, which means spawning a process per sample; there is no cheap source.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.logger import Logger
+
+from llamaswap.activity import TokenMetrics
+from llamaswap.process import ProcessState
+
+__all__ = [
+    "CONTENT_TYPE",
+    "MODEL_STATES",
+    "Metrics",
+    "SystemCollector",
+    "api_key_label",
+]
+
+log = Logger()
+
+#: llama-swap's ``/metrics`` content type; `generate_latest` writes this format.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+#: The states ``llamaswap_model_state`` reports for every model (one of them is 1).
+MODEL_STATES: tuple[str, ...] = tuple(state.value for state in ProcessState)
+
+#: Seconds; a request that had to wait for a swap lands in the upper buckets.
+TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKENS_PER_SECOND_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+QUEUE_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+MODEL_LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+_KEY_NAME = re.compile(r"key-\d+\Z")
+
+
+def api_key_label(index: int) -> str:
+    """The exported name of the ``index``-th configured API key (see `ApiKeys.match`)."""
+    return f"key-{index}"
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+class Metrics:
+    """The request-path metrics of one llamaswap instance, and their text rendering."""
+
+    def __init__(self, system: bool = True, proc_root: str = "/proc") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self._requests = Counter(
+            "llamaswap_requests",
+            "Finished model requests by path and HTTP status",
+            ["model", "path", "status"],
+            registry=registry,
+        )
+        self._tokens = Counter(
+            "llamaswap_tokens",
+            "Tokens by kind (input, output, cached) as reported by the upstream",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self._ttfb = Histogram(
+            "llamaswap_time_to_first_byte_seconds",
+            "Time from request arrival to the first response body byte",
+            ["model"],
+            buckets=TTFB_BUCKETS,
+            registry=registry,
+        )
+        self._speed = Histogram(
+            "llamaswap_tokens_per_second",
+            "Upstream-reported speed per request, prompt processing or generation",
+            ["model", "phase"],
+            buckets=TOKENS_PER_SECOND_BUCKETS,
+            registry=registry,
+        )
+        self._queue_wait = Histogram(
+            "llamaswap_queue_wait_seconds",
+            "Time a request waited before being forwarded (queue and model load)",
+            ["model"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self._load = Histogram(
+            "llamaswap_model_load_seconds",
+            "Time from starting a model process to it being ready",
+            ["model"],
+            buckets=MODEL_LOAD_BUCKETS,
+            registry=registry,
+        )
+        self._swaps = Counter(
+            "llamaswap_swaps",
+            "Model starts that were needed to serve a request",
+            ["model"],
+            registry=registry,
+        )
+        self._evictions = Counter(
+            "llamaswap_evictions",
+            "Model stops by reason",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self._state = Gauge(
+            "llamaswap_model_state",
+            "1 for the model's current state, 0 for the others",
+            ["model", "state"],
+            registry=registry,
+        )
+        self._key_tokens = Counter(
+            "llamaswap_api_key_tokens",
+            "Tokens spent per API key (by key name, never the key)",
+            ["key", "kind"],
+            registry=registry,
+        )
+        #: model -> the states it has series for (a dict keeps their order).
+        self._states: dict[str, dict[str, None]] = {}
+        self._refused_key_name = False
+        if system:
+            registry.register(SystemCollector(proc_root))
+
+    def request_finished(
+        self,
+        model: str,
+        path: str,
+        status: int,
+        usage_tokens: TokenMetrics | None,
+        ttfb_s: float | None = None,
+        prompt_tps: float | None = None,
+        gen_tps: float | None = None,
+        api_key_name: str | None = None,
+    ) -> None:
+        """Count one finished request.
+
+        ``path`` is the forwarded path (its query string is dropped);
+        ``ttfb_s`` is None when no body byte arrived; speeds that are None,
+        zero or negative (llama-swap's −1, "not reported") are not observed.
+        ``api_key_name`` must come from `api_key_label`.
+        """
+        self._requests.labels(model, path.split("?", 1)[0], str(int(status))).inc()
+        counts = _token_counts(usage_tokens)
+        for kind, count in counts:
+            self._tokens.labels(model, kind).inc(count)
+        if ttfb_s is not None and math.isfinite(ttfb_s) and ttfb_s >= 0:
+            self._ttfb.labels(model).observe(ttfb_s)
+        if prompt_tps is not None and _positive(prompt_tps):
+            self._speed.labels(model, "prompt").observe(prompt_tps)
+        if gen_tps is not None and _positive(gen_tps):
+            self._speed.labels(model, "generation").observe(gen_tps)
+        if api_key_name is None:
+            return
+        if not _KEY_NAME.match(api_key_name):
+            # Never export what might be a secret.
+            if not self._refused_key_name:
+                self._refused_key_name = True
+                log.warn("metrics: API key names must look like key-<index>; not counting")
+            return
+        for kind, count in counts:
+            self._key_tokens.labels(api_key_name, kind).inc(count)
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        """A request for ``model`` was forwarded after waiting ``seconds``."""
+        self._queue_wait.labels(model).observe(max(seconds, 0.0))
+
+    def model_loaded(self, model: str, seconds: float) -> None:
+        """``model`` became ready ``seconds`` after its process was started."""
+        self._load.labels(model).observe(max(seconds, 0.0))
+
+    def swap(self, model: str) -> None:
+        """``model`` was started to serve a request."""
+        self._swaps.labels(model).inc()
+
+    def evicted(self, model: str, reason: str) -> None:
+        """``model`` was stopped; ``reason`` is e.g. swap, ttl, unload, reload, shutdown."""
+        self._evictions.labels(model, reason).inc()
+
+    def model_state(self, model: str, state: str) -> None:
+        """``model`` is now in ``state`` (a `ProcessState` value)."""
+        state = str(state)
+        known = self._states.setdefault(model, dict.fromkeys(MODEL_STATES))
+        known.setdefault(state)
+        for each in known:
+            self._state.labels(model, each).set(1 if each == state else 0)
+
+    def forget_model(self, model: str) -> None:
+        """Drop ``model``'s state series (it left the configuration); counters stay."""
+        for state in self._states.pop(model, ()):
+            self._state.remove(model, state)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition of every metric, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE
+
+
+def _token_counts(tokens: TokenMetrics | None) -> tuple[tuple[str, int], ...]:
+    if tokens is None:
+        return (("input", 0), ("output", 0), ("cached", 0))
+    # -1 means "not reported"; a counter only goes up.
+    return (
+        ("input", max(tokens.input_tokens, 0)),
+        ("output", max(tokens.output_tokens, 0)),
+        ("cached", max(tokens.cache_tokens, 0)),
+    )
+
+
+# --------------------------------------------------------------------------
+# System figures from /proc
+
+
+@dataclass(frozen=True)
+class _CpuTimes:
+    busy: int
+    total: int
+
+
+class SystemCollector(Collector):
+    """llama-swap's system figures, read from ``proc_root`` when scraped.
+
+    Memory follows gopsutil (what llama-swap reports): used = total − free −
+    buffers − page cache (with reclaimable slab); free = ``MemFree``.  Any
+    file that is missing or unreadable just leaves its figures out.
+    """
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self._root = proc_root
+        self._lock = threading.Lock()
+        self._cpu = self._read_cpu()
+        self._cpu_percent: dict[str, float] = {}
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only, so registration neither reads /proc nor moves the CPU baseline.
+        return [
+            GaugeMetricFamily("llamaswap_cpu_util_percent", "", labels=["core"]),
+            GaugeMetricFamily("llamaswap_memory_total_bytes", ""),
+            GaugeMetricFamily("llamaswap_memory_used_bytes", ""),
+            GaugeMetricFamily("llamaswap_memory_free_bytes", ""),
+            GaugeMetricFamily("llamaswap_swap_total_bytes", ""),
+            GaugeMetricFamily("llamaswap_swap_used_bytes", ""),
+            GaugeMetricFamily("llamaswap_load_average", "", labels=["interval"]),
+            CounterMetricFamily("llamaswap_network_bytes", "", labels=["interface", "direction"]),
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:  # the CPU baseline moves on every scrape
+            cpu = self._collect_cpu()
+        if cpu is not None:
+            yield cpu
+        yield from self._collect_memory()
+        yield from self._collect_load()
+        yield from self._collect_network()
+
+    def _read(self, *parts: str) -> str | None:
+        try:
+            with open(os.path.join(self._root, *parts), encoding="ascii", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _read_cpu(self) -> dict[str, _CpuTimes]:
+        text = self._read("stat")
+        cores: dict[str, _CpuTimes] = {}
+        for line in (text or "").splitlines():
+            name, _, rest = line.partition(" ")
+            if not (name.startswith("cpu") and name[3:].isdigit()):
+                continue
+            try:
+                # user nice system idle iowait irq softirq steal (guest time is in user)
+                fields = [int(v) for v in rest.split()[:8]]
+            except ValueError:
+                continue
+            idle = sum(fields[3:5])
+            total = sum(fields)
+            cores[name[3:]] = _CpuTimes(busy=total - idle, total=total)
+        return cores
+
+    def _collect_cpu(self) -> Metric | None:
+        now = self._read_cpu()
+        if not now:
+            return None
+        family = GaugeMetricFamily(
+            "llamaswap_cpu_util_percent",
+            "CPU utilization per core (0-100) since the previous scrape",
+            labels=["core"],
+        )
+        for core, times in sorted(now.items(), key=lambda item: int(item[0])):
+            before = self._cpu.get(core)
+            if before is not None and times.total > before.total:
+                busy = (times.busy - before.busy) / (times.total - before.total)
+                self._cpu_percent[core] = min(max(busy * 100, 0.0), 100.0)
+            family.add_metric([core], self._cpu_percent.get(core, 0.0))
+        self._cpu = now
+        return family
+
+    def _collect_memory(self) -> Iterator[Metric]:
+        text = self._read("meminfo")
+        if text is None:
+            return
+        info: dict[str, int] = {}
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            values = rest.split()
+            if values and values[0].isdigit():
+                info[key] = int(values[0]) * (1024 if values[1:] == ["kB"] else 1)
+        if "MemTotal" in info and "MemFree" in info:
+            total, free = info["MemTotal"], info["MemFree"]
+            cache = info.get("Buffers", 0) + info.get("Cached", 0) + info.get("SReclaimable", 0)
+            used = total - free - cache
+            if used < 0:
+                used = total - free
+            yield _gauge("llamaswap_memory_total_bytes", "Total memory in bytes", total)
+            yield _gauge("llamaswap_memory_used_bytes", "Used memory in bytes", used)
+            yield _gauge("llamaswap_memory_free_bytes", "Free memory in bytes", free)
+        if "SwapTotal" in info and "SwapFree" in info:
+            swap_total = info["SwapTotal"]
+            yield _gauge("llamaswap_swap_total_bytes", "Total swap in bytes", swap_total)
+            yield _gauge(
+                "llamaswap_swap_used_bytes", "Used swap in bytes", swap_total - info["SwapFree"]
+            )
+
+    def _collect_load(self) -> Iterator[Metric]:
+        text = self._read("loadavg")
+        try:
+            loads = [float(v) for v in (text or "").split()[:3]]
+        except ValueError:
+            return
+        if len(loads) != 3:
+            return
+        family = GaugeMetricFamily("llamaswap_load_average", "Load average", labels=["interval"])
+        for interval, value in zip(("1m", "5m", "15m"), loads, strict=True):
+            family.add_metric([interval], value)
+        yield family
+
+    def _collect_network(self) -> Iterator[Metric]:
+        text = self._read("net", "dev")
+        if text is None:
+            return
+        family = CounterMetricFamily(
+            "llamaswap_network_bytes",
+            "Total network bytes transferred",
+            labels=["interface", "direction"],
+        )
+        for line in text.splitlines()[2:]:
+            name, colon, rest = line.partition(":")
+            fields = rest.split()
+            if not colon or len(fields) < 9:
+                continue
+            try:
+                received, sent = int(fields[0]), int(fields[8])
+            except ValueError:
+                continue
+            family.add_metric([name.strip(), "recv"], received)
+            family.add_metric([name.strip(), "sent"], sent)
+        if family.samples:
+            yield family
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
