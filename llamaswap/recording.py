@@ -15,8 +15,10 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from llamaswap.activity import ActivityEntry, ActivityLog, Usage, UsageParser
+from llamaswap.activity import ActivityEntry, Usage, UsageParser
 from llamaswap.captures import CaptureBuffer, CaptureCache, build_capture
+from llamaswap.prometheus import Metrics, api_key_label
+from llamaswap.store import IActivityStore
 
 log = Logger()
 
@@ -73,8 +75,11 @@ class Recording:
         req_headers: Headers,
         req_body: bytes,
         started: float,
+        api_key_index: int | None = None,
     ) -> None:
         self._recorder = recorder
+        self.api_key_index = api_key_index
+        self.first_byte: float | None = None
         self.model = model
         self.req_path = req_path
         self._req_headers = req_headers
@@ -90,6 +95,7 @@ class Recording:
     def on_response(self, response: IResponse) -> Callable[[bytes], None]:
         """Hook for :meth:`UpstreamClient.forward`: returns the body observer."""
         self.status = response.code
+        self.first_byte = self._recorder._clock.seconds()
         self._resp_headers = response.headers
         self._content_type = _header(response.headers, b"content-type")
         if self._recorder.captures is not None and response.code == 200:
@@ -103,13 +109,13 @@ class Recording:
         )
         return self._parser.feed
 
-    def finish(self, *, status: int | None = None, error: str = "") -> ActivityEntry | None:
+    def finish(self, *, status: int | None = None, error: str = "") -> None:
         """Record the request once; ``status``/``error`` describe a request
         that got no upstream response (e.g. 502)."""
         if self._done:
-            return None
+            return
         self._done = True
-        return self._recorder._record(self, status, error)
+        self._recorder._record(self, status, error)
 
     def _usage(self, error: str) -> Usage:
         if self._parser is not None:
@@ -123,17 +129,25 @@ class ActivityRecorder:
     def __init__(
         self,
         clock: Any,
-        activity: ActivityLog,
+        store: IActivityStore,
         captures: CaptureCache | None,
+        metrics: Metrics | None = None,
         on_entry: Callable[[ActivityEntry], None] | None = None,
     ) -> None:
         self._clock = clock
-        self.activity = activity
+        self.store = store
         self.captures = captures
+        self.metrics = metrics
         self._on_entry = on_entry
 
     def begin(
-        self, *, model: str, req_path: str, req_headers: Headers, req_body: bytes
+        self,
+        *,
+        model: str,
+        req_path: str,
+        req_headers: Headers,
+        req_body: bytes,
+        api_key_index: int | None = None,
     ) -> Recording:
         return Recording(
             self,
@@ -142,9 +156,10 @@ class ActivityRecorder:
             req_headers=req_headers,
             req_body=req_body,
             started=self._clock.seconds(),
+            api_key_index=api_key_index,
         )
 
-    def _record(self, recording: Recording, status: int | None, error: str) -> ActivityEntry:
+    def _record(self, recording: Recording, status: int | None, error: str) -> None:
         usage = recording._usage(error)
         if usage.warning:
             log.debug(
@@ -155,7 +170,23 @@ class ActivityRecorder:
             )
         code = recording.status or status or 0
         wall_ms = int((self._clock.seconds() - recording.started) * 1000)
-        entry = self.activity.add(
+        if self.metrics is not None:
+            tokens = usage.tokens
+            ttfb = (
+                None if recording.first_byte is None else recording.first_byte - recording.started
+            )
+            key = recording.api_key_index
+            self.metrics.request_finished(
+                recording.model,
+                recording.req_path,
+                code,
+                tokens,
+                ttfb,
+                tokens.prompt_per_second,
+                tokens.tokens_per_second,
+                api_key_label(key) if key is not None else None,
+            )
+        d = self.store.add(
             model=recording.model,
             req_path=recording.req_path,
             resp_content_type=recording._content_type,
@@ -164,6 +195,10 @@ class ActivityRecorder:
             wall_ms=wall_ms,
             timestamp=recording.started,
         )
+        d.addCallback(self._stored, recording, code)
+        d.addErrback(lambda f: log.failure("could not record activity", f))
+
+    def _stored(self, entry: ActivityEntry, recording: Recording, code: int) -> None:
         if self.captures is not None:
             capture = build_capture(
                 id=entry.id,
@@ -182,4 +217,3 @@ class ActivityRecorder:
                 )
         if self._on_entry is not None:
             self._on_entry(entry)
-        return entry

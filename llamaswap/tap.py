@@ -13,15 +13,16 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from llamaswap import __version__
-from llamaswap.activity import ActivityLog
 from llamaswap.captures import CaptureCache
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.loader import load_config_sources
 from llamaswap.logs import LogMonitor
 from llamaswap.logsetup import set_log_level
+from llamaswap.prometheus import Metrics
 from llamaswap.proxy import UpstreamClient
 from llamaswap.recording import ActivityRecorder
 from llamaswap.router import Router, build_processes
+from llamaswap.store import open_store
 from llamaswap.web.app import LlamaSwapApp
 from llamaswap.web.site import LlamaSwapSite
 
@@ -108,19 +109,23 @@ def load_or_exit(path: str | None, config_dir: str | None = None) -> Config:
     return config
 
 
-def build_recorder(config: Config, reactor: Any) -> ActivityRecorder:
-    """The activity log (``metricsMaxInMemory`` rows) and capture cache
-    (``captureBuffer`` MiB of compressed captures; 0 disables)."""
+def build_recorder(config: Config, reactor: Any, metrics: Metrics) -> ActivityRecorder:
+    """The activity store (``store.path`` SQLite file, else the in-memory ring
+    of ``metricsMaxInMemory`` rows) and capture cache (``captureBuffer`` MiB
+    of compressed captures; 0 disables)."""
     document = config.document
-    rows = document.get("metricsMaxInMemory") or 1000
-    if not isinstance(rows, int) or rows <= 0:
-        rows = 1000
     budget = document.get("captureBuffer", 5)
-    captures = (
-        CaptureCache(budget * 1024 * 1024) if isinstance(budget, int) and budget > 0 else None
-    )
-    activity = ActivityLog(rows) if captures is None else ActivityLog(rows, captures.has)
-    return ActivityRecorder(reactor, activity, captures)
+    captures = None
+    if isinstance(budget, int) and budget > 0:
+        captures = CaptureCache(budget * 1024 * 1024)
+    try:
+        if captures is None:
+            store = open_store(document, reactor)
+        else:
+            store = open_store(document, reactor, captures.has)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    return ActivityRecorder(reactor, store, captures, metrics)
 
 
 class LlamaSwapService(service.Service):
@@ -132,7 +137,15 @@ class LlamaSwapService(service.Service):
         self.processes = build_processes(config, reactor, upstream_log=self.upstream_log)
         self.router = Router(config, self.processes)
         self.client = UpstreamClient(reactor)
-        self.recorder = build_recorder(config, reactor)
+        performance = config.document.get("performance")
+        disabled = isinstance(performance, dict) and performance.get("disabled") is True
+        self.metrics = Metrics(system=not disabled)
+        for model_id, process in self.processes.items():
+            self.metrics.model_state(model_id, process.state.value)
+            process.add_state_listener(
+                lambda p, old, new: self.metrics.model_state(p.model_id, new.value)
+            )
+        self.recorder = build_recorder(config, reactor, self.metrics)
         self.app = LlamaSwapApp(config, self.router, self.client, self.recorder)
 
     def startService(self) -> None:
@@ -150,6 +163,7 @@ class LlamaSwapService(service.Service):
         timeout = max([m.unload_timeout for m in self.config.models.values()] or [10])
         d = self.router.shutdown(timeout)
         d.addBoth(lambda _: self.client.close())
+        d.addBoth(lambda _: self.recorder.store.close())
         d.addCallback(lambda _: log.info("shutdown complete"))
         return d
 

@@ -678,10 +678,47 @@ class ActivityTests(ServiceTestCase):
         await poll_until(lambda: self.router.scheduler.reserved("slow") == 1)
         d.cancel()
         d.addErrback(lambda f: None)
-        activity = self.service.recorder.activity
+        activity = self.service.recorder.store.log
         await poll_until(lambda: len(activity) == 2)
         rows = {row.model: row for row in activity.recent()}
         self.assertEqual(rows["bad"].resp_status_code, 500)
         self.assertIn("exit code 2", rows["bad"].error_msg)
         self.assertEqual(rows["slow"].error_msg, "client disconnected")
         await self.settled()
+
+    async def test_prometheus_metrics(self) -> None:
+        """/metrics parses as Prometheus text and counts requests, tokens and
+        model state per model, and spend per API key name, never the key."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        await self.start({"a": responder_model(free_port())}, apiKeys=["topsecret"])
+        auth = {b"authorization": [b"Bearer topsecret"]}
+        response = await treq.post(
+            self.url + "/v1/chat/completions",
+            data=b'{"model":"a"}',
+            headers={b"content-type": [b"application/json"], **auth},
+            pool=self.pool,
+        )
+        await response.content()
+        scrape = await treq.get(self.url + "/metrics", headers=auth, pool=self.pool)
+        text = await scrape.text()
+        self.assertNotIn("topsecret", text)
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        requests = [v for (n, labels), v in samples.items() if n == "llamaswap_requests_total"]
+        self.assertEqual(sum(requests), 1)
+        self.assertEqual(
+            samples[("llamaswap_tokens_total", (("kind", "output"), ("model", "a")))], 10
+        )
+        self.assertEqual(
+            samples[("llamaswap_model_state", (("model", "a"), ("state", "ready")))], 1
+        )
+        spent = [
+            v
+            for (n, labels), v in samples.items()
+            if n == "llamaswap_api_key_tokens_total" and ("key", "key-0") in labels
+        ]
+        self.assertGreater(sum(spent), 0)

@@ -136,9 +136,11 @@ class LlamaSwapApp:
         if request.method in _GET and request.path in OPEN_PATHS:
             return True
         credential = find_credential(request.requestHeaders)
-        if credential is None or not self.api_keys.check(credential.key):
+        index = None if credential is None else self.api_keys.match(credential.key)
+        if index is None:
             return False
         request.llamaswap_credential_header = credential.source.header
+        request.llamaswap_api_key_index = index
         return True
 
     def resource(self) -> Resource:
@@ -178,7 +180,11 @@ class LlamaSwapApp:
         if req_path not in RECORDED_PATHS:
             return None
         return self.recorder.begin(
-            model=model_id, req_path=req_path, req_headers=request.requestHeaders, req_body=body
+            model=model_id,
+            req_path=req_path,
+            req_headers=request.requestHeaders,
+            req_body=body,
+            api_key_index=getattr(request, "llamaswap_api_key_index", None),
         )
 
     def handle_upstream(self, request: Any) -> object:
@@ -372,29 +378,38 @@ class LlamaSwapApp:
         return _json(request, {"version": __version__, "commit": "", "build_date": ""})
 
     @app.route("/api/metrics/activity", methods=["GET", "HEAD"])
-    def activity(self, request: Any) -> bytes:
-        if self.recorder is None:
-            return _json(
-                request, {"data": [], "page": 1, "limit": 25, "total": 0, "total_pages": 0}
-            )
+    async def activity(self, request: Any) -> bytes:
         try:
             query = parse_activity_query(request.args)
         except ValueError as exc:
             return render_error(request, 400, str(exc))
-        rows, total = self.recorder.activity.select(query)
+        if self.recorder is None:
+            return _json(request, activity_page_json([], 0, query))
+        rows, total = await self.recorder.store.select(query)
         return _json(request, activity_page_json(rows, total, query))
 
     @app.route("/api/metrics/stats", methods=["GET", "HEAD"])
-    def activity_stats(self, request: Any) -> bytes:
+    async def activity_stats(self, request: Any) -> bytes:
         model = request.args.get(b"model", [b""])[0].decode("utf-8", "replace") or None
         if self.recorder is None:
             return _json(request, {})
-        return _json(request, self.recorder.activity.stats(model).to_json())
+        return _json(request, (await self.recorder.store.stats(model)).to_json())
 
     @app.route("/api/metrics", methods=["GET", "HEAD"])
-    def recent_activity(self, request: Any) -> bytes:
-        rows = self.recorder.activity.recent() if self.recorder is not None else []
+    async def recent_activity(self, request: Any) -> bytes:
+        rows = await self.recorder.store.recent() if self.recorder is not None else []
         return _json(request, [row.to_json() for row in rows])
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def prometheus(self, request: Any) -> bytes:
+        metrics = self.recorder.metrics if self.recorder is not None else None
+        if metrics is None:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"# performance monitor not available\n"
+        body, content_type = metrics.render()
+        request.setHeader(b"content-type", content_type.encode())
+        return body
 
     @app.route("/api/captures/<capture_id>", methods=["GET", "HEAD"])
     def capture(self, request: Any, capture_id: str) -> bytes:
