@@ -1,7 +1,8 @@
 """Log output for the ``llamaswap`` console script.
 
 twistd's ``--logger`` option takes a factory of the log observer; ours
-writes twistd's usual text format to stdout, filtered by the config's
+writes twistd's usual text format to stdout (journal lines with syslog
+priorities when stdout is connected to journald), filtered by the config's
 ``logLevel`` (set once the config is loaded).
 """
 
@@ -14,8 +15,9 @@ from twisted.logger import (
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
-    textFileLogObserver,
 )
+
+from llamaswap.systemd import journald_observer
 
 _LEVELS = {
     "debug": LogLevel.debug,
@@ -33,5 +35,6 @@ def set_log_level(name: str) -> None:
 
 
 def observer() -> ILogObserver:
-    """The observer factory for ``twistd --logger``."""
-    return FilteringLogObserver(textFileLogObserver(sys.stdout), [_level_filter])
+    """The observer factory for ``twistd --logger``: journal lines with
+    priorities under systemd, twistd's text format otherwise."""
+    return FilteringLogObserver(journald_observer(sys.stdout), [_level_filter])

@@ -23,6 +23,14 @@ from llamaswap.proxy import UpstreamClient
 from llamaswap.recording import ActivityRecorder
 from llamaswap.router import Router, build_processes
 from llamaswap.store import open_store
+from llamaswap.systemd import (
+    DrainService,
+    Notifier,
+    SequentialMultiService,
+    ShutdownGrace,
+    SystemdNotifyService,
+    running_models_status,
+)
 from llamaswap.web.app import LlamaSwapApp
 from llamaswap.web.site import LlamaSwapSite
 
@@ -173,9 +181,18 @@ def makeService(options: Options) -> service.MultiService:
 
     config: Config = options["loaded"]
     set_log_level(config.log_level)
-    top = service.MultiService()
+    # Stops run last-added first, one at a time: STOPPING=1, stop listening,
+    # wait for in-flight requests (bounded), then stop every model process.
+    top = SequentialMultiService()
     core = LlamaSwapService(config, reactor)
     core.setServiceParent(top)
+    snapshot = core.router.scheduler.snapshot
+    DrainService(
+        ShutdownGrace(reactor),
+        in_flight=lambda: sum(snapshot().reserved.values()),
+        describe=lambda: ", ".join(f"{m}: {n}" for m, n in sorted(snapshot().reserved.items())),
+        reactor=reactor,
+    ).setServiceParent(top)
     endpoint = options["endpoint"]
     if not is_loopback_only(endpoint):
         log.warn(
@@ -185,4 +202,10 @@ def makeService(options: Options) -> service.MultiService:
     site = LlamaSwapSite(core.app.resource())
     web = strports.service(endpoint, site)
     web.setServiceParent(top)
+    notify = SystemdNotifyService(
+        Notifier.from_environment(), reactor, lambda: running_models_status(core.processes)
+    )
+    for process in core.processes.values():
+        process.add_state_listener(lambda *_: notify.update_status())
+    notify.setServiceParent(top)
     return top
