@@ -12,17 +12,27 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from llamaswap.config import Config
+from llamaswap.config import Config, ModelConfig
 from llamaswap.logs import LogMonitor
 from llamaswap.process import ModelProcess, ProcessState, StartError
 from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, SingleModelPlanner, Ticket
 
 log = Logger()
+
+#: How often a retiring process is checked for finished in-flight requests.
+RETIRE_POLL = 0.1
+
+
+async def _quietly(d: defer.Deferred[Any]) -> None:
+    try:
+        await d
+    except Exception:
+        pass
 
 
 class TooManyRequests(Exception):
@@ -67,13 +77,19 @@ class SerialQueue:
 
 
 class Lease:
-    """A granted request's hold on a ready model; release it exactly once."""
+    """A granted request's hold on a ready model; release it exactly once.
 
-    __slots__ = ("model_id", "upstream", "_router", "_ticket", "_released")
+    It keeps the process it was granted on: after a reload replaced the
+    model's process, the request still counts against the one it runs on."""
 
-    def __init__(self, router: Router, ticket: Ticket, upstream: bytes) -> None:
+    __slots__ = ("model_id", "upstream", "process", "_router", "_ticket", "_released")
+
+    def __init__(
+        self, router: Router, ticket: Ticket, upstream: bytes, process: ModelProcess
+    ) -> None:
         self.model_id = ticket.model
         self.upstream = upstream
+        self.process = process
         self._router = router
         self._ticket = ticket
         self._released = False
@@ -82,23 +98,36 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._router._release(self._ticket)
+        self.process.request_finished()
+        self._router.scheduler.serve_done(self._ticket)
+
+
+ProcessFactory = Callable[[ModelConfig], ModelProcess]
+
+
+def process_factory(
+    config: Config, reactor: Any, *, upstream_log: LogMonitor | None = None
+) -> ProcessFactory:
+    """Makes one :class:`ModelProcess` per model config, each with its own log."""
+    sinks = (upstream_log,) if upstream_log is not None else ()
+
+    def build(model: ModelConfig) -> ModelProcess:
+        return ModelProcess(
+            model,
+            reactor=reactor,
+            health_check_timeout=config.health_check_timeout,
+            log=LogMonitor(model.id, sinks=sinks),
+        )
+
+    return build
 
 
 def build_processes(
     config: Config, reactor: Any, *, upstream_log: LogMonitor | None = None
 ) -> dict[str, ModelProcess]:
-    """One :class:`ModelProcess` per configured model, with its own log."""
-    processes = {}
-    for model_id, model in config.models.items():
-        sinks = (upstream_log,) if upstream_log is not None else ()
-        processes[model_id] = ModelProcess(
-            model,
-            reactor=reactor,
-            health_check_timeout=config.health_check_timeout,
-            log=LogMonitor(model_id, sinks=sinks),
-        )
-    return processes
+    """One :class:`ModelProcess` per configured model."""
+    build = process_factory(config, reactor, upstream_log=upstream_log)
+    return {model_id: build(model) for model_id, model in config.models.items()}
 
 
 @implementer(IEffects)
@@ -121,6 +150,8 @@ class Router:
         self._queue_positions: dict[Ticket, int] = {}
         self._serial = SerialQueue()
         self._collected_stops: list[defer.Deferred[None]] | None = None
+        #: model id -> Deferred firing once its replaced process has stopped
+        self._retiring: dict[str, defer.Deferred[None]] = {}
         self.scheduler = Scheduler(
             self,
             planner or SingleModelPlanner(),
@@ -167,10 +198,6 @@ class Router:
     def queue_position_of(self, ticket: Ticket) -> int | None:
         return self._queue_positions.get(ticket)
 
-    def _release(self, ticket: Ticket) -> None:
-        self.processes[ticket.model].request_finished()
-        self.scheduler.serve_done(ticket)
-
     # -- IEffects -------------------------------------------------------------
 
     def grant(self, ticket: Ticket) -> bool:
@@ -178,8 +205,9 @@ class Router:
         self._queue_positions.pop(ticket, None)
         if waiter is None or waiter.called:
             return False
-        self.processes[ticket.model].request_started()
-        waiter.callback(Lease(self, ticket, self._upstreams[ticket.model]))
+        process = self.processes[ticket.model]
+        process.request_started()
+        waiter.callback(Lease(self, ticket, self._upstreams[ticket.model], process))
         return True
 
     def fail(self, ticket: Ticket, message: str) -> None:
@@ -213,6 +241,11 @@ class Router:
                 await defer.gatherResults(
                     [self.processes[m].stop(timeout) for m in sorted(evict)], consumeErrors=True
                 )
+            retiring = self._retiring.get(target)
+            if retiring is not None:
+                # A reload replaced this model: the old server still drains
+                # and holds the port; start the new one once it is gone.
+                await defer.Deferred.fromCoroutine(_quietly(retiring))
             await self.processes[target].make_ready()
         except StartError as exc:
             error = str(exc)
@@ -220,6 +253,64 @@ class Router:
             log.failure("swap to {target} failed", Failure(), target=target)
             error = str(exc) or type(exc).__name__
         self.scheduler.swap_done(target, error)
+
+    def reconfigure(
+        self,
+        config: Config,
+        build: ProcessFactory,
+        *,
+        planner: ISwapPlanner | None = None,
+        priorities: Mapping[str, int] | None = None,
+        clock: Any = None,
+    ) -> list[ModelProcess]:
+        """Adopt a reloaded configuration (SPEC decision 4).
+
+        Models whose configuration is unchanged keep their process, running
+        and serving.  Removed or changed models are retired: their process
+        stops once its in-flight requests finished (at most ``unloadTimeout``
+        later); a changed model's new process starts only after that.
+        Returns the processes created for new or changed models."""
+        created = []
+        processes: dict[str, ModelProcess] = {}
+        for model_id, model in config.models.items():
+            current = self.processes.get(model_id)
+            if current is not None and current.config == model:
+                processes[model_id] = current
+            else:
+                processes[model_id] = build(model)
+                processes[model_id].add_state_listener(self._on_state)
+                created.append(processes[model_id])
+        retired = [p for m, p in self.processes.items() if processes.get(m) is not p]
+        self.config = config
+        self.processes = processes
+        self._upstreams = {
+            model_id: model.proxy.rstrip("/").encode() for model_id, model in config.models.items()
+        }
+        self.scheduler.reconfigure(
+            {m: c.concurrency_limit for m, c in config.models.items()}, priorities, planner
+        )
+        for process in retired:
+            done = defer.Deferred.fromCoroutine(self._retire(process, clock))
+            self._retiring[process.model_id] = done
+            done.addBoth(lambda _, p=process, d=done: self._retired(p, d))
+        return created
+
+    async def _retire(self, process: ModelProcess, clock: Any) -> None:
+        timeout = process.config.unload_timeout
+        if process.in_flight and clock is not None:
+            log.info(
+                "{model}: replaced by a reload; stopping after {count} in-flight requests",
+                model=process.model_id,
+                count=process.in_flight,
+            )
+            deadline = clock.seconds() + timeout
+            while process.in_flight and clock.seconds() < deadline:
+                await task.deferLater(clock, RETIRE_POLL, lambda: None)
+        await process.stop(timeout)
+
+    def _retired(self, process: ModelProcess, done: defer.Deferred[None]) -> None:
+        if self._retiring.get(process.model_id) is done:
+            del self._retiring[process.model_id]
 
     def unload(self, models: Iterable[str] | None = None) -> defer.Deferred[None]:
         """Stop ``models`` (all when ``None``); fires once they are stopped."""
@@ -242,8 +333,11 @@ class Router:
         """Fail everything waiting and stop every process; fires when all
         children are gone."""
         self.scheduler.shutdown()
+        retiring = [_quietly(d) for d in self._retiring.values()]
         d = defer.gatherResults(
-            [p.shutdown(timeout) for p in self.processes.values()], consumeErrors=True
+            [p.shutdown(timeout) for p in self.processes.values()]
+            + [defer.Deferred.fromCoroutine(r) for r in retiring],
+            consumeErrors=True,
         )
         return d.addCallback(lambda _: None)
 

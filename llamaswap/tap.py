@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import signal
 import sys
+import threading
 from typing import Any
 
 from twisted.application import service, strports
-from twisted.internet import defer
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -16,12 +19,14 @@ from llamaswap import __version__
 from llamaswap.captures import CaptureCache
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.loader import load_config_sources
+from llamaswap.config.merge import config_dir_files
 from llamaswap.logs import LogMonitor
 from llamaswap.logsetup import set_log_level
+from llamaswap.process import ModelProcess, ProcessState, StateListener
 from llamaswap.prometheus import Metrics
 from llamaswap.proxy import UpstreamClient
 from llamaswap.recording import ActivityRecorder
-from llamaswap.router import Router, build_processes
+from llamaswap.router import Router, build_processes, process_factory
 from llamaswap.store import open_store
 from llamaswap.systemd import (
     DrainService,
@@ -137,24 +142,48 @@ def build_recorder(config: Config, reactor: Any, metrics: Metrics) -> ActivityRe
 
 
 class LlamaSwapService(service.Service):
-    """Owns the router and the model processes; stopping it stops every child."""
+    """Owns the router and the model processes; stopping it stops every child.
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    ``sources`` (config file, config dir) are re-read by :meth:`reload`."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        sources: tuple[str | None, str | None] = (None, None),
+    ) -> None:
         self.config = config
+        self._reactor = reactor
+        self.sources = sources
         self.upstream_log = LogMonitor("upstream")
-        self.processes = build_processes(config, reactor, upstream_log=self.upstream_log)
-        self.router = Router(config, self.processes)
-        self.client = UpstreamClient(reactor)
         performance = config.document.get("performance")
         disabled = isinstance(performance, dict) and performance.get("disabled") is True
         self.metrics = Metrics(system=not disabled)
-        for model_id, process in self.processes.items():
-            self.metrics.model_state(model_id, process.state.value)
-            process.add_state_listener(
-                lambda p, old, new: self.metrics.model_state(p.model_id, new.value)
-            )
+        #: called for every state change of every process, current or future
+        self.process_listeners: list[StateListener] = [
+            lambda p, old, new: self.metrics.model_state(p.model_id, new.value)
+        ]
+        processes = build_processes(config, reactor, upstream_log=self.upstream_log)
+        self.router = Router(config, processes)
+        for process in processes.values():
+            self._watch(process)
+        self.client = UpstreamClient(reactor)
         self.recorder = build_recorder(config, reactor, self.metrics)
         self.app = LlamaSwapApp(config, self.router, self.client, self.recorder)
+        self._reloading: defer.Deferred[None] | None = None
+        self._reload_again = False
+
+    @property
+    def processes(self) -> dict[str, ModelProcess]:
+        return self.router.processes
+
+    def _watch(self, process: ModelProcess) -> None:
+        self.metrics.model_state(process.model_id, process.state.value)
+        process.add_state_listener(self._notify_listeners)
+
+    def _notify_listeners(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
+        for listener in self.process_listeners:
+            listener(process, old, new)
 
     def startService(self) -> None:
         super().startService()
@@ -164,6 +193,56 @@ class LlamaSwapService(service.Service):
             count=len(self.config.models),
             models=", ".join(self.config.models),
         )
+
+    def reload(self) -> defer.Deferred[None]:
+        """Re-read the config sources and apply them (SPEC decision 4).
+
+        A reload requested while one runs is not dropped: one more reload
+        follows, so the last change always wins."""
+        if self._reloading is not None:
+            self._reload_again = True
+            return self._reloading
+        self._reloading = defer.Deferred.fromCoroutine(self._reload_until_settled())
+        return self._reloading
+
+    async def _reload_until_settled(self) -> None:
+        try:
+            while True:
+                self._reload_again = False
+                await self._reload_once()
+                if not self._reload_again:
+                    return
+        finally:
+            self._reloading = None
+
+    async def _reload_once(self) -> None:
+        path, config_dir = self.sources
+        try:
+            config = await threads.deferToThread(load_config_sources, path, config_dir)
+        except ConfigError as exc:
+            log.warn("failed to reload config; keeping the running one:")
+            for problem in exc.problems:
+                log.warn("  {problem}", problem=problem)
+            raise
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        """Switch to ``config``: unchanged models keep serving."""
+        for warning in config.warnings:
+            log.warn("config: {warning}", warning=warning)
+        build = process_factory(config, self._reactor, upstream_log=self.upstream_log)
+        created = self.router.reconfigure(config, build, clock=self._reactor)
+        for process in created:
+            self._watch(process)
+        self.app.reconfigure(config)
+        set_log_level(config.log_level)
+        kept = sorted(set(config.models) - {p.model_id for p in created})
+        log.info(
+            "config reloaded: {kept} unchanged, new or changed: {changed}",
+            kept=len(kept),
+            changed=", ".join(p.model_id for p in created) or "none",
+        )
+        self.config = config
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -176,6 +255,94 @@ class LlamaSwapService(service.Service):
         return d
 
 
+class ReloadService(service.Service):
+    """Reloads on SIGHUP and, with ``--watch-config``, when a source changes.
+
+    The watcher polls the sources' mtime and size every ``interval`` seconds
+    (from a thread: ``stat`` is file I/O); the first poll is the baseline.
+    """
+
+    name = "reload"
+
+    def __init__(
+        self,
+        core: LlamaSwapService,
+        reactor: Any,
+        *,
+        watch: bool = False,
+        interval: float = 2.0,
+        notify: SystemdNotifyService | None = None,
+    ) -> None:
+        self._core = core
+        self._reactor = reactor
+        self._watch = watch
+        self._interval = interval
+        self._notify = notify
+        self._poller: task.LoopingCall | None = None
+        self._seen: object = None
+        self._previous_handler: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        if self._watch:
+            self._poller = task.LoopingCall(self._poll)
+            self._poller.clock = self._reactor
+            self._poller.start(self._interval, now=True).addErrback(
+                lambda f: log.failure("config watcher stopped", f)
+            )
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.trigger, "SIGHUP")
+
+    def trigger(self, why: str) -> defer.Deferred[None]:
+        log.info("reloading the configuration ({why})", why=why)
+        if self._notify is not None:
+            d = self._notify.reload(self._core.reload)
+        else:
+            d = self._core.reload()
+        return d.addErrback(lambda f: None if f.check(ConfigError) else f).addErrback(
+            lambda f: log.failure("reload failed", f)
+        )
+
+    async def _poll(self) -> None:
+        path, config_dir = self._core.sources
+        current = await threads.deferToThread(_fingerprint, path, config_dir)
+        previous, self._seen = self._seen, current
+        if previous is not None and current != previous and current is not None:
+            self.trigger("a config file changed")
+
+
+def _fingerprint(path: str | None, config_dir: str | None) -> object:
+    """mtime and size of every config source; ``None`` when one is missing
+    (a rename-style write in progress: wait for the next poll)."""
+    files = []
+    if path:
+        files.append(path)
+    if config_dir:
+        try:
+            files.extend(config_dir_files(config_dir))
+        except OSError:
+            return None
+    result = []
+    for name in files:
+        try:
+            stat = os.stat(name)
+        except OSError:
+            return None
+        result.append((name, stat.st_mtime_ns, stat.st_size))
+    return tuple(result)
+
+
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
@@ -184,7 +351,7 @@ def makeService(options: Options) -> service.MultiService:
     # Stops run last-added first, one at a time: STOPPING=1, stop listening,
     # wait for in-flight requests (bounded), then stop every model process.
     top = SequentialMultiService()
-    core = LlamaSwapService(config, reactor)
+    core = LlamaSwapService(config, reactor, (options["config"], options["config-dir"]))
     core.setServiceParent(top)
     snapshot = core.router.scheduler.snapshot
     DrainService(
@@ -194,7 +361,7 @@ def makeService(options: Options) -> service.MultiService:
         reactor=reactor,
     ).setServiceParent(top)
     endpoint = options["endpoint"]
-    if not is_loopback_only(endpoint):
+    if not is_loopback_only(endpoint) and not config.api_keys:
         log.warn(
             "listening on {endpoint}: reachable from other hosts and no apiKeys are configured",
             endpoint=endpoint,
@@ -205,7 +372,7 @@ def makeService(options: Options) -> service.MultiService:
     notify = SystemdNotifyService(
         Notifier.from_environment(), reactor, lambda: running_models_status(core.processes)
     )
-    for process in core.processes.values():
-        process.add_state_listener(lambda *_: notify.update_status())
+    core.process_listeners.append(lambda *_: notify.update_status())
     notify.setServiceParent(top)
+    ReloadService(core, reactor, watch=options["watch-config"], notify=notify).setServiceParent(top)
     return top

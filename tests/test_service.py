@@ -340,64 +340,108 @@ class EndpointTests(ServiceTestCase):
         self.assertEqual(self.state("a"), ProcessState.STOPPED)
 
 
+class _Running:
+    """``python -m llamaswap`` as a child process of the test."""
+
+    def __init__(self, config_path: str, listen_port: int) -> None:
+        from twisted.internet import protocol
+
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self.output: list[bytes] = []
+        running = self
+
+        class Watch(protocol.ProcessProtocol):
+            def outReceived(self, data: bytes) -> None:
+                running.output.append(data)
+
+            errReceived = outReceived
+
+            def processEnded(self, reason: Any) -> None:
+                running.ended.callback(reason.value.exitCode)
+
+        self.transport = reactor.spawnProcess(
+            Watch(),
+            PYTHON,
+            [PYTHON, "-m", "llamaswap", "-c", config_path, "--listen", f"127.0.0.1:{listen_port}"],
+            env={**os.environ, "PYTHONPATH": REPO},
+        )
+        self.url = f"http://127.0.0.1:{listen_port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    def text(self) -> str:
+        return b"".join(self.output).decode("utf-8", "replace")
+
+    async def _healthy(self) -> bool:
+        try:
+            r = await treq.get(self.url + "/health", pool=self.pool)
+            await r.content()
+            return r.code == 200
+        except Exception:
+            return False
+
+    async def wait_up(self, timeout: float = 20) -> None:
+        deadline = reactor.seconds() + timeout
+        while not await self._healthy():
+            if reactor.seconds() > deadline or self.ended.called:
+                raise AssertionError("llamaswap did not come up:\n" + self.text())
+            await poll_until(lambda: True)
+
+
+def _config_file(test: TestCase, models: dict[str, Any]) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        json.dump({"models": models}, f)
+    test.addCleanup(os.unlink, f.name)
+    return f.name
+
+
 class CommandLineTests(TestCase):
     timeout = 60
 
     async def test_sigterm_leaves_no_descendants(self) -> None:
         """SIGTERM to a running ``llamaswap`` stops every child and
         grandchild, then the service exits 0."""
-        import tempfile
-
-        model_port, listen_port = free_port(), free_port()
-        config = {"models": {"a": responder_model(model_port, "--spawn-grandchild")}}
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            json.dump(config, f)
-        self.addCleanup(os.unlink, f.name)
-        from twisted.internet import protocol
-
-        ended: defer.Deferred[int] = defer.Deferred()
-        output: list[bytes] = []
-
-        class Watch(protocol.ProcessProtocol):
-            def outReceived(self, data: bytes) -> None:
-                output.append(data)
-
-            errReceived = outReceived
-
-            def processEnded(self, reason: Any) -> None:
-                ended.callback(reason.value.exitCode)
-
-        transport = reactor.spawnProcess(
-            Watch(),
-            PYTHON,
-            [PYTHON, "-m", "llamaswap", "-c", f.name, "--listen", f"127.0.0.1:{listen_port}"],
-            env={**os.environ, "PYTHONPATH": REPO},
-        )
-        url = f"http://127.0.0.1:{listen_port}"
-        pool = HTTPConnectionPool(reactor, persistent=False)
-
-        async def up() -> bool:
-            try:
-                r = await treq.get(url + "/health", pool=pool)
-                await r.content()
-                return r.code == 200
-            except Exception:
-                return False
-
-        deadline = reactor.seconds() + 20
-        while not await up():
-            self.assertLess(reactor.seconds(), deadline, b"".join(output).decode())
-            await poll_until(lambda: True)
-        response = await treq.get(url + "/upstream/a/health", pool=pool)
+        path = _config_file(self, {"a": responder_model(free_port(), "--spawn-grandchild")})
+        running = _Running(path, free_port())
+        await running.wait_up()
+        response = await treq.get(running.url + "/upstream/a/health", pool=running.pool)
         await response.content()
-        running = await (await treq.get(url + "/running", pool=pool)).json()
-        self.assertEqual(running["running"][0]["state"], "ready")
-        descendants = _descendants(transport.pid)
+        status = await (await treq.get(running.url + "/running", pool=running.pool)).json()
+        self.assertEqual(status["running"][0]["state"], "ready")
+        descendants = _descendants(running.transport.pid)
         self.assertGreaterEqual(len(descendants), 2, descendants)
-        transport.signalProcess(signal.SIGTERM)
-        code = await ended
-        self.assertEqual(code, 0, b"".join(output).decode())
+        running.transport.signalProcess(signal.SIGTERM)
+        code = await running.ended
+        self.assertEqual(code, 0, running.text())
         await poll_until(lambda: not any(pid_alive(p) for p in descendants), timeout=5)
+
+    async def test_sighup_reloads(self) -> None:
+        """SIGHUP re-reads the config file: a model added to it is listed."""
+        path = _config_file(self, {"a": responder_model(free_port())})
+        running = _Running(path, free_port())
+        self.addCleanup(lambda: running.ended)
+        self.addCleanup(running.transport.signalProcess, signal.SIGTERM)
+        await running.wait_up()
+        with open(path, "w") as f:
+            json.dump(
+                {"models": {"a": responder_model(free_port()), "b": responder_model(free_port())}},
+                f,
+            )
+        running.transport.signalProcess(signal.SIGHUP)
+
+        listed: list[str] = []
+
+        async def models() -> None:
+            page = await (await treq.get(running.url + "/v1/models", pool=running.pool)).json()
+            listed[:] = [m["id"] for m in page["data"]]
+
+        deadline = reactor.seconds() + 10
+        while listed != ["a", "b"]:
+            self.assertLess(reactor.seconds(), deadline, running.text())
+            await models()
+            await poll_until(lambda: True)
+        self.assertIn("config reloaded", running.text())
 
 
 def _descendants(root: int) -> list[int]:
@@ -722,3 +766,93 @@ class ActivityTests(ServiceTestCase):
             if n == "llamaswap_api_key_tokens_total" and ("key", "key-0") in labels
         ]
         self.assertGreater(sum(spent), 0)
+
+
+class ReloadTests(ServiceTestCase):
+    async def start_from_file(self, models: dict[str, Any]) -> str:
+        import tempfile
+
+        handle, path = tempfile.mkstemp(suffix=".yaml")
+        os.close(handle)
+        self.addCleanup(os.unlink, path)
+        self.write(path, models)
+        await self.start(models)
+        self.service.sources = (path, None)
+        return path
+
+    def write(self, path: str, models: dict[str, Any]) -> None:
+        with open(path, "w") as f:
+            json.dump({"healthCheckTimeout": 15, "models": models}, f)
+
+    async def test_unchanged_model_keeps_streaming_through_reload(self) -> None:
+        """A reload keeps an unchanged model's process and its live stream;
+        a removed model is stopped and unknown; an added one works."""
+        a, b = responder_model(free_port()), responder_model(free_port())
+        path = await self.start_from_file({"a": a, "b": b})
+        await (await self.chat("b")).content()
+        old_b = self.router.processes["b"]
+        stream = await treq.get(
+            self.url + "/upstream/a/slow?chunks=30&delay=0.03", pool=self.pool, unbuffered=True
+        )
+        pid_a = self.router.processes["a"].pid
+        self.write(path, {"a": a, "c": responder_model(free_port())})
+        await self.service.reload()
+        body = await stream.content()
+        self.assertEqual(body.count(b"chunk"), 30)
+        self.assertEqual(self.router.processes["a"].pid, pid_a)
+        self.assertEqual(self.state("a"), ProcessState.READY)
+        response = await self.chat("b")
+        self.assertEqual(response.code, 404)
+        await response.content()
+        response = await self.chat("c")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        await poll_until(lambda: old_b.state is ProcessState.STOPPED)
+        await self.settled()
+
+    async def test_changed_model_drains_then_restarts(self) -> None:
+        """A changed model finishes its in-flight stream on the old process,
+        which then stops; the next request starts the new configuration."""
+        port = free_port()
+        path = await self.start_from_file({"a": responder_model(port)})
+        stream = await treq.get(
+            self.url + "/upstream/a/slow?chunks=20&delay=0.03", pool=self.pool, unbuffered=True
+        )
+        old = self.router.processes["a"]
+        self.write(path, {"a": responder_model(port, "--print", "second-config")})
+        await self.service.reload()
+        self.assertIsNot(self.router.processes["a"], old)
+        body = await stream.content()
+        self.assertEqual(body.count(b"chunk"), 20)
+        await poll_until(lambda: old.state is ProcessState.STOPPED)
+        response = await self.chat("a")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        self.assertIn(b"second-config", self.router.processes["a"].log.history())
+        await self.settled()
+
+    async def test_invalid_config_keeps_the_old_one(self) -> None:
+        """A reload with errors is rejected; the running config stays."""
+        from llamaswap.config import ConfigError
+
+        path = await self.start_from_file({"a": responder_model(free_port())})
+        with open(path, "w") as f:
+            f.write("models:\n  a:\n    ttl: -3\n")
+        with self.assertRaises(ConfigError):
+            await self.service.reload()
+        self.assertIn("a", self.service.config.models)
+        response = await self.chat("a")
+        self.assertEqual(response.code, 200)
+        await response.content()
+
+    async def test_overlapping_reloads_coalesce(self) -> None:
+        """A reload asked for while one runs is queued, not dropped: the
+        last written config wins."""
+        path = await self.start_from_file({"a": responder_model(free_port())})
+        self.write(path, {"a": responder_model(free_port()), "b": responder_model(free_port())})
+        first = self.service.reload()
+        self.write(path, {"a": responder_model(free_port()), "z": responder_model(free_port())})
+        second = self.service.reload()
+        await first
+        await second
+        self.assertEqual(sorted(self.service.config.models), ["a", "z"])

@@ -201,6 +201,43 @@ class Scheduler:
         targets = frozenset(self._limits if models is None else models).intersection(self._limits)
         self._run(lambda: self._on_unload(targets))
 
+    def reconfigure(
+        self,
+        limits: Mapping[str, int],
+        priorities: Mapping[str, int] | None = None,
+        planner: ISwapPlanner | None = None,
+    ) -> None:
+        """Adopt a reloaded configuration.  Waiting and queued requests for
+        models that are gone fail; in-flight ones finish and are counted down
+        as usual.  Models that stay keep their queue places and counts."""
+        if any(limit < 1 for limit in limits.values()):
+            raise ValueError(f"concurrency limits must be >= 1: {dict(limits)!r}")
+        self._run(lambda: self._on_reconfigure(limits, priorities, planner))
+
+    def _on_reconfigure(
+        self,
+        limits: Mapping[str, int],
+        priorities: Mapping[str, int] | None,
+        planner: ISwapPlanner | None,
+    ) -> None:
+        removed = frozenset(self._limits) - frozenset(limits)
+        message = f"{self.name}: model removed by a configuration reload"
+        for target in sorted(removed & self._swaps.keys()):
+            self._forget_swap(target, message)
+        kept = []
+        for ticket in self._queue:
+            if ticket.model in removed:
+                self._fail(ticket, message)
+            else:
+                kept.append(ticket)
+        self._queue = kept
+        self._limits = MappingProxyType(dict(limits))
+        if priorities is not None:
+            self._priorities = MappingProxyType(dict(priorities))
+        if planner is not None:
+            self._planner = planner
+        self._drain()
+
     def shutdown(self) -> None:
         """Fail every waiting and queued request; refuse new ones."""
         self._closing = True

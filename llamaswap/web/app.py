@@ -126,6 +126,11 @@ class LlamaSwapApp:
         self.recorder = recorder
         self.api_keys = ApiKeys(config.api_keys)
 
+    def reconfigure(self, config: Config) -> None:
+        """Serve ``config`` from the next request on."""
+        self.config = config
+        self.api_keys = ApiKeys(config.api_keys)
+
     def authorize(self, request: Any) -> bool:
         """Check the request's API key when keys are configured.
 
