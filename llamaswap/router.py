@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llamaswap.config import Config, ModelConfig
-from llamaswap.logs import LogMonitor
+from llamaswap.logs import LogHub, LogMonitor
 from llamaswap.process import ModelProcess, ProcessState, StartError
 from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, SingleModelPlanner, Ticket
 
@@ -105,28 +105,26 @@ class Lease:
 ProcessFactory = Callable[[ModelConfig], ModelProcess]
 
 
-def process_factory(
-    config: Config, reactor: Any, *, upstream_log: LogMonitor | None = None
-) -> ProcessFactory:
-    """Makes one :class:`ModelProcess` per model config, each with its own log."""
-    sinks = (upstream_log,) if upstream_log is not None else ()
+def process_factory(config: Config, reactor: Any, *, logs: LogHub | None = None) -> ProcessFactory:
+    """Makes one :class:`ModelProcess` per model config, each with its own log
+    (the hub's per-model monitor when given)."""
 
     def build(model: ModelConfig) -> ModelProcess:
         return ModelProcess(
             model,
             reactor=reactor,
             health_check_timeout=config.health_check_timeout,
-            log=LogMonitor(model.id, sinks=sinks),
+            log=logs.model(model.id) if logs is not None else LogMonitor(model.id),
         )
 
     return build
 
 
 def build_processes(
-    config: Config, reactor: Any, *, upstream_log: LogMonitor | None = None
+    config: Config, reactor: Any, *, logs: LogHub | None = None
 ) -> dict[str, ModelProcess]:
     """One :class:`ModelProcess` per configured model."""
-    build = process_factory(config, reactor, upstream_log=upstream_log)
+    build = process_factory(config, reactor, logs=logs)
     return {model_id: build(model) for model_id, model in config.models.items()}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import defer, task, threads
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from llamaswap import __version__
@@ -20,7 +20,14 @@ from llamaswap.captures import CaptureCache
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.loader import load_config_sources
 from llamaswap.config.merge import config_dir_files
-from llamaswap.logs import LogMonitor
+from llamaswap.events import (
+    EventBus,
+    bridge_logs,
+    model_status_records,
+    ui_config_payload,
+)
+from llamaswap.inflight import InflightTracker
+from llamaswap.logs import LogHub, write_stdout
 from llamaswap.logsetup import set_log_level
 from llamaswap.process import ModelProcess, ProcessState, StateListener
 from llamaswap.prometheus import Metrics
@@ -38,6 +45,7 @@ from llamaswap.systemd import (
 )
 from llamaswap.web.app import LlamaSwapApp
 from llamaswap.web.site import LlamaSwapSite
+from llamaswap.web.streams import streams_resource
 
 log = Logger()
 
@@ -122,7 +130,9 @@ def load_or_exit(path: str | None, config_dir: str | None = None) -> Config:
     return config
 
 
-def build_recorder(config: Config, reactor: Any, metrics: Metrics) -> ActivityRecorder:
+def build_recorder(
+    config: Config, reactor: Any, metrics: Metrics, bus: EventBus | None = None
+) -> ActivityRecorder:
     """The activity store (``store.path`` SQLite file, else the in-memory ring
     of ``metricsMaxInMemory`` rows) and capture cache (``captureBuffer`` MiB
     of compressed captures; 0 disables)."""
@@ -138,7 +148,8 @@ def build_recorder(config: Config, reactor: Any, metrics: Metrics) -> ActivityRe
             store = open_store(document, reactor, captures.has)
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
-    return ActivityRecorder(reactor, store, captures, metrics)
+    on_entry = (lambda entry: bus.activity(entry.id)) if bus is not None else None
+    return ActivityRecorder(reactor, store, captures, metrics, on_entry)
 
 
 class LlamaSwapService(service.Service):
@@ -155,23 +166,48 @@ class LlamaSwapService(service.Service):
         self.config = config
         self._reactor = reactor
         self.sources = sources
-        self.upstream_log = LogMonitor("upstream")
+        self._stdout_subscription: Any = None
+        document = config.document
+        self.logs = LogHub(
+            str(document.get("logToStdout") or "proxy"),
+            None,
+            str(document.get("logTimeFormat") or ""),
+        )
+        self.bus = EventBus()
+        self._stop_bridge = bridge_logs(self.logs, self.bus)
+        self._log_observer = self.logs.proxy_observer(config.log_level)
+        self.inflight = InflightTracker(reactor, self.bus)
         performance = config.document.get("performance")
         disabled = isinstance(performance, dict) and performance.get("disabled") is True
         self.metrics = Metrics(system=not disabled)
         #: called for every state change of every process, current or future
         self.process_listeners: list[StateListener] = [
-            lambda p, old, new: self.metrics.model_state(p.model_id, new.value)
+            lambda p, old, new: self.metrics.model_state(p.model_id, new.value),
+            lambda p, old, new: self.bus.model_status(self.model_status()),
         ]
-        processes = build_processes(config, reactor, upstream_log=self.upstream_log)
+        processes = build_processes(config, reactor, logs=self.logs)
         self.router = Router(config, processes)
         for process in processes.values():
             self._watch(process)
         self.client = UpstreamClient(reactor)
-        self.recorder = build_recorder(config, reactor, self.metrics)
+        self.recorder = build_recorder(config, reactor, self.metrics, self.bus)
         self.app = LlamaSwapApp(config, self.router, self.client, self.recorder)
+        self.app.inflight = self.inflight
+        self.app.streams = streams_resource(
+            self.logs,
+            self.bus,
+            model_status=self.model_status,
+            inflight=self.inflight,
+            ui_config=lambda: ui_config_payload(self.config.document),
+            active_profile=lambda: None,
+            resolve_model=lambda name: self.config.resolve(name),
+            clock=reactor,
+        )
         self._reloading: defer.Deferred[None] | None = None
         self._reload_again = False
+
+    def model_status(self) -> list[dict[str, Any]]:
+        return model_status_records(self.config, self.router.processes)
 
     @property
     def processes(self) -> dict[str, ModelProcess]:
@@ -181,12 +217,17 @@ class LlamaSwapService(service.Service):
         self.metrics.model_state(process.model_id, process.state.value)
         process.add_state_listener(self._notify_listeners)
 
-    def _notify_listeners(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
+    def _notify_listeners(
+        self, process: ModelProcess, old: ProcessState, new: ProcessState
+    ) -> None:
         for listener in self.process_listeners:
             listener(process, old, new)
 
     def startService(self) -> None:
         super().startService()
+        globalLogPublisher.addObserver(self._log_observer)
+        if self.logs.log_to_stdout in ("upstream", "both"):
+            self._stdout_subscription = self.logs.upstream.subscribe(write_stdout)
         log.info(
             "llamaswap {version} managing {count} models: {models}",
             version=__version__,
@@ -230,12 +271,15 @@ class LlamaSwapService(service.Service):
         """Switch to ``config``: unchanged models keep serving."""
         for warning in config.warnings:
             log.warn("config: {warning}", warning=warning)
-        build = process_factory(config, self._reactor, upstream_log=self.upstream_log)
+        build = process_factory(config, self._reactor, logs=self.logs)
         created = self.router.reconfigure(config, build, clock=self._reactor)
         for process in created:
             self._watch(process)
         self.app.reconfigure(config)
         set_log_level(config.log_level)
+        self.logs.set_log_level(config.log_level)
+        self.logs.set_time_format(str(config.document.get("logTimeFormat") or ""))
+        self.logs.retain_models(config.models)
         kept = sorted(set(config.models) - {p.model_id for p in created})
         log.info(
             "config reloaded: {kept} unchanged, new or changed: {changed}",
@@ -243,16 +287,29 @@ class LlamaSwapService(service.Service):
             changed=", ".join(p.model_id for p in created) or "none",
         )
         self.config = config
+        self.bus.model_status(self.model_status())
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        # Long-lived streams first, so nothing waits on them (as llama-swap).
+        self.app.streams.close_all()
+        self.inflight.close()
         log.info("stopping every model process")
         timeout = max([m.unload_timeout for m in self.config.models.values()] or [10])
         d = self.router.shutdown(timeout)
         d.addBoth(lambda _: self.client.close())
         d.addBoth(lambda _: self.recorder.store.close())
         d.addCallback(lambda _: log.info("shutdown complete"))
+        d.addBoth(self._stop_logging)
         return d
+
+    def _stop_logging(self, result: object) -> object:
+        self._stop_bridge()
+        self.bus.close()
+        if self._stdout_subscription is not None:
+            self._stdout_subscription.close()
+        globalLogPublisher.removeObserver(self._log_observer)
+        return result
 
 
 class ReloadService(service.Service):

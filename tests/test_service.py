@@ -856,3 +856,88 @@ class ReloadTests(ServiceTestCase):
         await first
         await second
         self.assertEqual(sorted(self.service.config.models), ["a", "z"])
+
+
+class ObservabilityTests(ServiceTestCase):
+    async def test_events_report_state_changes_live(self) -> None:
+        """/api/events sends the initial burst, then modelStatus events as a
+        model starts and becomes ready, and an activity event."""
+        await self.start({"a": responder_model(free_port())})
+        response = await treq.get(self.url + "/api/events", pool=self.pool, unbuffered=True)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        received: list[bytes] = []
+        collecting = treq.collect(response, received.append)
+        collecting.addErrback(lambda f: None)
+
+        def events() -> list[dict[str, Any]]:
+            out = []
+            for block in b"".join(received).split(b"\n\n"):
+                for line in block.split(b"\n"):
+                    if line.startswith(b"data:"):
+                        out.append(json.loads(line[5:]))
+            return out
+
+        await poll_until(lambda: any(e["type"] == "inflight" for e in events()))
+        kinds = [e["type"] for e in events()]
+        self.assertEqual(
+            kinds[:6],
+            ["logData", "logData", "modelStatus", "uiConfig", "profileChanged", "inflight"],
+        )
+        await (await self.chat("a")).content()
+
+        def states() -> list[str]:
+            return [
+                json.loads(e["data"])[0]["state"] for e in events() if e["type"] == "modelStatus"
+            ]
+
+        await poll_until(lambda: "ready" in states())
+        self.assertIn("starting", states())
+        await poll_until(lambda: any(e["type"] == "activity" for e in events()))
+        collecting.cancel()
+        response.original._transport.loseConnection()
+
+    async def test_model_log_stream_and_access_log(self) -> None:
+        """/logs/stream/<model> tails the model's output; /logs holds the
+        proxy's access-log lines."""
+        await self.start({"org/m": responder_model(free_port(), "--print", "hello-from-model")})
+        await (await self.chat("org/m")).content()
+        response = await treq.get(self.url + "/logs/stream/org/m", pool=self.pool, unbuffered=True)
+        received: list[bytes] = []
+        collecting = treq.collect(response, received.append)
+        collecting.addErrback(lambda f: None)
+        await poll_until(lambda: b"hello-from-model" in b"".join(received))
+        collecting.cancel()
+        response.original._transport.loseConnection()
+        history = await (await treq.get(self.url + "/logs", pool=self.pool)).text()
+        self.assertIn('Request 127.0.0.1 "POST /v1/chat/completions HTTP/1.1" 200', history)
+        bad = await treq.get(self.url + "/logs/stream/nope", pool=self.pool)
+        self.assertEqual(bad.code, 400)
+        await bad.content()
+
+    async def test_inflight_list_and_cancel(self) -> None:
+        """A streaming request appears in /api/inflight and cancelling it
+        ends the client's response and frees the slot."""
+        await self.start({"a": responder_model(free_port())})
+        stream = await treq.get(
+            self.url + "/upstream/a/slow?chunks=200&delay=0.05", pool=self.pool, unbuffered=True
+        )
+        listing: list[dict[str, Any]] = []
+
+        async def refresh() -> None:
+            listing[:] = await (await treq.get(self.url + "/api/inflight", pool=self.pool)).json()
+
+        await refresh()
+        self.assertEqual(
+            [(e["model"], e["req_path"]) for e in listing], [("a", "/upstream/a/slow")]
+        )
+        response = await treq.post(
+            self.url + f"/api/inflight/{listing[0]['id']}/cancel", pool=self.pool
+        )
+        self.assertEqual(await response.json(), {"msg": "ok"})
+        from twisted.web.client import ResponseFailed
+
+        with self.assertRaises(ResponseFailed):  # a truncated stream, not a clean end
+            await stream.content()
+        await self.settled()
+        await refresh()
+        self.assertEqual(listing, [])

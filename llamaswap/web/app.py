@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -24,6 +25,7 @@ from llamaswap import __version__
 from llamaswap.activity import activity_page_json, narrow_accept_encoding, parse_activity_query
 from llamaswap.config import Config
 from llamaswap.filters import apply_filters
+from llamaswap.inflight import InflightEntry, InflightTracker
 from llamaswap.process import ProcessState
 from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
 from llamaswap.recording import RECORDED_PATHS, ActivityRecorder, Recording
@@ -33,8 +35,11 @@ from llamaswap.web.auth import ApiKeys, find_credential, unauthorized
 from llamaswap.web.cors import preflight
 from llamaswap.web.errors import render_error, write_error, write_too_many
 from llamaswap.web.extract import extract_model, replace_multipart_model
+from llamaswap.web.streams import StreamsResource
 
 log = Logger()
+
+ResponseHook = Callable[[Any], Callable[[bytes], None] | None]
 
 _POST = frozenset({b"POST"})
 _GET = frozenset({b"GET", b"HEAD"})
@@ -125,6 +130,9 @@ class LlamaSwapApp:
         self.client = client
         self.recorder = recorder
         self.api_keys = ApiKeys(config.api_keys)
+        #: ``/logs*``, ``/api/events``, ``/api/inflight*`` (set by the service)
+        self.streams: StreamsResource | None = None
+        self.inflight: InflightTracker | None = None
 
     def reconfigure(self, config: Config) -> None:
         """Serve ``config`` from the next request on."""
@@ -228,7 +236,16 @@ class LlamaSwapApp:
         body: bytes,
         recording: Recording | None = None,
     ) -> object:
-        d = defer.Deferred.fromCoroutine(self._serve(request, model_id, target, body, recording))
+        entry = None
+        if self.inflight is not None:
+            entry = self.inflight.add(
+                model_id, request.path, request.method, request.requestHeaders, _client_ip(request)
+            )
+        d = defer.Deferred.fromCoroutine(
+            self._serve(request, model_id, target, body, recording, entry)
+        )
+        if entry is not None:
+            entry.set_canceller(d.cancel)
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addErrback(self._serve_failed, request)
         return NOT_DONE_YET
@@ -240,13 +257,40 @@ class LlamaSwapApp:
         target: bytes,
         body: bytes,
         recording: Recording | None,
+        entry: InflightEntry | None,
     ) -> None:
         error = "client disconnected"
         try:
-            error = await self._acquire_and_forward(request, model_id, target, body, recording)
+            error = await self._acquire_and_forward(
+                request, model_id, target, body, self._response_hook(recording, entry)
+            )
         finally:
             if recording is not None:
                 recording.finish(status=request.code, error=error)
+            if entry is not None and self.inflight is not None:
+                self.inflight.remove(entry)
+
+    def _response_hook(
+        self, recording: Recording | None, entry: InflightEntry | None
+    ) -> ResponseHook | None:
+        """What sees the upstream response: the activity recording and the
+        in-flight list (response headers, byte counts)."""
+        inflight = self.inflight
+        if entry is None or inflight is None:
+            return recording.on_response if recording is not None else None
+
+        def on_response(response: Any) -> Callable[[bytes], None]:
+            inflight.response_started(entry, response.headers)
+            observe = recording.on_response(response) if recording is not None else None
+
+            def chunk(data: bytes) -> None:
+                inflight.add_bytes(entry, len(data))
+                if observe is not None:
+                    observe(data)
+
+            return chunk
+
+        return on_response
 
     async def _acquire_and_forward(
         self,
@@ -254,7 +298,7 @@ class LlamaSwapApp:
         model_id: str,
         target: bytes,
         body: bytes,
-        recording: Recording | None,
+        on_response: ResponseHook | None,
     ) -> str:
         """Wait for the model and relay the request.  Returns the error text
         for the activity row when no upstream response arrived ("" if one did)."""
@@ -278,7 +322,7 @@ class LlamaSwapApp:
                 client_ip=_client_ip(request),
                 drop=(carried,) if carried else (),
             )
-            if recording is not None and headers.hasHeader(b"accept-encoding"):
+            if on_response is not None and headers.hasHeader(b"accept-encoding"):
                 wanted = b", ".join(headers.getRawHeaders(b"accept-encoding", []))
                 headers.setRawHeaders(b"accept-encoding", [narrow_accept_encoding(wanted) or b""])
             try:
@@ -287,7 +331,7 @@ class LlamaSwapApp:
                     lease.upstream + target,
                     headers=headers,
                     body=body,
-                    on_response=recording.on_response if recording is not None else None,
+                    on_response=on_response,
                 )
             except UpstreamUnavailable as exc:
                 log.warn(
@@ -304,6 +348,12 @@ class LlamaSwapApp:
 
     def _serve_failed(self, failure: Failure, request: Any) -> None:
         if failure.check(defer.CancelledError):
+            # Cancelled while the client is still there: POST /api/inflight/{id}/cancel.
+            if not request.finished and not request._disconnected:
+                if request.startedWriting:
+                    request.loseConnection()  # the client sees a truncated response
+                else:
+                    write_error(request, 503, "request cancelled")
             return
         log.failure("error while serving {uri}", failure, uri=request.uri)
         write_error(request, 500, f"unspecific error: {failure.getErrorMessage()}")
@@ -496,4 +546,7 @@ class _Root(Resource):
             return self._app.handle_inference(request, upstream_path)
         if path.startswith(b"/upstream/"):
             return self._app.handle_upstream(request)
+        streams = self._app.streams
+        if streams is not None and streams.handles(path):
+            return streams.render(request)
         return self._klein.render(request)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from io import BytesIO
+from typing import Any
 
+from twisted.logger import Logger
 from twisted.web.server import Request, Site
+
+from llamaswap.logs import request_access_line
+
+log = Logger()
 
 
 class LlamaSwapRequest(Request):
@@ -15,10 +22,23 @@ class LlamaSwapRequest(Request):
     the reactor.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received_at = time.monotonic()
+
     def gotLength(self, length: int | None) -> None:
         self.content = BytesIO()
 
 
 class LlamaSwapSite(Site):
+    """Serves llamaswap with llama-swap's access-log line format."""
+
     requestFactory = LlamaSwapRequest
     displayTracebacks = False
+
+    def log(self, request: Any) -> None:
+        started = getattr(request, "received_at", None)
+        duration = time.monotonic() - started if started is not None else 0.0
+        line = request_access_line(request, duration=duration)
+        if line is not None:
+            log.info("{access_line}", access_line=line)
