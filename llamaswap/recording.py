@@ -76,8 +76,10 @@ class Recording:
         req_body: bytes,
         started: float,
         api_key_index: int | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         self._recorder = recorder
+        self.metadata = metadata
         self.api_key_index = api_key_index
         self.first_byte: float | None = None
         self.model = model
@@ -148,6 +150,7 @@ class ActivityRecorder:
         req_headers: Headers,
         req_body: bytes,
         api_key_index: int | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> Recording:
         return Recording(
             self,
@@ -157,6 +160,7 @@ class ActivityRecorder:
             req_body=req_body,
             started=self._clock.seconds(),
             api_key_index=api_key_index,
+            metadata=metadata,
         )
 
     def _record(self, recording: Recording, status: int | None, error: str) -> None:
@@ -194,6 +198,7 @@ class ActivityRecorder:
             usage=usage,
             wall_ms=wall_ms,
             timestamp=recording.started,
+            metadata=recording.metadata,
         )
         d.addCallback(self._stored, recording, code)
         d.addErrback(lambda f: log.failure("could not record activity", f))

@@ -191,7 +191,8 @@ class LlamaSwapService(service.Service):
             self._watch(process)
         self.client = UpstreamClient(reactor)
         self.recorder = build_recorder(config, reactor, self.metrics, self.bus)
-        self.app = LlamaSwapApp(config, self.router, self.client, self.recorder)
+        self.app = LlamaSwapApp(config, self.router, self.client, self.recorder, reactor)
+        self.app.on_profile_changed = self._profile_changed
         self.app.inflight = self.inflight
         self.app.streams = streams_resource(
             self.logs,
@@ -199,12 +200,16 @@ class LlamaSwapService(service.Service):
             model_status=self.model_status,
             inflight=self.inflight,
             ui_config=lambda: ui_config_payload(self.config.document),
-            active_profile=lambda: None,
+            active_profile=lambda: self.app.profile_state.active,
             resolve_model=lambda name: self.config.resolve(name),
             clock=reactor,
         )
         self._reloading: defer.Deferred[None] | None = None
         self._reload_again = False
+
+    def _profile_changed(self, active: str | None) -> None:
+        self.bus.profile_changed(active)
+        self.bus.model_status(self.model_status())
 
     def model_status(self) -> list[dict[str, Any]]:
         return model_status_records(self.config, self.router.processes)
@@ -298,6 +303,7 @@ class LlamaSwapService(service.Service):
         timeout = max([m.unload_timeout for m in self.config.models.values()] or [10])
         d = self.router.shutdown(timeout)
         d.addBoth(lambda _: self.client.close())
+        d.addBoth(lambda _: self.app.close())
         d.addBoth(lambda _: self.recorder.store.close())
         d.addCallback(lambda _: log.info("shutdown complete"))
         d.addBoth(self._stop_logging)

@@ -502,6 +502,7 @@ def _build(raw: dict[str, Any]) -> Config:
 
     models, aliases = _register_aliases(models, models_doc, report)
     report.errors.extend(validate_api_keys(expanded.get("apiKeys")))
+    _check_sections(expanded, models, aliases, report)
     if report.errors:
         raise ConfigError(report.errors)
     return Config(
@@ -518,6 +519,23 @@ def _build(raw: dict[str, Any]) -> Config:
         warnings=tuple(report.warnings),
         document=MappingProxyType(expanded),
     )
+
+
+def _check_sections(
+    document: Mapping[str, Any],
+    models: Mapping[str, ModelConfig],
+    aliases: Mapping[str, str],
+    report: _Report,
+) -> None:
+    """Validate the sections later features read: peers, profiles, selectors."""
+    from llamaswap.peers import peer_warnings, read_peers
+    from llamaswap.profiles import profile_warnings, read_profiles
+
+    peers, problems = read_peers(document, models.keys(), aliases)
+    report.errors.extend(problems)
+    _, problems = read_profiles(document, models.keys(), aliases, peers, lambda ids: True)
+    report.errors.extend(problems)
+    report.warnings.extend(peer_warnings(document) + profile_warnings(document))
 
 
 def _prepare_model(entry: dict[str, Any]) -> dict[str, Any]:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -26,7 +28,30 @@ from llamaswap.activity import activity_page_json, narrow_accept_encoding, parse
 from llamaswap.config import Config
 from llamaswap.filters import apply_filters
 from llamaswap.inflight import InflightEntry, InflightTracker
+from llamaswap.peers import (
+    PeerTarget,
+    peer_model_records,
+    peer_url,
+    peers_from_config,
+    prepare_peer_request,
+    rewrite_request_model,
+)
 from llamaswap.process import ProcessState
+from llamaswap.profiles import (
+    NoModelIdentified,
+    ProfileRequestError,
+    ProfileState,
+    SelectorRuntime,
+    SelectorUnavailable,
+    UnknownProfile,
+    parse_activate_body,
+    profile_model_records,
+    profiles_from_config,
+    profiles_json,
+    resolve_request,
+    rewrite_upstream_path,
+    selector_model_records,
+)
 from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
 from llamaswap.recording import RECORDED_PATHS, ActivityRecorder, Recording
 from llamaswap.router import RequestFailed, Router, TooManyRequests
@@ -113,6 +138,31 @@ def _json(request: Any, payload: object, status: int = 200) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class _Local:
+    """A request for a local model: wait for it, then relay to ``target``."""
+
+    model_id: str
+    target: bytes
+
+    @property
+    def name(self) -> str:
+        return self.model_id
+
+
+@dataclass(frozen=True)
+class _Remote:
+    """A request for a peer's model, ready to send."""
+
+    target: PeerTarget
+    url: bytes
+    headers: Headers
+
+    @property
+    def name(self) -> str:
+        return self.target.fqn
+
+
 class LlamaSwapApp:
     """Request handling for one configuration."""
 
@@ -124,6 +174,7 @@ class LlamaSwapApp:
         router: Router,
         client: UpstreamClient,
         recorder: ActivityRecorder | None = None,
+        reactor: Any = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -133,11 +184,38 @@ class LlamaSwapApp:
         #: ``/logs*``, ``/api/events``, ``/api/inflight*`` (set by the service)
         self.streams: StreamsResource | None = None
         self.inflight: InflightTracker | None = None
+        #: called with the new active profile name (set by the service)
+        self.on_profile_changed: Callable[[str | None], None] | None = None
+        self._reactor = reactor
+        self._peer_clients: dict[str, UpstreamClient] = {}
+        self._set_routing(config)
+
+    def _set_routing(self, config: Config) -> None:
+        """Peers, profiles and selectors of ``config`` (a reload starts with
+        no profile active, as in llama-swap)."""
+        self.peers = peers_from_config(config)
+        self.profiles = profiles_from_config(config, self.peers, lambda ids: True)
+        self.profile_state = ProfileState(self.profiles.profiles)
+        self.selectors = SelectorRuntime(self.profiles.selectors)
+        if self._reactor is not None:
+            for peer_id, peer in self.peers.peers.items():
+                if peer_id not in self._peer_clients:
+                    self._peer_clients[peer_id] = UpstreamClient(
+                        self._reactor,
+                        connect_timeout=peer.timeouts.connect or 30,
+                        idle_timeout=peer.timeouts.idle_conn,
+                    )
 
     def reconfigure(self, config: Config) -> None:
         """Serve ``config`` from the next request on."""
         self.config = config
         self.api_keys = ApiKeys(config.api_keys)
+        self._set_routing(config)
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the peers' pooled connections."""
+        closing = [client.close() for client in self._peer_clients.values()]
+        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 
     def authorize(self, request: Any) -> bool:
         """Check the request's API key when keys are configured.
@@ -161,6 +239,10 @@ class LlamaSwapApp:
 
     # -- model-dispatched requests -------------------------------------------
 
+    def _state_of(self, model_id: str) -> str:
+        process = self.router.processes.get(model_id)
+        return process.state.value if process is not None else "stopped"
+
     def handle_inference(self, request: Any, upstream_path: bytes) -> object:
         body = request.content.read() if request.content is not None else b""
         query = _query_of(request.uri)
@@ -168,24 +250,73 @@ class LlamaSwapApp:
         extracted = extract_model(request.method, ctype, body, parse_qs(query) if query else {})
         if not extracted.model:
             return render_error(request, 404, "no model id could be identified")
-        model_id = self.config.resolve(extracted.model)
+        try:
+            route = resolve_request(
+                extracted.model,
+                local=self.config.resolve,
+                peers=self.peers,
+                profile=self.profile_state,
+                selectors=self.selectors,
+                state_of=self._state_of,
+            )
+        except NoModelIdentified as exc:
+            return render_error(request, 404, str(exc))
+        except SelectorUnavailable as exc:
+            return render_error(request, 503, str(exc))
+        if route.reservation is not None:
+            reservation = route.reservation
+            request.notifyFinish().addBoth(lambda _: reservation.release())
+        if route.requested != extracted.model:
+            body, query = rewrite_request_model(body, ctype, request.method, query, route.requested)
+        metadata = {"selector": route.selector} if route.selector else None
+        if route.peer is not None:
+            return self._to_peer(request, route.peer, upstream_path, body, query, metadata)
+        model_id = route.model_id
         if model_id is None:
             return render_error(request, 404, "no local server found for requested model")
         model = self.config.models[model_id]
         lowered = ctype.lower()
         if b"application/json" in lowered:
             try:
-                body = apply_filters(body, model.filters, extracted.model, model.use_model_name)
+                body = apply_filters(body, model.filters, route.requested, model.use_model_name)
             except ValueError as exc:
                 return render_error(request, 500, str(exc))
         elif model.use_model_name and b"multipart/form-data" in lowered:
             body = replace_multipart_model(ctype, body, model.use_model_name)
         target = upstream_path + (b"?" + query if query else b"")
-        recording = self._begin_recording(request, model_id, request.path, body)
-        return self._dispatch(request, model_id, target, body, recording)
+        recording = self._begin_recording(request, model_id, request.path, body, metadata)
+        return self._dispatch(request, _Local(model_id, target), body, recording)
+
+    def _to_peer(
+        self,
+        request: Any,
+        target: PeerTarget,
+        path: bytes,
+        body: bytes,
+        query: bytes,
+        metadata: dict[str, str] | None = None,
+        *,
+        passthrough: bool = False,
+    ) -> object:
+        headers = forward_headers(request.requestHeaders, client_ip=None)
+        ctype = request.getHeader(b"content-type") or b""
+        try:
+            headers, body, query = prepare_peer_request(
+                target, headers, body, ctype, request.method, query, passthrough=passthrough
+            )
+        except ValueError as exc:
+            return render_error(request, 500, str(exc))
+        url = peer_url(target, path, query)
+        recording = self._begin_recording(request, target.fqn, path, body, metadata)
+        return self._dispatch(request, _Remote(target, url, headers), body, recording)
 
     def _begin_recording(
-        self, request: Any, model_id: str, path: bytes, body: bytes
+        self,
+        request: Any,
+        model_id: str,
+        path: bytes,
+        body: bytes,
+        metadata: dict[str, str] | None = None,
     ) -> Recording | None:
         if self.recorder is None or request.method != b"POST":
             return None
@@ -198,22 +329,31 @@ class LlamaSwapApp:
             req_headers=request.requestHeaders,
             req_body=body,
             api_key_index=getattr(request, "llamaswap_api_key_index", None),
+            metadata=metadata,
         )
 
     def handle_upstream(self, request: Any) -> object:
-        """``/upstream/<model>/<rest>``: raw passthrough to a model's server."""
+        """``/upstream/<model>/<rest>``: raw passthrough to a model's server
+        (local or peer), the longest matching model name winning."""
         raw_path = request.uri.partition(b"?")[0]
         query = _query_of(request.uri)
         rest = raw_path[len(b"/upstream/") :]
+        pinned = rewrite_upstream_path(rest, self.profile_state)
+        if pinned is not None:
+            rest = pinned
         segments = rest.split(b"/")
-        match: tuple[str, int] | None = None
+        match: tuple[int, str | None, PeerTarget | None] | None = None
         for count in range(1, len(segments) + 1):
-            name = b"/".join(segments[:count]).decode("utf-8", "replace")
-            if name and self.config.resolve(name) is not None:
-                match = (name, count)
+            name = unquote(b"/".join(segments[:count]).decode("utf-8", "replace"))
+            if not name:
+                continue
+            model_id = self.config.resolve(name)
+            peer = None if model_id is not None else self.peers.resolve(name)
+            if model_id is not None or peer is not None:
+                match = (count, model_id, peer)
         if match is None:
             return render_error(request, 404, "model not found")
-        name, count = match
+        count, model_id, peer = match
         remaining = b"/" + b"/".join(segments[count:])
         if remaining == b"/" and not raw_path.endswith(b"/"):
             location = b"/upstream/" + b"/".join(segments[:count]) + b"/"
@@ -223,27 +363,30 @@ class LlamaSwapApp:
             request.setHeader(b"location", location)
             return b""
         body = request.content.read() if request.content is not None else b""
-        target = remaining + (b"?" + query if query else b"")
-        model_id = self.config.resolve(name)
+        if peer is not None:
+            return self._to_peer(request, peer, remaining, body, query, passthrough=True)
         assert model_id is not None
-        return self._dispatch(request, model_id, target, body)
+        target = remaining + (b"?" + query if query else b"")
+        recording = self._begin_recording(request, model_id, remaining, body)
+        return self._dispatch(request, _Local(model_id, target), body, recording)
 
     def _dispatch(
         self,
         request: Any,
-        model_id: str,
-        target: bytes,
+        destination: _Local | _Remote,
         body: bytes,
         recording: Recording | None = None,
     ) -> object:
         entry = None
         if self.inflight is not None:
             entry = self.inflight.add(
-                model_id, request.path, request.method, request.requestHeaders, _client_ip(request)
+                destination.name,
+                request.path,
+                request.method,
+                request.requestHeaders,
+                _client_ip(request),
             )
-        d = defer.Deferred.fromCoroutine(
-            self._serve(request, model_id, target, body, recording, entry)
-        )
+        d = defer.Deferred.fromCoroutine(self._serve(request, destination, body, recording, entry))
         if entry is not None:
             entry.set_canceller(d.cancel)
         request.notifyFinish().addErrback(lambda _: d.cancel())
@@ -253,17 +396,18 @@ class LlamaSwapApp:
     async def _serve(
         self,
         request: Any,
-        model_id: str,
-        target: bytes,
+        destination: _Local | _Remote,
         body: bytes,
         recording: Recording | None,
         entry: InflightEntry | None,
     ) -> None:
         error = "client disconnected"
+        hook = self._response_hook(recording, entry)
         try:
-            error = await self._acquire_and_forward(
-                request, model_id, target, body, self._response_hook(recording, entry)
-            )
+            if isinstance(destination, _Local):
+                error = await self._serve_local(request, destination, body, hook)
+            else:
+                error = await self._serve_remote(request, destination, body, hook)
         finally:
             if recording is not None:
                 recording.finish(status=request.code, error=error)
@@ -292,18 +436,13 @@ class LlamaSwapApp:
 
         return on_response
 
-    async def _acquire_and_forward(
-        self,
-        request: Any,
-        model_id: str,
-        target: bytes,
-        body: bytes,
-        on_response: ResponseHook | None,
+    async def _serve_local(
+        self, request: Any, local: _Local, body: bytes, on_response: ResponseHook | None
     ) -> str:
         """Wait for the model and relay the request.  Returns the error text
         for the activity row when no upstream response arrived ("" if one did)."""
         try:
-            lease = await self.router.acquire(model_id)
+            lease = await self.router.acquire(local.model_id)
         except TooManyRequests:
             write_too_many(request)
             return "Too many requests"
@@ -322,29 +461,49 @@ class LlamaSwapApp:
                 client_ip=_client_ip(request),
                 drop=(carried,) if carried else (),
             )
-            if on_response is not None and headers.hasHeader(b"accept-encoding"):
-                wanted = b", ".join(headers.getRawHeaders(b"accept-encoding", []))
-                headers.setRawHeaders(b"accept-encoding", [narrow_accept_encoding(wanted) or b""])
-            try:
-                await self.client.forward(
-                    request,
-                    lease.upstream + target,
-                    headers=headers,
-                    body=body,
-                    on_response=on_response,
-                )
-            except UpstreamUnavailable as exc:
-                log.warn(
-                    "{model}: upstream request failed: {reason}", model=model_id, reason=str(exc)
-                )
-                message = f"upstream {model_id} unavailable: {exc}"
-                write_error(request, 502, message)
-                return message
-            if not request.finished and not request._disconnected:
-                request.finish()
-            return ""
+            return await self._relay(
+                request,
+                self.client,
+                lease.upstream + local.target,
+                headers,
+                body,
+                on_response,
+                f"upstream {local.model_id} unavailable",
+            )
         finally:
             lease.release()
+
+    async def _serve_remote(
+        self, request: Any, remote: _Remote, body: bytes, on_response: ResponseHook | None
+    ) -> str:
+        client = self._peer_clients.get(remote.target.peer_id, self.client)
+        return await self._relay(
+            request, client, remote.url, remote.headers, body, on_response, "peer proxy error"
+        )
+
+    async def _relay(
+        self,
+        request: Any,
+        client: UpstreamClient,
+        url: bytes,
+        headers: Headers,
+        body: bytes,
+        on_response: ResponseHook | None,
+        failure_prefix: str,
+    ) -> str:
+        if on_response is not None and headers.hasHeader(b"accept-encoding"):
+            wanted = b", ".join(headers.getRawHeaders(b"accept-encoding", []))
+            headers.setRawHeaders(b"accept-encoding", [narrow_accept_encoding(wanted) or b""])
+        try:
+            await client.forward(request, url, headers=headers, body=body, on_response=on_response)
+        except UpstreamUnavailable as exc:
+            message = f"{failure_prefix}: {exc}"
+            log.warn("{message}", message=message)
+            write_error(request, 502, message)
+            return message
+        if not request.finished and not request._disconnected:
+            request.finish()
+        return ""
 
     def _serve_failed(self, failure: Failure, request: Any) -> None:
         if failure.check(defer.CancelledError):
@@ -425,8 +584,41 @@ class LlamaSwapApp:
             loaded = state not in (ProcessState.STOPPED, ProcessState.SHUTDOWN)
             record["status"] = {"value": "loaded" if loaded else "unloaded"}
             records.append(record)
+            if self.config.document.get("includeAliasesInList") is True:
+                for alias in model.aliases:
+                    if alias.strip():
+                        alias_record = dict(record, id=alias)
+                        alias_record["meta"] = {
+                            "llamaswap": {
+                                **dict(model.metadata),
+                                "type": "alias",
+                                "modelID": model_id,
+                            }
+                        }
+                        records.append(alias_record)
+        records += peer_model_records(self.peers, created)
+        records += selector_model_records(self.profiles, self._state_of, created)
+        records += profile_model_records(self.profiles, self.profile_state, created)
         records.sort(key=lambda r: r["id"])
         return records
+
+    @app.route("/api/profiles", methods=["GET", "HEAD"])
+    def list_profiles(self, request: Any) -> bytes:
+        return _json(request, profiles_json(self.profiles, self.profile_state))
+
+    @app.route("/api/profiles/active", methods=["PUT"])
+    def activate_profile(self, request: Any) -> bytes:
+        try:
+            changed = self.profile_state.activate(parse_activate_body(request.content.read()))
+        except ProfileRequestError as exc:
+            return render_error(request, 400, str(exc))
+        except UnknownProfile as exc:
+            return render_error(request, 404, str(exc))
+        if changed:
+            log.info("active profile changed to {name!r}", name=self.profile_state.active or "")
+            if self.on_profile_changed is not None:
+                self.on_profile_changed(self.profile_state.active)
+        return _json(request, {"active": self.profile_state.active})
 
     @app.route("/api/version", methods=["GET", "HEAD"])
     def version(self, request: Any) -> bytes:
