@@ -2,14 +2,15 @@
 
 The :class:`Router` implements the scheduler's ``IEffects``: it turns
 decisions into process starts and stops, and grants into :class:`Lease`
-objects handed to waiting HTTP handlers.  Swaps run through one
-:class:`SerialQueue` so state changes never interleave (DESIGN rule 2);
-proxying itself runs concurrently.
+objects handed to waiting HTTP handlers.  Swaps whose footprints
+collide never run at once: the scheduler queues the later one until the
+earlier is done.  Disjoint swaps (models allowed to run together) run
+concurrently, and each process serialises its own transitions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet import defer, task
@@ -20,7 +21,8 @@ from zope.interface import implementer
 from llamaswap.config import Config, ModelConfig
 from llamaswap.logs import LogHub, LogMonitor
 from llamaswap.process import ModelProcess, ProcessState, StartError
-from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, SingleModelPlanner, Ticket
+from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, Ticket
+from llamaswap.scheduling.routing import planner_from_config
 
 log = Logger()
 
@@ -42,38 +44,6 @@ class TooManyRequests(Exception):
 class RequestFailed(Exception):
     """The scheduler answered the request with an error (start failure,
     unload, shutdown)."""
-
-
-class SerialQueue:
-    """Runs asynchronous operations one after another, in submission order."""
-
-    def __init__(self) -> None:
-        self._tail: defer.Deferred[None] = defer.succeed(None)
-        self._pending = 0
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def run(self, operation: Callable[[], Awaitable[Any]]) -> defer.Deferred[Any]:
-        """Queue ``operation``; the result fires with its outcome."""
-        result: defer.Deferred[Any] = defer.Deferred()
-        self._pending += 1
-
-        def step(_: object) -> defer.Deferred[None]:
-            d = defer.ensureDeferred(operation())  # type: ignore[arg-type]
-
-            def settle(outcome: object) -> None:
-                self._pending -= 1
-                if isinstance(outcome, Failure):
-                    result.errback(outcome)
-                else:
-                    result.callback(outcome)
-
-            return d.addBoth(settle)
-
-        self._tail.addCallback(step)
-        return result
 
 
 class Lease:
@@ -138,23 +108,30 @@ class Router:
         processes: Mapping[str, ModelProcess],
         *,
         planner: ISwapPlanner | None = None,
+        clock: Any = None,
     ) -> None:
         self.config = config
+        self._clock = clock
         self.processes = dict(processes)
         self._upstreams = {
             model_id: model.proxy.rstrip("/").encode() for model_id, model in config.models.items()
         }
         self._waiters: dict[Ticket, defer.Deferred[Lease]] = {}
         self._queue_positions: dict[Ticket, int] = {}
-        self._serial = SerialQueue()
         self._collected_stops: list[defer.Deferred[None]] | None = None
         #: model id -> Deferred firing once its replaced process has stopped
         self._retiring: dict[str, defer.Deferred[None]] = {}
+        routing = planner_from_config(config)
+        self.planner = planner or routing.planner
         self.scheduler = Scheduler(
             self,
-            planner or SingleModelPlanner(),
+            self.planner,
             state_of=lambda model: self.processes[model].state.value,
             limits={m: c.concurrency_limit for m, c in config.models.items()},
+            priorities=routing.priorities,
+            name=routing.router,
+            max_wait=routing.max_wait if clock is not None else None,
+            clock=clock.seconds if clock is not None else None,
         )
         for process in self.processes.values():
             process.add_state_listener(self._on_state)
@@ -219,7 +196,13 @@ class Router:
             self._queue_positions[ticket] = position
 
     def start_swap(self, target: str, evict: frozenset[str]) -> None:
-        self._serial.run(lambda: self._swap(target, evict))
+        explain = getattr(self.planner, "explain", None)
+        if explain is not None:
+            running = frozenset(
+                m for m, p in self.processes.items() if p.state.value not in ("stopped", "shutdown")
+            )
+            log.info("{decision}", decision=explain(target, running - {target}).describe())
+        defer.Deferred.fromCoroutine(self._swap(target, evict))
 
     def stop_models(self, models: frozenset[str]) -> None:
         stops = [self.processes[m].stop() for m in sorted(models)]
@@ -257,8 +240,6 @@ class Router:
         config: Config,
         build: ProcessFactory,
         *,
-        planner: ISwapPlanner | None = None,
-        priorities: Mapping[str, int] | None = None,
         clock: Any = None,
     ) -> list[ModelProcess]:
         """Adopt a reloaded configuration (SPEC decision 4).
@@ -284,8 +265,12 @@ class Router:
         self._upstreams = {
             model_id: model.proxy.rstrip("/").encode() for model_id, model in config.models.items()
         }
+        routing = planner_from_config(config)
+        self.planner = routing.planner
         self.scheduler.reconfigure(
-            {m: c.concurrency_limit for m, c in config.models.items()}, priorities, planner
+            {m: c.concurrency_limit for m, c in config.models.items()},
+            routing.priorities,
+            routing.planner,
         )
         for process in retired:
             done = defer.Deferred.fromCoroutine(self._retire(process, clock))

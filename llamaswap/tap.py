@@ -186,7 +186,7 @@ class LlamaSwapService(service.Service):
             lambda p, old, new: self.bus.model_status(self.model_status()),
         ]
         processes = build_processes(config, reactor, logs=self.logs)
-        self.router = Router(config, processes)
+        self.router = Router(config, processes, clock=reactor)
         for process in processes.values():
             self._watch(process)
         self.client = UpstreamClient(reactor)

@@ -1055,7 +1055,6 @@ class UnknownKeyTests(ConfigTestCase):
             peers: {}
             routing: {}
             groups: {}
-            matrix: {}
             compat: {}
             models:
               m:

@@ -90,10 +90,9 @@ class PeerConfigTests(SynchronousTestCase):
         self.assertEqual(peers_from_config(config).peers["p"].proxy, "http://h.example:9/v1base")
 
     def test_from_config_raises(self) -> None:
-        """An invalid peer makes peers_from_config raise ConfigError with the lines."""
-        config = load_config_text("peers:\n  p:\n    proxy: http://h:1\n")
+        """An invalid peer is a config error naming the key, at load time."""
         with self.assertRaises(ConfigError) as caught:
-            peers_from_config(config)
+            load_config_text("peers:\n  p:\n    proxy: http://h:1\n")
         self.assertEqual(
             caught.exception.problems, ("peers.p.models: peer models can not be empty",)
         )
@@ -187,12 +186,13 @@ class PeerValidationTests(SynchronousTestCase):
             "        p/m: {x: 1}\n"
             "peers:\n  p:\n    proxy: http://h\n    models: [m]\n"
         )
-        config = load_config_text(config_text)
+        with self.assertRaises(ConfigError) as caught:
+            load_config_text(config_text)
         self.assertEqual(
-            validate_peers(config.document, config.models.keys(), config.aliases),
-            [
-                "peers.p.models: fully qualified peer model name 'p/m' conflicts with an alias of model 'a'"
-            ],
+            caught.exception.problems,
+            (
+                "peers.p.models: fully qualified peer model name 'p/m' conflicts with an alias of model 'a'",
+            ),
         )
 
     def test_unknown_keys_warned(self) -> None:

@@ -198,9 +198,8 @@ class ProfileConfigTests(SynchronousTestCase):
         config = load_config_text(text)
         profiles = profiles_from_config(config, Peers(), _together)
         self.assertEqual(dict(profiles.profiles["p"].pins), {"x": "aa", "y": ""})
-        bad = load_config_text(text.replace("x: aa", "x: zz"))
         with self.assertRaises(ConfigError) as caught:
-            profiles_from_config(bad, Peers(), _together)
+            load_config_text(text.replace("x: aa", "x: zz"))
         self.assertEqual(
             caught.exception.problems, ("profiles.p.pins.x: references unknown model 'zz'",)
         )

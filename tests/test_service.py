@@ -941,3 +941,136 @@ class ObservabilityTests(ServiceTestCase):
         await self.settled()
         await refresh()
         self.assertEqual(listing, [])
+
+
+class RoutingTests(ServiceTestCase):
+    async def use(self, model: str) -> None:
+        response = await self.chat(model)
+        self.assertEqual(response.code, 200, model)
+        await response.content()
+
+    def running(self) -> list[str]:
+        return sorted(m for m, p in self.router.processes.items() if p.state is ProcessState.READY)
+
+    async def test_groups(self) -> None:
+        """A swap:false group runs its members together; loading a model of
+        the (exclusive) default group evicts them; a persistent group stays."""
+        await self.start(
+            {
+                "a": responder_model(free_port()),
+                "b": responder_model(free_port()),
+                "c": responder_model(free_port()),
+                "p": responder_model(free_port()),
+            },
+            groups={
+                "pair": {"swap": False, "members": ["a", "b"]},
+                "keep": {"persistent": True, "exclusive": False, "members": ["p"]},
+            },
+        )
+        await self.use("p")
+        await self.use("a")
+        await self.use("b")
+        self.assertEqual(self.running(), ["a", "b", "p"])
+        await self.use("c")
+        self.assertEqual(self.running(), ["c", "p"])
+        await self.settled()
+
+    async def test_matrix(self) -> None:
+        """The matrix router keeps models that share a set and evicts the
+        rest; a model in no set runs alone."""
+        await self.start(
+            {
+                "a": responder_model(free_port()),
+                "b": responder_model(free_port()),
+                "c": responder_model(free_port()),
+                "solo": responder_model(free_port()),
+            },
+            routing={
+                "router": {
+                    "use": "matrix",
+                    "settings": {"matrix": {"sets": {"ab": "a & b", "bc": "b & c"}}},
+                }
+            },
+        )
+        await self.use("a")
+        await self.use("b")
+        self.assertEqual(self.running(), ["a", "b"])
+        await self.use("c")
+        self.assertEqual(self.running(), ["b", "c"])
+        await self.use("solo")
+        self.assertEqual(self.running(), ["solo"])
+        await self.settled()
+
+    async def test_peer_forwarding(self) -> None:
+        """A peer model is forwarded to the peer with the bare model name and
+        the peer's key; no local process starts."""
+        remote_port = free_port()
+        remote = await self._remote(remote_port)
+        await self.start(
+            {"local": responder_model(free_port())},
+            peers={
+                "box": {
+                    "proxy": f"http://127.0.0.1:{remote_port}",
+                    "apiKey": "peer-key",
+                    "models": ["remote-m"],
+                }
+            },
+        )
+        response = await treq.post(
+            self.url + "/v1/embeddings",
+            data=b'{"model": "box/remote-m", "input": "x"}',
+            headers={b"content-type": [b"application/json"]},
+            pool=self.pool,
+        )
+        echoed = await response.json()
+        self.assertEqual(echoed["request_body"], '{"model": "remote-m", "input": "x"}')
+        self.assertEqual(echoed["headers"]["authorization"], "Bearer peer-key")
+        self.assertEqual(echoed["headers"]["x-api-key"], "peer-key")
+        listing = await (await treq.get(self.url + "/v1/models", pool=self.pool)).json()
+        self.assertIn("box/remote-m", [m["id"] for m in listing["data"]])
+        self.assertEqual(self.running(), [])
+        del remote
+
+    async def _remote(self, port: int) -> Any:
+        """tests/responder.py standing in for a remote llamaswap or API."""
+        from llamaswap.config.model import ModelConfig
+        from llamaswap.logs import LogMonitor
+        from llamaswap.process import ModelProcess
+
+        process = ModelProcess(
+            ModelConfig(
+                id="remote",
+                argv=(PYTHON, RESPONDER, "--port", str(port)),
+                cmd="",
+                proxy=f"http://127.0.0.1:{port}",
+            ),
+            reactor=reactor,
+            health_check_timeout=15,
+            log=LogMonitor("remote"),
+        )
+        await process.make_ready()
+        self.addCleanup(process.stop, 5)
+        return process
+
+    async def test_profile_pins(self) -> None:
+        """An active profile's pin sends requests for the pin name to its
+        target; deactivating it restores plain resolution."""
+        await self.start(
+            {"a": responder_model(free_port()), "b": responder_model(free_port())},
+            profiles={"fast": {"description": "quick", "pins": {"chat": "a"}}},
+        )
+        listed = await (await treq.get(self.url + "/api/profiles", pool=self.pool)).json()
+        self.assertEqual(listed["active"], None)
+        response = await treq.put(
+            self.url + "/api/profiles/active", data=b'{"name": "fast"}', pool=self.pool
+        )
+        self.assertEqual(await response.json(), {"active": "fast"})
+        response = await self.chat("chat")
+        payload = await response.json()
+        self.assertEqual(response.code, 200)
+        self.assertIn('"model": "a"', payload["request_body"])
+        self.assertEqual(self.running(), ["a"])
+        await treq.put(self.url + "/api/profiles/active", data=b'{"name": null}', pool=self.pool)
+        response = await self.chat("chat")
+        self.assertEqual(response.code, 404)
+        await response.content()

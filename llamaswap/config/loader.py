@@ -527,13 +527,20 @@ def _check_sections(
     aliases: Mapping[str, str],
     report: _Report,
 ) -> None:
-    """Validate the sections later features read: peers, profiles, selectors."""
+    """Validate the sections read after loading: routing, peers, profiles,
+    selectors."""
     from llamaswap.peers import peer_warnings, read_peers
-    from llamaswap.profiles import profile_warnings, read_profiles
+    from llamaswap.profiles import planner_coexistence, profile_warnings, read_profiles
+    from llamaswap.scheduling.routing import read_routing
 
+    routing, problems = read_routing(document, models.keys(), aliases)
+    report.errors.extend(problems)
     peers, problems = read_peers(document, models.keys(), aliases)
     report.errors.extend(problems)
-    _, problems = read_profiles(document, models.keys(), aliases, peers, lambda ids: True)
+    can_coexist = planner_coexistence(routing.planner) if routing is not None else None
+    _, problems = read_profiles(
+        document, models.keys(), aliases, peers, can_coexist or (lambda ids: True)
+    )
     report.errors.extend(problems)
     report.warnings.extend(peer_warnings(document) + profile_warnings(document))
 

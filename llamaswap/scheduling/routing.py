@@ -48,6 +48,13 @@ class Routing:
     router: str = "group"
 
 
+def read_routing(
+    document: Mapping[str, Any], model_ids: Collection[str], aliases: Mapping[str, str]
+) -> tuple[Routing | None, list[str]]:
+    """The routing of a document (``None`` when invalid) and its problems."""
+    return _read(document, model_ids, aliases)
+
+
 def planner_from_config(config: Config) -> Routing:
     """The routing of a loaded config; :class:`ConfigError` when invalid."""
     routing, problems = _read(config.document, config.models.keys(), config.aliases)

@@ -380,6 +380,10 @@ class Scheduler:
     def _running(self, target: str) -> frozenset[str]:
         """Live processes plus the targets of other active swaps."""
         live = {model for model in self._limits if self._state_of(model) not in _IDLE_STATES}
+        if self._state_of(target) == "stopping":
+            # Restarting a model that is still stopping must still evict what
+            # cannot run beside it (llama-swap skips that: a quirk).
+            live.discard(target)
         return frozenset(live | (self._swaps.keys() - {target}))
 
     def _collides(self, target: str, evict: frozenset[str]) -> bool:

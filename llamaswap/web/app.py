@@ -45,6 +45,7 @@ from llamaswap.profiles import (
     SelectorUnavailable,
     UnknownProfile,
     parse_activate_body,
+    planner_coexistence,
     profile_model_records,
     profiles_from_config,
     profiles_json,
@@ -194,7 +195,9 @@ class LlamaSwapApp:
         """Peers, profiles and selectors of ``config`` (a reload starts with
         no profile active, as in llama-swap)."""
         self.peers = peers_from_config(config)
-        self.profiles = profiles_from_config(config, self.peers, lambda ids: True)
+        self.profiles = profiles_from_config(
+            config, self.peers, planner_coexistence(self.router.planner)
+        )
         self.profile_state = ProfileState(self.profiles.profiles)
         self.selectors = SelectorRuntime(self.profiles.selectors)
         if self._reactor is not None:
