@@ -85,11 +85,13 @@ class ProcessState(enum.StrEnum):
 
 
 class StartError(Exception):
-    """A start did not reach ``ready``; ``message`` says why."""
+    """A start did not reach ``ready``; ``message`` says why.  ``died`` is
+    true when the server process itself exited during the start."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, died: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        self.died = died
 
 
 @dataclass(frozen=True)
@@ -653,7 +655,7 @@ class ModelProcess:
                 message += ": " + "\n".join(lines)
             log.warn("{model} start failed: {error}", model=self.model_id, error=message)
             self._set_state(ProcessState.STOPPED)
-            waiters.fail(StartError(message))
+            waiters.fail(StartError(message, died=True))
         else:
             log.warn(
                 "{model} upstream process exited unexpectedly with {status}; last output:\n{output}",

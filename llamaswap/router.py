@@ -112,6 +112,8 @@ class Router:
     ) -> None:
         self.config = config
         self._clock = clock
+        #: told about evictions (``evicted(model, reason)``), e.g. Prometheus
+        self.metrics: Any = None
         self.processes = dict(processes)
         self._upstreams = {
             model_id: model.proxy.rstrip("/").encode() for model_id, model in config.models.items()
@@ -204,7 +206,13 @@ class Router:
             log.info("{decision}", decision=explain(target, running - {target}).describe())
         defer.Deferred.fromCoroutine(self._swap(target, evict))
 
+    def _count_eviction(self, model: str, reason: str) -> None:
+        if self.metrics is not None and self.processes[model].state.value != "stopped":
+            self.metrics.evicted(model, reason)
+
     def stop_models(self, models: frozenset[str]) -> None:
+        for model in models:
+            self._count_eviction(model, "unload")
         stops = [self.processes[m].stop() for m in sorted(models)]
         if self._collected_stops is not None:
             self._collected_stops.extend(stops)
@@ -227,7 +235,15 @@ class Router:
                 # A reload replaced this model: the old server still drains
                 # and holds the port; start the new one once it is gone.
                 await defer.Deferred.fromCoroutine(_quietly(retiring))
-            await self.processes[target].make_ready()
+            try:
+                await self.processes[target].make_ready()
+            except StartError as exc:
+                if not exc.died:
+                    raise
+                # SPEC decision 10: a server that died while starting gets
+                # one fresh start before its waiting requests see the error.
+                log.warn("{model} died while starting; trying once more", model=target)
+                await self.processes[target].make_ready()
         except StartError as exc:
             error = str(exc)
         except Exception as exc:  # a bug, not a start failure: still answer every waiter

@@ -184,9 +184,15 @@ class LlamaSwapService(service.Service):
         self.process_listeners: list[StateListener] = [
             lambda p, old, new: self.metrics.model_state(p.model_id, new.value),
             lambda p, old, new: self.bus.model_status(self.model_status()),
+            self._track_loading,
         ]
+        #: model id -> when its current start began (for loading progress)
+        self._loading_since: dict[str, float] = {}
+        self._progress = task.LoopingCall(self._publish_loading)
+        self._progress.clock = reactor
         processes = build_processes(config, reactor, logs=self.logs)
         self.router = Router(config, processes, clock=reactor)
+        self.router.metrics = self.metrics
         for process in processes.values():
             self._watch(process)
         self.client = UpstreamClient(reactor)
@@ -206,6 +212,39 @@ class LlamaSwapService(service.Service):
         )
         self._reloading: defer.Deferred[None] | None = None
         self._reload_again = False
+
+    def _track_loading(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
+        model_id = process.model_id
+        if new is ProcessState.STARTING:
+            self._loading_since[model_id] = self._reactor.seconds()
+            if not self._progress.running:
+                self._progress.start(1.0, now=True)
+            return
+        started = self._loading_since.pop(model_id, None)
+        if started is not None and new is ProcessState.READY:
+            self.metrics.model_loaded(model_id, self._reactor.seconds() - started)
+            self.metrics.swap(model_id)
+        if not self._loading_since and self._progress.running:
+            self._progress.stop()
+        self._publish_loading()
+
+    def loading_progress(self) -> list[dict[str, Any]]:
+        """Every model being loaded: elapsed seconds and requests waiting."""
+        snapshot = self.router.scheduler.snapshot()
+        now = self._reactor.seconds()
+        return [
+            {
+                "id": model_id,
+                "state": "starting",
+                "elapsed_s": round(now - since, 2),
+                "queue_length": snapshot.waiting.get(model_id, 0)
+                + snapshot.queued.count(model_id),
+            }
+            for model_id, since in sorted(self._loading_since.items())
+        ]
+
+    def _publish_loading(self) -> None:
+        self.bus.publish("loadingProgress", {"models": self.loading_progress()})
 
     def _profile_changed(self, active: str | None) -> None:
         self.bus.profile_changed(active)
@@ -239,6 +278,31 @@ class LlamaSwapService(service.Service):
             count=len(self.config.models),
             models=", ".join(self.config.models),
         )
+        self.preload()
+
+    def preload(self) -> defer.Deferred[None]:
+        """Load ``hooks.on_startup.preload`` models in order, through the
+        scheduler (group rules apply), without depending on the upstream
+        answering any particular path."""
+        hooks = self.config.document.get("hooks")
+        startup = hooks.get("on_startup") if isinstance(hooks, dict) else None
+        names = startup.get("preload") if isinstance(startup, dict) else None
+        return defer.Deferred.fromCoroutine(self._preload([str(n).strip() for n in names or []]))
+
+    async def _preload(self, names: list[str]) -> None:
+        for name in names:
+            model_id = self.config.resolve(name) if name else None
+            if model_id is None:
+                if name:
+                    log.warn("preload: {name} is not a local model; skipped", name=name)
+                continue
+            log.info("preloading model: {model}", model=model_id)
+            try:
+                lease = await self.router.acquire(model_id)
+            except Exception as exc:
+                log.warn("preload of {model} failed: {error}", model=model_id, error=str(exc))
+                continue
+            lease.release()
 
     def reload(self) -> defer.Deferred[None]:
         """Re-read the config sources and apply them (SPEC decision 4).
@@ -293,12 +357,15 @@ class LlamaSwapService(service.Service):
         )
         self.config = config
         self.bus.model_status(self.model_status())
+        self.preload()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         # Long-lived streams first, so nothing waits on them (as llama-swap).
         self.app.streams.close_all()
         self.inflight.close()
+        if self._progress.running:
+            self._progress.stop()
         log.info("stopping every model process")
         timeout = max([m.unload_timeout for m in self.config.models.values()] or [10])
         d = self.router.shutdown(timeout)

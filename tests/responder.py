@@ -41,6 +41,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--exit-after", type=float, default=None)
     parser.add_argument("--exit-code", type=int, default=0)
     parser.add_argument("--print", dest="texts", action="append", default=[])
+    parser.add_argument(
+        "--crash-first-start",
+        metavar="MARKER",
+        default=None,
+        help="exit 1 at once if MARKER does not exist yet (creating it): the first start crashes",
+    )
     return parser.parse_args(argv)
 
 
@@ -180,6 +186,10 @@ def main(argv: list[str]) -> int:
         say(f"GRANDCHILD {spawn_grandchild()}")
     for text in args.texts:
         say(text)
+    if args.crash_first_start and not os.path.exists(args.crash_first_start):
+        open(args.crash_first_start, "w").close()
+        say("crashing on purpose")
+        return 1
     if args.exit_after is not None:
         if args.exit_after <= 0:
             return args.exit_code

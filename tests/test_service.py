@@ -156,6 +156,10 @@ class SwapTests(ServiceTestCase):
                 )
             }
         )
+        starts = []
+        self.router.processes["bad"].add_state_listener(
+            lambda p, old, new: starts.append(new) if new is ProcessState.STARTING else None
+        )
         for _ in range(2):
             response = await self.chat("bad")
             self.assertEqual(response.code, 500)
@@ -164,6 +168,22 @@ class SwapTests(ServiceTestCase):
             self.assertIn("exit code 3", message)
             self.assertIn("boom-line", message)
         self.assertEqual(self.state("bad"), ProcessState.STOPPED)
+        # each request: the start, and one retry because the server died
+        self.assertEqual(len(starts), 4)
+        await self.settled()
+
+    async def test_crash_during_start_is_retried_once(self) -> None:
+        """A server that dies during its first start gets one fresh start;
+        the waiting request is served by it."""
+        import tempfile
+
+        marker = os.path.join(tempfile.mkdtemp(), "crashed")
+        self.addCleanup(lambda: os.path.exists(marker) and os.unlink(marker))
+        await self.start({"a": responder_model(free_port(), "--crash-first-start", marker)})
+        response = await self.chat("a")
+        self.assertEqual(response.code, 200)
+        await response.content()
+        self.assertTrue(os.path.exists(marker))
         await self.settled()
 
     async def test_concurrency_limit_429(self) -> None:
@@ -892,6 +912,9 @@ class ObservabilityTests(ServiceTestCase):
 
         await poll_until(lambda: "ready" in states())
         self.assertIn("starting", states())
+        progress = [json.loads(e["data"]) for e in events() if e["type"] == "loadingProgress"]
+        self.assertEqual(progress[0]["models"][0]["id"], "a")
+        self.assertEqual(progress[-1], {"models": []})
         await poll_until(lambda: any(e["type"] == "activity" for e in events()))
         collecting.cancel()
         response.original._transport.loseConnection()
@@ -1074,3 +1097,66 @@ class RoutingTests(ServiceTestCase):
         response = await self.chat("chat")
         self.assertEqual(response.code, 404)
         await response.content()
+
+
+class FeatureTests(ServiceTestCase):
+    async def test_ignore_paths_do_not_start_models(self) -> None:
+        """/upstream paths matching upstream.ignorePaths get 409 while the
+        model is not loaded, and pass once it is."""
+        await self.start({"a": responder_model(free_port())})
+        response = await treq.get(self.url + "/upstream/a/favicon.ico", pool=self.pool)
+        self.assertEqual(response.code, 409)
+        payload = await response.json()
+        self.assertEqual(
+            payload["error"]["message"], "model a is not loaded; path matches upstream.ignorePaths"
+        )
+        self.assertEqual(self.state("a"), ProcessState.STOPPED)
+        await (await self.chat("a")).content()
+        response = await treq.get(self.url + "/upstream/a/favicon.ico", pool=self.pool)
+        self.assertEqual(response.code, 200)
+        await response.content()
+
+    async def test_comfyui(self) -> None:
+        """/comfyui redirects; only /comfyui/ may start comfyui_auto."""
+        await self.start({"comfyui_auto": responder_model(free_port())})
+        response = await treq.get(self.url + "/comfyui?x=1", pool=self.pool, allow_redirects=False)
+        self.assertEqual(response.code, 301)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/comfyui/?x=1"])
+        response = await treq.get(self.url + "/comfyui/api/queue", pool=self.pool)
+        self.assertEqual(response.code, 409)
+        await response.content()
+        response = await treq.get(self.url + "/comfyui/", pool=self.pool)
+        self.assertEqual(response.code, 200)
+        await response.content()
+        response = await treq.get(self.url + "/comfyui/api/queue", pool=self.pool)
+        self.assertEqual((await response.json())["path"], "/api/queue")
+
+    async def test_capabilities_in_listing(self) -> None:
+        """capabilities become /v1/models fields as llama-swap shows them."""
+        await self.start(
+            {
+                "v": responder_model(
+                    free_port(),
+                    capabilities={"in": ["text", "image"], "out": ["text"], "tools": True, "context": 8192},
+                    metadata={"context_length": 1, "keep": True},
+                )
+            }
+        )
+        (record,) = (await (await treq.get(self.url + "/v1/models", pool=self.pool)).json())["data"]
+        self.assertEqual(record["architecture"]["modality"], "text+image->text")
+        self.assertTrue(record["capabilities"]["vision"])
+        self.assertTrue(record["capabilities"]["function_calling"])
+        self.assertEqual(record["supported_parameters"], ["tools", "tool_choice"])
+        self.assertEqual(record["context_length"], 8192)
+        self.assertEqual(record["meta"]["n_ctx"], 8192)
+        self.assertEqual(record["meta"]["llamaswap"], {"keep": True, "type": "model"})
+
+    async def test_preload_hook(self) -> None:
+        """hooks.on_startup.preload loads models at start, in order."""
+        await self.start(
+            {"a": responder_model(free_port()), "b": responder_model(free_port())},
+            hooks={"on_startup": {"preload": ["a", "nope", "b"]}},
+        )
+        await poll_until(lambda: self.state("b") is ProcessState.READY)
+        self.assertEqual(self.state("a"), ProcessState.STOPPED)  # one at a time: b replaced a
+        await self.settled()

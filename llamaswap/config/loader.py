@@ -543,6 +543,31 @@ def _check_sections(
     )
     report.errors.extend(problems)
     report.warnings.extend(peer_warnings(document) + profile_warnings(document))
+    upstream = document.get("upstream")
+    patterns = upstream.get("ignorePaths") if isinstance(upstream, dict) else None
+    for index, pattern in enumerate(patterns if isinstance(patterns, list) else []):
+        try:
+            re.compile(str(pattern))
+        except re.error as exc:
+            report.error(f"upstream.ignorePaths[{index}]", f"invalid regular expression: {exc}")
+    for model_id in models:
+        entry = document.get("models", {}).get(model_id) or {}
+        caps = entry.get("capabilities") if isinstance(entry, dict) else None
+        if caps is None:
+            continue
+        path = f"models.{model_id}.capabilities"
+        if not isinstance(caps, dict):
+            report.error(path, "must be a mapping")
+            continue
+        for key in ("in", "out"):
+            for value in caps.get(key) or []:
+                if value not in ("text", "audio", "image"):
+                    report.error(
+                        f"{path}.{key}", f"unknown modality {value!r} (valid: text, audio, image)"
+                    )
+        context = caps.get("context", 0)
+        if not isinstance(context, int) or context < 0:
+            report.error(f"{path}.context", f"must be an integer >= 0, got {context!r}")
 
 
 def _prepare_model(entry: dict[str, Any]) -> dict[str, Any]:

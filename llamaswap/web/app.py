@@ -8,6 +8,7 @@ Everything else (listing, status, unload, ...) goes through a Klein app.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +120,59 @@ def _routes() -> dict[bytes, tuple[bytes, frozenset[bytes]]]:
 #: request path -> (path sent upstream, allowed methods)
 INFERENCE_ROUTES = _routes()
 
+COMFYUI_MODEL = "comfyui_auto"
+CAPABILITY_KEYS = ("architecture", "capabilities", "supported_parameters", "context_length")
+DEFAULT_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
+
+
+def compile_ignore_paths(document: Any) -> tuple[re.Pattern[str], ...]:
+    """``upstream.ignorePaths`` (a non-empty list replaces the default)."""
+    upstream = document.get("upstream")
+    patterns = upstream.get("ignorePaths") if isinstance(upstream, dict) else None
+    if not patterns:
+        patterns = DEFAULT_IGNORE_PATHS
+    return tuple(re.compile(str(p)) for p in patterns)
+
+
+def _model_section(config: Config, model_id: str) -> dict[str, Any]:
+    models = config.document.get("models")
+    entry = models.get(model_id) if isinstance(models, dict) else None
+    return entry if isinstance(entry, dict) else {}
+
+
+def capability_fields(raw: Any) -> tuple[dict[str, Any], int]:
+    """``/v1/models`` fields for a model's ``capabilities`` (§3.3), and the
+    context length for ``meta.n_ctx``."""
+    if not isinstance(raw, dict):
+        return {}, 0
+    inputs = [str(v) for v in raw.get("in") or []]
+    outputs = [str(v) for v in raw.get("out") or []]
+    tools = raw.get("tools") is True
+    reranker = raw.get("reranker") is True
+    context = raw.get("context") if isinstance(raw.get("context"), int) else 0
+    fields: dict[str, Any] = {}
+    if inputs or outputs:
+        architecture: dict[str, Any] = {"input_modalities": inputs, "output_modalities": outputs}
+        if inputs and outputs:
+            architecture["modality"] = "+".join(inputs) + "->" + "+".join(outputs)
+        fields["architecture"] = architecture
+    if inputs or outputs or tools or reranker:
+        fields["capabilities"] = {
+            "vision": "image" in inputs,
+            "audio_transcriptions": "audio" in inputs and "text" in outputs,
+            "audio_speech": "text" in inputs and "audio" in outputs,
+            "image_generation": "text" in inputs and "image" in outputs,
+            "image_to_image": "image" in inputs and "image" in outputs,
+            "function_calling": tools,
+            "reranker": reranker,
+        }
+    if tools:
+        fields["supported_parameters"] = ["tools", "tool_choice"]
+    if context > 0:
+        fields["context_length"] = context
+    return fields, max(context, 0)
+
+
 #: Paths answered without an API key (GET/HEAD only), as in llama-swap.
 OPEN_PATHS = frozenset({b"/health", b"/wol-health", b"/", b"/upstream", b"/favicon.ico"})
 
@@ -200,6 +254,11 @@ class LlamaSwapApp:
         )
         self.profile_state = ProfileState(self.profiles.profiles)
         self.selectors = SelectorRuntime(self.profiles.selectors)
+        self.ignore_paths = compile_ignore_paths(config.document)
+        self.capabilities = {
+            model_id: capability_fields(_model_section(config, model_id).get("capabilities"))
+            for model_id in config.models
+        }
         if self._reactor is not None:
             for peer_id, peer in self.peers.peers.items():
                 if peer_id not in self._peer_clients:
@@ -369,9 +428,42 @@ class LlamaSwapApp:
         if peer is not None:
             return self._to_peer(request, peer, remaining, body, query, passthrough=True)
         assert model_id is not None
+        if self._state_of(model_id) != "ready" and self._ignored(remaining):
+            return render_error(
+                request,
+                409,
+                f"model {model_id} is not loaded; path matches upstream.ignorePaths",
+            )
         target = remaining + (b"?" + query if query else b"")
         recording = self._begin_recording(request, model_id, remaining, body)
         return self._dispatch(request, _Local(model_id, target), body, recording)
+
+    def _ignored(self, path: bytes) -> bool:
+        text = path.decode("utf-8", "replace")
+        return any(pattern.search(text) for pattern in self.ignore_paths)
+
+    def handle_comfyui(self, request: Any) -> object:
+        """``/comfyui/...`` (llama-swap §3.7): the ``comfyui_auto`` model's UI;
+        only ``/comfyui/`` itself may start it."""
+        raw_path = request.uri.partition(b"?")[0]
+        query = _query_of(request.uri)
+        if raw_path == b"/comfyui":
+            location = b"/comfyui/" + (b"?" + query if query else b"")
+            request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
+            request.setHeader(b"location", location)
+            return b""
+        if COMFYUI_MODEL not in self.config.models:
+            return render_error(request, 404, f"local model {COMFYUI_MODEL} not found")
+        remaining = raw_path[len(b"/comfyui") :]
+        if remaining != b"/" and self._state_of(COMFYUI_MODEL) != "ready":
+            return render_error(
+                request,
+                409,
+                f"model {COMFYUI_MODEL} is not loaded; only /comfyui/ can start it",
+            )
+        body = request.content.read() if request.content is not None else b""
+        target = remaining + (b"?" + query if query else b"")
+        return self._dispatch(request, _Local(COMFYUI_MODEL, target), body)
 
     def _dispatch(
         self,
@@ -582,7 +674,15 @@ class LlamaSwapApp:
             internal: dict[str, Any] = {"type": "model"}
             if model.aliases:
                 internal["aliases"] = list(model.aliases)
-            record["meta"] = {"llamaswap": {**dict(model.metadata), **internal}}
+            user = dict(model.metadata)
+            fields, n_ctx = self.capabilities.get(model_id, ({}, 0))
+            if fields:
+                for key in CAPABILITY_KEYS:
+                    user.pop(key, None)
+                record.update(fields)
+            record["meta"] = {"llamaswap": {**user, **internal}}
+            if n_ctx:
+                record["meta"]["n_ctx"] = n_ctx
             state = self.router.processes[model_id].state
             loaded = state not in (ProcessState.STOPPED, ProcessState.SHUTDOWN)
             record["status"] = {"value": "loaded" if loaded else "unloaded"}
@@ -741,6 +841,8 @@ class _Root(Resource):
             return self._app.handle_inference(request, upstream_path)
         if path.startswith(b"/upstream/"):
             return self._app.handle_upstream(request)
+        if path == b"/comfyui" or path.startswith(b"/comfyui/"):
+            return self._app.handle_comfyui(request)
         streams = self._app.streams
         if streams is not None and streams.handles(path):
             return streams.render(request)
