@@ -63,6 +63,7 @@ from llamaswap.web.cors import preflight
 from llamaswap.web.errors import render_error, write_error, write_too_many
 from llamaswap.web.extract import extract_model, replace_multipart_model
 from llamaswap.web.streams import StreamsResource
+from llamaswap.web.ui import UIResource
 
 log = Logger()
 
@@ -639,7 +640,7 @@ class LlamaSwapApp:
 
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: Any) -> bytes:
-        request.redirect(b"/ui")
+        request.redirect(b"/ui/")
         return b""
 
     @app.route("/upstream", methods=["GET", "HEAD"])
@@ -823,13 +824,19 @@ class _Root(Resource):
         super().__init__()
         self._app = app
         self._klein = app.app.resource()
+        self._ui = UIResource()
 
     def render(self, request: Any) -> object:
         if request.method == b"OPTIONS":
             return preflight(request)
+        path = request.path
+        if path in (b"/ui", b"/favicon.ico") or path.startswith(b"/ui/"):
+            # Static files only (no data): served without a key so the UI
+            # can show its own login prompt; every API call it makes is
+            # authenticated.
+            return self._ui.render(request)
         if not self._app.authorize(request):
             return unauthorized(request)
-        path = request.path
         route = INFERENCE_ROUTES.get(path)
         if route is not None:
             upstream_path, methods = route
