@@ -237,8 +237,7 @@ class LlamaSwapService(service.Service):
                 "id": model_id,
                 "state": "starting",
                 "elapsed_s": round(now - since, 2),
-                "queue_length": snapshot.waiting.get(model_id, 0)
-                + snapshot.queued.count(model_id),
+                "queue_length": snapshot.waiting.get(model_id, 0) + snapshot.queued.count(model_id),
             }
             for model_id, since in sorted(self._loading_since.items())
         ]

@@ -1137,7 +1137,12 @@ class FeatureTests(ServiceTestCase):
             {
                 "v": responder_model(
                     free_port(),
-                    capabilities={"in": ["text", "image"], "out": ["text"], "tools": True, "context": 8192},
+                    capabilities={
+                        "in": ["text", "image"],
+                        "out": ["text"],
+                        "tools": True,
+                        "context": 8192,
+                    },
                     metadata={"context_length": 1, "keep": True},
                 )
             }
