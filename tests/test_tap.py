@@ -143,3 +143,24 @@ class ConfigDirTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             load_config_sources(main, extra, environ={})
         self.assertIn('duplicate models "a"', caught.exception.problems[0])
+
+
+class ExampleConfigTests(TestCase):
+    async def test_example_config_builds_the_service(self) -> None:
+        """Every section of etc/config.example.yaml is understood by the
+        running service: routing, peers, profiles and selectors."""
+        from llamaswap.config import load_config
+        from llamaswap.scheduling.groups import GroupPlanner
+        from llamaswap.tap import LlamaSwapService
+
+        config = load_config(os.path.join(REPO, "etc", "config.example.yaml"))
+        core = LlamaSwapService(config, reactor)
+        self.assertIsInstance(core.router.planner, GroupPlanner)
+        self.assertIn("gpu-box/llama-3.3-70b", core.app.peers.routable_names())
+        self.assertIn("quick", core.app.profiles.profiles)
+        self.assertIn("any-chat", core.app.profiles.selectors)
+        ids = [record["id"] for record in core.app.model_records()]
+        self.assertIn("any-chat", ids)
+        self.assertNotIn("nomic-embed", ids)
+        await core.recorder.store.close()
+        await core.app.close()
