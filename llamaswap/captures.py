@@ -234,7 +234,10 @@ class CaptureCache:
 
     def add(self, capture: Capture) -> bool:
         """Store ``capture``; False (nothing stored) when it alone exceeds the budget."""
-        data = self._compressor.compress(capture.to_cbor())
+        # zstd's output object keeps the whole compress-bound allocation
+        # (megabytes for a capped body) however small the result: keep a
+        # right-sized copy, or every capture pins its worst case in memory.
+        data = bytes(bytearray(self._compressor.compress(capture.to_cbor())))
         if len(data) > self.budget_bytes:
             return False
         old = self._items.pop(capture.id, None)

@@ -29,6 +29,7 @@ from llamaswap.activity import activity_page_json, narrow_accept_encoding, parse
 from llamaswap.config import Config
 from llamaswap.filters import apply_filters
 from llamaswap.inflight import InflightEntry, InflightTracker
+from llamaswap.loading import LoadingStream, relay_body_only, wants_loading_stream
 from llamaswap.peers import (
     PeerTarget,
     peer_model_records,
@@ -57,7 +58,7 @@ from llamaswap.profiles import (
 from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
 from llamaswap.recording import RECORDED_PATHS, ActivityRecorder, Recording
 from llamaswap.router import RequestFailed, Router, TooManyRequests
-from llamaswap.scheduling import ShuttingDown, UnknownModel
+from llamaswap.scheduling import ShuttingDown, Ticket, UnknownModel
 from llamaswap.web.auth import ApiKeys, find_credential, unauthorized
 from llamaswap.web.cors import preflight
 from llamaswap.web.errors import render_error, write_error, write_too_many
@@ -200,6 +201,8 @@ class _Local:
 
     model_id: str
     target: bytes
+    #: the client asked for a streamed answer (decides the loading stream)
+    streaming: bool = False
 
     @property
     def name(self) -> str:
@@ -348,7 +351,8 @@ class LlamaSwapApp:
             body = replace_multipart_model(ctype, body, model.use_model_name)
         target = upstream_path + (b"?" + query if query else b"")
         recording = self._begin_recording(request, model_id, request.path, body, metadata)
-        return self._dispatch(request, _Local(model_id, target), body, recording)
+        local = _Local(model_id, target, streaming=extracted.streaming)
+        return self._dispatch(request, local, body, recording)
 
     def _to_peer(
         self,
@@ -437,7 +441,9 @@ class LlamaSwapApp:
             )
         target = remaining + (b"?" + query if query else b"")
         recording = self._begin_recording(request, model_id, remaining, body)
-        return self._dispatch(request, _Local(model_id, target), body, recording)
+        streaming = parse_qs(query).get(b"stream") == [b"true"] if query else False
+        local = _Local(model_id, target, streaming=streaming)
+        return self._dispatch(request, local, body, recording)
 
     def _ignored(self, path: bytes) -> bool:
         text = path.decode("utf-8", "replace")
@@ -538,7 +544,8 @@ class LlamaSwapApp:
         """Wait for the model and relay the request.  Returns the error text
         for the activity row when no upstream response arrived ("" if one did)."""
         try:
-            lease = await self.router.acquire(local.model_id)
+            # Admission comes first: a 429 is never preceded by a loading stream.
+            ticket = self.router.admit(local.model_id)
         except TooManyRequests:
             write_too_many(request)
             return "Too many requests"
@@ -546,10 +553,32 @@ class LlamaSwapApp:
             message = "no local server found for requested model"
             write_error(request, 404, message)
             return message
-        except (RequestFailed, ShuttingDown) as exc:
+        except ShuttingDown as exc:
             message = f"unspecific error: {exc}"
             write_error(request, 500, message)
             return message
+        waiting = self.router.wait(ticket)
+        loading: LoadingStream | None = None
+        try:
+            if not waiting.called:
+                loading = self._loading_stream(request, local, ticket)
+                if loading is not None:
+                    loading.start()
+            lease = await waiting
+        except (RequestFailed, ShuttingDown) as exc:
+            message = f"unspecific error: {exc}"
+            if loading is not None:
+                await loading.fail(message)
+            else:
+                write_error(request, 500, message)
+            return message
+        except BaseException:
+            # Cancelled (client gone, /api/inflight cancel) or a bug: withdraw
+            # the ticket if still waiting and silence the loading stream.
+            if loading is not None:
+                loading.stop()
+            waiting.cancel()
+            raise
         try:
             carried = getattr(request, "llamaswap_credential_header", None)
             headers = forward_headers(
@@ -557,8 +586,15 @@ class LlamaSwapApp:
                 client_ip=_client_ip(request),
                 drop=(carried,) if carried else (),
             )
+            target = request
+            if loading is not None:
+                await loading.finish()
+                # The upstream body is appended to our event stream as is: it
+                # must not be compressed, and its status/headers go nowhere.
+                headers.removeHeader(b"accept-encoding")
+                target = relay_body_only(request)
             return await self._relay(
-                request,
+                target,
                 self.client,
                 lease.upstream + local.target,
                 headers,
@@ -568,6 +604,28 @@ class LlamaSwapApp:
             )
         finally:
             lease.release()
+
+    def _loading_stream(self, request: Any, local: _Local, ticket: Ticket) -> LoadingStream | None:
+        """A loading stream for ``request`` when §7.1 asks for one."""
+        if self._reactor is None:
+            return None
+        model = self.config.models.get(local.model_id)
+        if model is None:
+            return None
+        enabled = (
+            model.send_loading_state
+            if model.send_loading_state is not None
+            else self.config.send_loading_state
+        )
+        ready = self._state_of(local.model_id) == ProcessState.READY.value
+        if not wants_loading_stream(local.streaming, enabled, local.target, ready):
+            return None
+        return LoadingStream(
+            request,
+            local.model_id,
+            self._reactor,
+            queue_position=lambda: self.router.queue_position_of(ticket),
+        )
 
     async def _serve_remote(
         self, request: Any, remote: _Remote, body: bytes, on_response: ResponseHook | None
