@@ -1165,3 +1165,34 @@ class FeatureTests(ServiceTestCase):
         await poll_until(lambda: self.state("b") is ProcessState.READY)
         self.assertEqual(self.state("a"), ProcessState.STOPPED)  # one at a time: b replaced a
         await self.settled()
+
+
+class LoadingStateTests(ServiceTestCase):
+    async def test_loading_progress_then_model_stream(self) -> None:
+        """With sendLoadingState, a streaming chat for a model that is not
+        loaded first receives typed loading progress, then the model's own
+        events in the same response."""
+        await self.start(
+            {"a": responder_model(free_port(), "--startup-delay", "0.8")}, sendLoadingState=True
+        )
+        response = await self.chat("a", stream=True)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
+        body = (await response.content()).decode()
+        events = [line[len("data: ") :] for line in body.splitlines() if line.startswith("data: ")]
+        reasoning = "".join(
+            json.loads(e)["choices"][0]["delta"].get("reasoning_content", "")
+            for e in events
+            if e.startswith("{") and "reasoning_content" in e
+        )
+        self.assertIn("loading model: a", reasoning)
+        self.assertIn("Done! (", reasoning)
+        self.assertEqual(events[-1].strip(), "[DONE]")
+        await self.settled()
+
+    async def test_loaded_model_gets_no_loading_stream(self) -> None:
+        """A model that is already ready answers directly."""
+        await self.start({"a": responder_model(free_port())}, sendLoadingState=True)
+        await (await self.chat("a")).content()
+        response = await self.chat("a", stream=True)
+        self.assertNotIn(b"reasoning_content", await response.content())
