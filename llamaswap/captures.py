@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import functools
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,7 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
 
 
+@functools.lru_cache(maxsize=1024)
 def canonical_header_name(name: str) -> str:
     """Go's canonical MIME header spelling: ``x-api-key`` → ``X-Api-Key``."""
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))

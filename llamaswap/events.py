@@ -153,7 +153,11 @@ class EventBus:
         self._subscribers.append(subscription)
         return subscription
 
-    def publish(self, kind: str, payload: Any) -> Event:
+    def publish(self, kind: str, payload: Any) -> Event | None:
+        """Send ``payload`` to every subscriber; with none, nothing is even
+        encoded (``None`` is returned)."""
+        if not self._subscribers:
+            return None
         event = Event.of(kind, payload)
         self.publish_event(event)
         return event
@@ -173,22 +177,22 @@ class EventBus:
 
     # -- typed helpers ------------------------------------------------------
 
-    def model_status(self, models: Sequence[Mapping[str, Any]]) -> Event:
+    def model_status(self, models: Sequence[Mapping[str, Any]]) -> Event | None:
         return self.publish(MODEL_STATUS, list(models))
 
-    def log_data(self, source: str, text: str) -> Event:
+    def log_data(self, source: str, text: str) -> Event | None:
         return self.publish(LOG_DATA, log_data_payload(source, text))
 
-    def activity(self, activity_id: int) -> Event:
+    def activity(self, activity_id: int) -> Event | None:
         return self.publish(ACTIVITY, {"id": activity_id})
 
-    def inflight(self, payload: Mapping[str, Any]) -> Event:
+    def inflight(self, payload: Mapping[str, Any]) -> Event | None:
         return self.publish(INFLIGHT, dict(payload))
 
-    def profile_changed(self, active: str | None) -> Event:
+    def profile_changed(self, active: str | None) -> Event | None:
         return self.publish(PROFILE_CHANGED, {"active": active})
 
-    def ui_config(self, config: Mapping[str, Any]) -> Event:
+    def ui_config(self, config: Mapping[str, Any]) -> Event | None:
         return self.publish(UI_CONFIG, dict(config))
 
 

@@ -41,13 +41,14 @@ class InflightEntry:
     __slots__ = (
         "id",
         "started",
-        "timestamp",
         "model",
         "req_path",
         "method",
-        "req_headers",
+        "_req_source",
+        "_req_flat",
         "remote_ip",
-        "resp_headers",
+        "_resp_source",
+        "_resp_flat",
         "resp_bytes",
         "metadata",
         "_canceller",
@@ -63,25 +64,49 @@ class InflightEntry:
         model: str,
         req_path: str,
         method: str,
-        req_headers: dict[str, str],
+        req_headers: HeaderSource | None,
         remote_ip: str,
         metadata: Mapping[str, Any] | None,
     ) -> None:
         self.id = entry_id
         self.started = started
-        self.timestamp = _timestamp(started)
         self.model = model
         self.req_path = req_path
         self.method = method
-        self.req_headers = req_headers
+        # Headers are flattened (and redacted) only when someone looks: most
+        # requests are never shown to anyone.
+        self._req_source = req_headers
+        self._req_flat: dict[str, str] | None = None
         self.remote_ip = remote_ip
-        self.resp_headers: dict[str, str] = {}
+        self._resp_source: HeaderSource | None = None
+        self._resp_flat: dict[str, str] | None = {}
         self.resp_bytes = 0
         self.metadata = dict(metadata) if metadata else None
         self._canceller: Callable[[], object] | None = None
         self._last_publish: float | None = None
         self._trailing: IDelayedCall | None = None
         self._removed = False
+
+    @property
+    def timestamp(self) -> str:
+        return _timestamp(self.started)
+
+    @property
+    def req_headers(self) -> dict[str, str]:
+        if self._req_flat is None:
+            self._req_flat = flatten_headers(self._req_source)
+        return self._req_flat
+
+    @property
+    def resp_headers(self) -> dict[str, str]:
+        if self._resp_flat is None:
+            self._resp_flat = flatten_headers(self._resp_source)
+        return self._resp_flat
+
+    @resp_headers.setter
+    def resp_headers(self, headers: HeaderSource | None) -> None:
+        self._resp_source = headers
+        self._resp_flat = None
 
     def set_canceller(self, canceller: Callable[[], object] | None) -> None:
         """What ``POST /api/inflight/{id}/cancel`` calls (e.g. cancel the serve Deferred)."""
@@ -154,7 +179,7 @@ class InflightTracker:
             model,
             _text(req_path),
             _text(method),
-            flatten_headers(req_headers),
+            req_headers,
             _text(remote_ip or ""),
             metadata,
         )
@@ -165,7 +190,7 @@ class InflightTracker:
     def response_started(self, entry: InflightEntry, resp_headers: HeaderSource | None) -> None:
         if entry._removed:
             return
-        entry.resp_headers = flatten_headers(resp_headers)
+        entry.resp_headers = resp_headers
         self._upsert(entry)
 
     def add_bytes(self, entry: InflightEntry, count: int) -> None:
@@ -240,6 +265,8 @@ class InflightTracker:
             entry._trailing = None
 
     def _enqueue(self, subject: InflightEntry | str) -> None:
+        if not len(self._bus):
+            return  # nobody listens; a new subscriber starts from a snapshot
         if not self._snapshot_due:
             if len(self._outbox) >= self._outbox_limit:
                 self._outbox.clear()
