@@ -19,6 +19,7 @@ from llamaswap.activity import ActivityEntry, Usage, UsageParser
 from llamaswap.captures import CaptureBuffer, CaptureCache, build_capture
 from llamaswap.prometheus import Metrics, api_key_label
 from llamaswap.store import IActivityStore
+from llamaswap.web.site import after_flush
 
 log = Logger()
 
@@ -93,6 +94,7 @@ class Recording:
         self._parser: UsageParser | None = None
         self._buffer: CaptureBuffer | None = None
         self._done = False
+        self._finished_at = started
 
     def on_response(self, response: IResponse) -> Callable[[bytes], None]:
         """Hook for :meth:`UpstreamClient.forward`: returns the body observer."""
@@ -117,7 +119,9 @@ class Recording:
         if self._done:
             return
         self._done = True
-        self._recorder._record(self, status, error)
+        # Parse, store and capture once the response bytes are on their way.
+        self._finished_at = self._recorder._clock.seconds()
+        after_flush(self._recorder._clock, self._recorder._record, self, status, error)
 
     def _usage(self, error: str) -> Usage:
         if self._parser is not None:
@@ -173,7 +177,7 @@ class ActivityRecorder:
                 note=usage.warning,
             )
         code = recording.status or status or 0
-        wall_ms = int((self._clock.seconds() - recording.started) * 1000)
+        wall_ms = int((recording._finished_at - recording.started) * 1000)
         if self.metrics is not None:
             tokens = usage.tokens
             ttfb = (

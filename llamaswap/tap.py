@@ -495,7 +495,7 @@ def makeService(options: Options) -> service.MultiService:
             "listening on {endpoint}: reachable from other hosts and no apiKeys are configured",
             endpoint=endpoint,
         )
-    site = LlamaSwapSite(core.app.resource())
+    site = LlamaSwapSite(core.app.resource(), reactor)
     web = strports.service(endpoint, site)
     web.setServiceParent(top)
     notify = SystemdNotifyService(

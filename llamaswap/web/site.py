@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
@@ -35,15 +36,36 @@ class LlamaSwapRequest(Request):
         self.content = BytesIO()
 
 
+def after_flush(reactor: Any, fn: Callable[..., object], *args: Any) -> None:
+    """Run ``fn(*args)`` once the reactor has written out what is buffered.
+
+    Responses are written to sockets in the reactor's next I/O pass, which
+    comes *after* the delayed calls due now; one call scheduled from another
+    runs after that pass.  Bookkeeping done this way (access log, activity
+    rows) no longer delays the bytes the client is waiting for."""
+    reactor.callLater(0, reactor.callLater, 0, fn, *args)
+
+
 class LlamaSwapSite(Site):
     """Serves llamaswap with llama-swap's access-log line format."""
 
     requestFactory = LlamaSwapRequest
     displayTracebacks = False
 
+    def __init__(self, resource: Any, reactor: Any = None, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self._reactor = reactor
+
     def log(self, request: Any) -> None:
         started = getattr(request, "received_at", None)
         duration = time.monotonic() - started if started is not None else 0.0
+        after_flush(self._reactor, self._log_access, request, duration)
+
+    def _log_access(self, request: Any, duration: float) -> None:
         line = request_access_line(request, duration=duration)
         if line is not None:
             log.info("{access_line}", access_line=line)
