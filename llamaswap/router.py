@@ -172,6 +172,10 @@ class Router:
             return defer.fail()
         return self.wait(ticket)
 
+    def upstream_of(self, model_id: str) -> bytes:
+        """The base URL of a model's server."""
+        return self._upstreams[model_id]
+
     def queue_position_of(self, ticket: Ticket) -> int | None:
         return self._queue_positions.get(ticket)
 

@@ -117,6 +117,20 @@ def make_handler(ready_at: float) -> type[BaseHTTPRequestHandler]:
                     self.write_chunk(b"")
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
+            elif url.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
+                # Not real WebSocket framing: after the 101, echo raw bytes
+                # back (prefixed), which is all a byte-for-byte relay needs.
+                self.wfile.write(
+                    b"HTTP/1.1 101 Switching Protocols\r\n"
+                    b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                )
+                self.wfile.flush()
+                while True:
+                    data = self.connection.recv(65536)
+                    if not data:
+                        break
+                    self.connection.sendall(b"echo:" + data)
+                self.close_connection = True
             elif url.path == "/":
                 self.send_json(200, {"pid": os.getpid()})
             else:

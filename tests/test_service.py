@@ -1196,3 +1196,55 @@ class LoadingStateTests(ServiceTestCase):
         await (await self.chat("a")).content()
         response = await self.chat("a", stream=True)
         self.assertNotIn(b"reasoning_content", await response.content())
+
+
+class WebSocketTests(ServiceTestCase):
+    async def upgrade(self, path: str) -> tuple[Any, list[bytes]]:
+        """Open a raw connection and send a WebSocket upgrade for ``path``."""
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        received: list[bytes] = []
+
+        class Client(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        client = Client()
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port), client
+        )
+        client.transport.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+        return client, received
+
+    async def test_upgrade_starts_model_and_relays_both_ways(self) -> None:
+        """A WebSocket upgrade through /upstream starts the model, gets the
+        101, relays bytes both ways and counts in flight until it closes."""
+        await self.start({"a": responder_model(free_port())})
+        client, received = await self.upgrade("/upstream/a/ws")
+        await poll_until(lambda: b"101 Switching Protocols" in b"".join(received))
+        self.assertEqual(self.router.scheduler.in_flight("a"), 1)
+        client.transport.write(b"ping")
+        await poll_until(lambda: b"echo:ping" in b"".join(received))
+        client.transport.loseConnection()
+        await self.settled()
+
+    async def test_ignored_websockets_never_start_or_count(self) -> None:
+        """With compat.ignoreWebsockets an upgrade cannot start the model
+        (409) and, once it is loaded, is relayed without counting."""
+        await self.start({"a": responder_model(free_port(), compat={"ignoreWebsockets": True})})
+        client, received = await self.upgrade("/upstream/a/ws")
+        await poll_until(lambda: b"409" in b"".join(received))
+        self.assertIn(b"ignored websocket requests cannot start it", b"".join(received))
+        client.transport.loseConnection()
+        self.assertEqual(self.state("a"), ProcessState.STOPPED)
+        await (await self.chat("a")).content()
+        client, received = await self.upgrade("/upstream/a/ws")
+        await poll_until(lambda: b"101" in b"".join(received))
+        self.assertEqual(self.router.scheduler.in_flight("a"), 0)
+        client.transport.write(b"hi")
+        await poll_until(lambda: b"echo:hi" in b"".join(received))
+        client.transport.loseConnection()

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, unquote
 
 from klein import Klein
 from twisted.internet import defer
+from twisted.internet.error import ConnectError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -65,6 +66,7 @@ from llamaswap.web.errors import render_error, write_error, write_too_many
 from llamaswap.web.extract import extract_model, replace_multipart_model
 from llamaswap.web.streams import StreamsResource
 from llamaswap.web.ui import UIResource
+from llamaswap.websocket import is_upgrade, relay_upgrade
 
 log = Logger()
 
@@ -259,6 +261,13 @@ class LlamaSwapApp:
         self.profile_state = ProfileState(self.profiles.profiles)
         self.selectors = SelectorRuntime(self.profiles.selectors)
         self.ignore_paths = compile_ignore_paths(config.document)
+        self.ignore_websockets = frozenset(
+            model_id
+            for model_id in config.models
+            if model_id == COMFYUI_MODEL
+            or (_model_section(config, model_id).get("compat") or {}).get("ignoreWebsockets")
+            is True
+        )
         self.capabilities = {
             model_id: capability_fields(_model_section(config, model_id).get("capabilities"))
             for model_id in config.models
@@ -440,6 +449,8 @@ class LlamaSwapApp:
                 f"model {model_id} is not loaded; path matches upstream.ignorePaths",
             )
         target = remaining + (b"?" + query if query else b"")
+        if is_upgrade(request.requestHeaders):
+            return self._upgrade(request, model_id, target, body)
         recording = self._begin_recording(request, model_id, remaining, body)
         streaming = parse_qs(query).get(b"stream") == [b"true"] if query else False
         local = _Local(model_id, target, streaming=streaming)
@@ -470,7 +481,59 @@ class LlamaSwapApp:
             )
         body = request.content.read() if request.content is not None else b""
         target = remaining + (b"?" + query if query else b"")
+        if is_upgrade(request.requestHeaders):
+            return self._upgrade(request, COMFYUI_MODEL, target, body)
         return self._dispatch(request, _Local(COMFYUI_MODEL, target), body)
+
+    def _upgrade(self, request: Any, model_id: str, target: bytes, body: bytes) -> object:
+        d = defer.Deferred.fromCoroutine(self._serve_upgrade(request, model_id, target, body))
+        d.addErrback(lambda f: log.failure("websocket relay for {model} failed", f, model=model_id))
+        return NOT_DONE_YET
+
+    async def _serve_upgrade(self, request: Any, model_id: str, target: bytes, body: bytes) -> None:
+        """A WebSocket upgrade: relayed byte for byte once the model is ready.
+
+        With ``compat.ignoreWebsockets`` (always for ``comfyui_auto``) it
+        neither starts the model nor counts as in flight (§6.10)."""
+        carried = getattr(request, "llamaswap_credential_header", None)
+        headers = request.requestHeaders.copy()
+        if carried:
+            headers.removeHeader(carried)
+        client_ip = _client_ip(request)
+        if client_ip:
+            prior = headers.getRawHeaders(b"x-forwarded-for")
+            chain = b", ".join([*(prior or []), client_ip.encode()])
+            headers.setRawHeaders(b"x-forwarded-for", [chain])
+        if model_id in self.ignore_websockets:
+            if self._state_of(model_id) != "ready":
+                write_error(
+                    request,
+                    409,
+                    f"model {model_id} is not loaded; ignored websocket requests cannot start it",
+                )
+                return
+            await self._splice(request, self.router.upstream_of(model_id), target, headers, body)
+            return
+        try:
+            lease = await self.router.acquire(model_id)
+        except TooManyRequests:
+            write_too_many(request)
+            return
+        except (RequestFailed, ShuttingDown, UnknownModel) as exc:
+            write_error(request, 500, f"unspecific error: {exc}")
+            return
+        try:
+            await self._splice(request, lease.upstream, target, headers, body)
+        finally:
+            lease.release()
+
+    async def _splice(
+        self, request: Any, upstream: bytes, target: bytes, headers: Headers, body: bytes
+    ) -> None:
+        try:
+            await relay_upgrade(request, self._reactor, upstream, target, headers, body)
+        except ConnectError as exc:
+            write_error(request, 502, f"upstream unavailable: {exc}")
 
     def _dispatch(
         self,
