@@ -18,7 +18,6 @@ filters are applied, its ``apiKey`` replaces the client's credentials and
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -29,6 +28,7 @@ from twisted.web.http_headers import Headers
 
 from llamaswap.config.macros import format_value
 from llamaswap.config.model import Config, ConfigError
+from llamaswap.config.problems import describe, unknown_key_warnings, url_problem
 from llamaswap.filters import ModelFilters, apply_filters, parse_filters
 from llamaswap.web.extract import (
     extract_model,
@@ -183,44 +183,6 @@ class Peers:
 # --- reading and validating ---
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if value is None:
-        return "null"
-    return format_value(value)
-
-
-def _unknown_keys(entry: Mapping[str, Any], known: Collection[str], path: str) -> list[str]:
-    lines = []
-    by_lower = {name.lower(): name for name in known}
-    for key in entry:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(str(key).lower(), list(by_lower), n=1)
-        hint = f' (did you mean "{by_lower[close[0]]}"?)' if close else ""
-        lines.append(f"{path}.{key}: unknown key{hint}")
-    return lines
-
-
-def url_problem(url: str) -> str | None:
-    """Why ``url`` is not a usable http(s) base URL, or ``None``."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as e:
-        return f"invalid URL {url!r}: {e}"
-    if parts.scheme not in ("http", "https"):
-        return f"invalid URL {url!r}: scheme must be http or https"
-    if not parts.hostname:
-        return f"invalid URL {url!r}: missing host"
-    return None
-
-
 @dataclass
 class _Reading:
     peers: dict[str, PeerConfig] = field(default_factory=dict)
@@ -232,7 +194,7 @@ def _timeouts(raw: Any, path: str, problems: list[str]) -> PeerTimeouts:
     if raw is None:
         return PeerTimeouts()
     if not isinstance(raw, Mapping):
-        problems.append(f"{path}: must be a mapping, got {_describe(raw)}")
+        problems.append(f"{path}: must be a mapping, got {describe(raw)}")
         return PeerTimeouts()
     values = dict(PEER_TIMEOUT_DEFAULTS)
     for key in PEER_TIMEOUT_DEFAULTS:
@@ -242,7 +204,7 @@ def _timeouts(raw: Any, path: str, problems: list[str]) -> PeerTimeouts:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append(f"{path}.{key}: must be an integer, got {_describe(value)}")
+            problems.append(f"{path}.{key}: must be an integer, got {describe(value)}")
         elif value < 0:
             problems.append(f"{path}.{key}: must be >= 0, got {value}")
         else:
@@ -261,29 +223,29 @@ def _peer(peer_id: str, entry: Mapping[str, Any], reading: _Reading) -> PeerConf
     path = f"peers.{peer_id}"
     problems = reading.problems
     before = len(problems)
-    reading.warnings.extend(_unknown_keys(entry, PEER_KEYS, path))
+    reading.warnings.extend(unknown_key_warnings(entry, PEER_KEYS, path))
     proxy = entry.get("proxy")
     if proxy is None or proxy == "":
         problems.append(f"{path}.proxy: proxy is required")
     elif not isinstance(proxy, str):
-        problems.append(f"{path}.proxy: must be a URL string, got {_describe(proxy)}")
+        problems.append(f"{path}.proxy: must be a URL string, got {describe(proxy)}")
     elif (problem := url_problem(proxy)) is not None:
         problems.append(f"{path}.proxy: {problem}")
     api_key = entry.get("apiKey")
     if api_key is None:
         api_key = ""
     elif isinstance(api_key, Mapping | list):
-        problems.append(f"{path}.apiKey: must be a string, got {_describe(api_key)}")
+        problems.append(f"{path}.apiKey: must be a string, got {describe(api_key)}")
     elif not isinstance(api_key, str):
         api_key = format_value(api_key)
     models_raw = entry.get("models")
     models: list[str] = []
     if models_raw is not None and not isinstance(models_raw, list):
-        problems.append(f"{path}.models: must be a list of strings, got {_describe(models_raw)}")
+        problems.append(f"{path}.models: must be a list of strings, got {describe(models_raw)}")
     else:
         for index, item in enumerate(models_raw or ()):
             if isinstance(item, Mapping | list) or item is None:
-                problems.append(f"{path}.models[{index}]: must be a string, got {_describe(item)}")
+                problems.append(f"{path}.models[{index}]: must be a string, got {describe(item)}")
                 continue
             name = item if isinstance(item, str) else format_value(item)
             if name.strip() == "":
@@ -379,7 +341,7 @@ def _read(
     if raw is None:
         return reading
     if not isinstance(raw, Mapping):
-        reading.problems.append(f"peers: must be a mapping, got {_describe(raw)}")
+        reading.problems.append(f"peers: must be a mapping, got {describe(raw)}")
         return reading
     for peer_id in sorted(raw, key=str):
         entry = raw[peer_id]
@@ -388,7 +350,7 @@ def _read(
             reading.problems.append("peers: peer IDs can not be blank")
             continue
         if not isinstance(entry, Mapping):
-            reading.problems.append(f"peers.{peer_id}: must be a mapping, got {_describe(entry)}")
+            reading.problems.append(f"peers.{peer_id}: must be a mapping, got {describe(entry)}")
             continue
         peer = _peer(peer_id, entry, reading)
         if peer is not None:

@@ -18,7 +18,6 @@ profile is active), :class:`SelectorRuntime` (spillover reservations) and
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from urllib.parse import quote, unquote_to_bytes
 
 from llamaswap.config.macros import format_value
 from llamaswap.config.model import Config, ConfigError
+from llamaswap.config.problems import describe, unknown_key_warnings
 from llamaswap.peers import Peers, PeerTarget
 from llamaswap.scheduling.planner import ISwapPlanner
 
@@ -146,30 +146,6 @@ class ProfilesConfig:
 # --- reading and validating ---
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if value is None:
-        return "null"
-    return format_value(value)
-
-
-def _unknown_keys(entry: Mapping[str, Any], known: Collection[str], path: str) -> list[str]:
-    lines = []
-    by_lower = {name.lower(): name for name in known}
-    for key in entry:
-        if key in known:
-            continue
-        close = difflib.get_close_matches(str(key).lower(), list(by_lower), n=1)
-        hint = f' (did you mean "{by_lower[close[0]]}"?)' if close else ""
-        lines.append(f"{path}.{key}: unknown key{hint}")
-    return lines
-
-
 @dataclass
 class _Reading:
     profiles: dict[str, Profile] = field(default_factory=dict)
@@ -206,7 +182,7 @@ def _text(value: Any, path: str, problems: list[str]) -> str:
     if value is None:
         return ""
     if isinstance(value, Mapping | list):
-        problems.append(f"{path}: must be a string, got {_describe(value)}")
+        problems.append(f"{path}: must be a string, got {describe(value)}")
         return ""
     return value if isinstance(value, str) else format_value(value)
 
@@ -225,16 +201,16 @@ def _read_profile(
         return
     if not isinstance(entry, Mapping):
         problems.append(
-            f'{path}: must be a mapping with "description" and "pins", got {_describe(entry)}'
+            f'{path}: must be a mapping with "description" and "pins", got {describe(entry)}'
         )
         return
-    reading.warnings.extend(_unknown_keys(entry, PROFILE_KEYS, path))
+    reading.warnings.extend(unknown_key_warnings(entry, PROFILE_KEYS, path))
     before = len(problems)
     description = _text(entry.get("description"), f"{path}.description", problems)
     raw_pins = entry.get("pins")
     pins: dict[str, str] = {}
     if raw_pins is not None and not isinstance(raw_pins, Mapping):
-        problems.append(f"{path}.pins: must be a mapping, got {_describe(raw_pins)}")
+        problems.append(f"{path}.pins: must be a mapping, got {describe(raw_pins)}")
     elif not raw_pins:
         problems.append(f"{path}.pins: must contain at least one entry")
     else:
@@ -262,7 +238,7 @@ def _read_targets(
 ) -> list[SelectorTarget]:
     path = f"selectors.{selector_id}.targets"
     if raw is not None and not isinstance(raw, list):
-        problems.append(f"{path}: must be a list of strings, got {_describe(raw)}")
+        problems.append(f"{path}: must be a list of strings, got {describe(raw)}")
         return []
     if not raw:
         problems.append(f"{path}: must contain at least one entry")
@@ -272,7 +248,7 @@ def _read_targets(
     for index, item in enumerate(raw):
         where = f"{path}[{index}]"
         if item is None or isinstance(item, Mapping | list):
-            problems.append(f"{where}: must be a string, got {_describe(item)}")
+            problems.append(f"{where}: must be a string, got {describe(item)}")
             continue
         name = item if isinstance(item, str) else format_value(item)
         if name in selector_ids:
@@ -303,7 +279,7 @@ def _spillover_setting(raw: Any, path: str, problems: list[str]) -> int:
     if raw is None:
         return 1
     if not isinstance(raw, Mapping):
-        problems.append(f"{path}: must be a mapping, got {_describe(raw)}")
+        problems.append(f"{path}: must be a mapping, got {describe(raw)}")
         return 1
     value = raw.get("spillover")
     if value is None:
@@ -311,7 +287,7 @@ def _spillover_setting(raw: Any, path: str, problems: list[str]) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(f"{path}.spillover: must be an integer, got {_describe(value)}")
+        problems.append(f"{path}.spillover: must be an integer, got {describe(value)}")
         return 1
     if value < 1:
         problems.append(f"{path}.spillover: must be >= 1, got {value}")
@@ -330,9 +306,9 @@ def _read_selector(
     path = f"selectors.{selector_id}"
     problems = reading.problems
     if not isinstance(entry, Mapping):
-        problems.append(f"{path}: must be a mapping, got {_describe(entry)}")
+        problems.append(f"{path}: must be a mapping, got {describe(entry)}")
         return
-    reading.warnings.extend(_unknown_keys(entry, SELECTOR_KEYS, path))
+    reading.warnings.extend(unknown_key_warnings(entry, SELECTOR_KEYS, path))
     before = len(problems)
     if selector_id in names.model_ids:
         problems.append(f"{path}: selector ID conflicts with model ID {selector_id!r}")
@@ -345,7 +321,7 @@ def _read_selector(
         problems.append(f"{path}.strategy: is required (warm, pin or spillover)")
     elif strategy not in STRATEGIES:
         problems.append(
-            f"{path}.strategy: unknown strategy {_describe(strategy)} (valid: warm, pin, spillover)"
+            f"{path}.strategy: unknown strategy {describe(strategy)} (valid: warm, pin, spillover)"
         )
     strategy = strategy if strategy in STRATEGIES else ""
     targets = _read_targets(
@@ -353,7 +329,9 @@ def _read_selector(
     )
     settings = entry.get("settings")
     if settings is not None and isinstance(settings, Mapping):
-        reading.warnings.extend(_unknown_keys(settings, SELECTOR_SETTINGS_KEYS, f"{path}.settings"))
+        reading.warnings.extend(
+            unknown_key_warnings(settings, SELECTOR_SETTINGS_KEYS, f"{path}.settings")
+        )
     spillover = 1
     if strategy == "spillover":
         spillover = _spillover_setting(settings, f"{path}.settings", problems)
@@ -366,17 +344,17 @@ def _read_selector(
                 "matrix set)"
             )
     elif settings is not None and not isinstance(settings, Mapping):
-        problems.append(f"{path}.settings: must be a mapping, got {_describe(settings)}")
+        problems.append(f"{path}.settings: must be a mapping, got {describe(settings)}")
     name = _text(entry.get("name"), f"{path}.name", problems)
     description = _text(entry.get("description"), f"{path}.description", problems)
     metadata = entry.get("metadata")
     if metadata is not None and not isinstance(metadata, Mapping):
-        problems.append(f"{path}.metadata: must be a mapping, got {_describe(metadata)}")
+        problems.append(f"{path}.metadata: must be a mapping, got {describe(metadata)}")
     unlisted = entry.get("unlisted")
     if isinstance(unlisted, str) and unlisted in _YAML11_BOOLS:
         unlisted = _YAML11_BOOLS[unlisted]
     if unlisted is not None and not isinstance(unlisted, bool):
-        problems.append(f"{path}.unlisted: must be true or false, got {_describe(unlisted)}")
+        problems.append(f"{path}.unlisted: must be true or false, got {describe(unlisted)}")
     if len(problems) == before:
         reading.selectors[selector_id] = Selector(
             id=selector_id,
@@ -395,7 +373,7 @@ def _section(document: Mapping[str, Any], key: str, problems: list[str]) -> Mapp
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
-        problems.append(f"{key}: must be a mapping, got {_describe(raw)}")
+        problems.append(f"{key}: must be a mapping, got {describe(raw)}")
         return {}
     return raw
 

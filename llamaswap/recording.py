@@ -23,41 +23,6 @@ from llamaswap.web.site import after_flush
 
 log = Logger()
 
-#: POST paths whose requests are recorded (llama-swap §8.1), as seen upstream
-#: of any ``/v`` or ``/audioapi`` prefix handling: the client's path.
-RECORDED_PATHS = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/responses",
-        "/v1/completions",
-        "/v1/messages",
-        "/v1/messages/count_tokens",
-        "/v1/embeddings",
-        "/reranking",
-        "/rerank",
-        "/v1/rerank",
-        "/v1/reranking",
-        "/infill",
-        "/completion",
-        "/v1/audio/speech",
-        "/v1/audio/voices",
-        "/v1/images/generations",
-        "/sdapi/v1/txt2img",
-        "/sdapi/v1/img2img",
-        "/audioapi/v1/tasks/run",
-        "/v1/audio/transcriptions",
-        "/v1/images/edits",
-        "/v/chat/completions",
-        "/v/responses",
-        "/v/completions",
-        "/v/messages",
-        "/v/messages/count_tokens",
-        "/v/embeddings",
-        "/v/rerank",
-        "/v/reranking",
-    }
-)
-
 
 def _header(headers: Headers, name: bytes) -> str:
     values = headers.getRawHeaders(name)

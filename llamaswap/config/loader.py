@@ -8,14 +8,12 @@ document (macro declarations, ``models`` entries).
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -36,6 +34,7 @@ from llamaswap.config.macros import (
 )
 from llamaswap.config.merge import config_sources, merge_documents
 from llamaswap.config.model import DEFAULT_CONCURRENCY_LIMIT, Config, ConfigError, ModelConfig
+from llamaswap.config.problems import describe, join_path, unknown_key_warnings, url_problem
 from llamaswap.filters import parse_filters
 from llamaswap.web.auth import api_key_strings, validate_api_keys
 
@@ -280,7 +279,7 @@ def _parse_yaml(text: str) -> dict[str, Any]:
     if document is None:
         return {}
     if not isinstance(document, dict):
-        raise ConfigError([f"config: top level must be a mapping, got {_describe(document)}"])
+        raise ConfigError([f"config: top level must be a mapping, got {describe(document)}"])
     return document
 
 
@@ -308,18 +307,6 @@ def _visible(text: str) -> list[str]:
 # --- problem collection and typed field access ---
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "null"
-    return format_value(value)
-
-
 @dataclass
 class _Report:
     """Problems found so far; ``flagged`` paths get no further type errors."""
@@ -342,17 +329,7 @@ class _Report:
         )
 
     def unknown_keys(self, values: Mapping[str, Any], known: frozenset[str], path: str) -> None:
-        for key in values:
-            if key in known:
-                continue
-            by_lower = {name.lower(): name for name in known}
-            close = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
-            hint = f' (did you mean "{by_lower[close[0]]}"?)' if close else ""
-            self.warn(_join(path, key), f"unknown key{hint}")
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+        self.warnings.extend(unknown_key_warnings(values, known, path))
 
 
 _YAML11_BOOLS = {
@@ -370,7 +347,7 @@ class _Fields:
     report: _Report
 
     def _raw(self, key: str) -> tuple[str, Any]:
-        path = _join(self.path, key)
+        path = join_path(self.path, key)
         value = self.values.get(key)
         return path, None if self.report.is_flagged(path) else value
 
@@ -381,7 +358,7 @@ class _Fields:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            self.report.error(path, f"must be an integer, got {_describe(value)}")
+            self.report.error(path, f"must be an integer, got {describe(value)}")
             return default
         if minimum is not None and value < minimum:
             self.report.error(path, f"must be >= {minimum}, got {value}")
@@ -394,7 +371,7 @@ class _Fields:
             return default if value is None else value
         if isinstance(value, str) and value in _YAML11_BOOLS:
             return _YAML11_BOOLS[value]
-        self.report.error(path, f"must be true or false, got {_describe(value)}")
+        self.report.error(path, f"must be true or false, got {describe(value)}")
         return default
 
     def string(self, key: str, default: str = "") -> str:
@@ -402,7 +379,7 @@ class _Fields:
         if value is None:
             return default
         if isinstance(value, dict | list):
-            self.report.error(path, f"must be a string, got {_describe(value)}")
+            self.report.error(path, f"must be a string, got {describe(value)}")
             return default
         return value if isinstance(value, str) else format_value(value)
 
@@ -411,7 +388,7 @@ class _Fields:
         if value is None:
             return ()
         if not isinstance(value, list) or any(isinstance(item, dict | list) for item in value):
-            self.report.error(path, f"must be a list of strings, got {_describe(value)}")
+            self.report.error(path, f"must be a list of strings, got {describe(value)}")
             return ()
         return tuple(
             item if isinstance(item, str) else format_value(item)
@@ -424,7 +401,7 @@ class _Fields:
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self.report.error(path, f"must be a mapping, got {_describe(value)}")
+            self.report.error(path, f"must be a mapping, got {describe(value)}")
             return {}
         return value
 
@@ -451,7 +428,7 @@ def _build(raw: dict[str, Any]) -> Config:
         path = f"models.{model_id}"
         entry = models_raw[model_id]
         if not isinstance(entry, dict):
-            report.error(path, f"must be a mapping, got {_describe(entry)}")
+            report.error(path, f"must be a mapping, got {describe(entry)}")
             continue
         report.unknown_keys(entry, MODEL_KEYS, path)
         local = _Fields(entry, path, report).mapping("macros")
@@ -664,7 +641,7 @@ def _model_config(
     _command(cmd_stop, f"{path}.cmdStop", report)
     proxy = fields.string("proxy")
     if not report.is_flagged(f"{path}.proxy"):
-        problem = _url_problem(proxy)
+        problem = url_problem(proxy)
         if problem:
             report.error(f"{path}.proxy", problem)
 
@@ -712,19 +689,6 @@ def _command(cmd: str, path: str, report: _Report) -> tuple[str, ...]:
     except ValueError as e:
         report.error(path, f"cannot parse command: {e}")
         return ()
-
-
-def _url_problem(url: str) -> str | None:
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as e:
-        return f"invalid URL {url!r}: {e}"
-    if parts.scheme not in ("http", "https"):
-        return f"invalid URL {url!r}: scheme must be http or https"
-    if not parts.hostname:
-        return f"invalid URL {url!r}: missing host"
-    return None
 
 
 def _env(fields: _Fields) -> tuple[tuple[str, str], ...]:

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from typing import Any
 
 from llamaswap.config.model import Config, ConfigError
+from llamaswap.config.problems import describe
 from llamaswap.scheduling.groups import DEFAULT_GROUP, Group, GroupPlanner
 from llamaswap.scheduling.matrix import MatrixCompileError, MatrixPlanner, compile_matrix
 from llamaswap.scheduling.planner import ISwapPlanner
@@ -70,20 +71,6 @@ def validate_routing(
     return _read(document, model_ids, aliases)[1]
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
 def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -109,7 +96,7 @@ class _Reader:
         if value is None:
             return {}
         if not isinstance(value, Mapping):
-            self.error(path, f"must be a mapping, got {_describe(value)}")
+            self.error(path, f"must be a mapping, got {describe(value)}")
             return {}
         return value
 
@@ -120,7 +107,7 @@ class _Reader:
         if value is None or value == "":
             return valid[0]
         if value not in valid:
-            self.error(path, f"unknown {kind} {_describe(value)} (valid: {', '.join(valid)})")
+            self.error(path, f"unknown {kind} {describe(value)} (valid: {', '.join(valid)})")
             return valid[0]
         return value
 
@@ -194,7 +181,7 @@ def _flag(reader: _Reader, entry: Mapping[str, Any], key: str, path: str, defaul
     if value is None:
         return default
     if not isinstance(value, bool):
-        reader.error(f"{path}.{key}", f"must be true or false, got {_describe(value)}")
+        reader.error(f"{path}.{key}", f"must be true or false, got {describe(value)}")
         return default
     return value
 
@@ -210,19 +197,19 @@ def _groups(reader: _Reader, groups: Mapping[str, Any], path: str) -> GroupPlann
         if entry is None:
             entry = {}
         if not isinstance(entry, Mapping):
-            reader.error(group_path, f"must be a mapping, got {_describe(entry)}")
+            reader.error(group_path, f"must be a mapping, got {describe(entry)}")
             continue
         members = entry.get("members")
         if members is None:
             members = []
         elif not isinstance(members, list):
-            reader.error(f"{group_path}.members", f"must be a list, got {_describe(members)}")
+            reader.error(f"{group_path}.members", f"must be a list, got {describe(members)}")
             members = []
         seen: list[str] = []
         for index, member in enumerate(members):
             if not isinstance(member, str):
                 reader.error(
-                    f"{group_path}.members[{index}]", f"must be a string, got {_describe(member)}"
+                    f"{group_path}.members[{index}]", f"must be a string, got {describe(member)}"
                 )
                 continue
             model = reader.real_id(member)
@@ -264,7 +251,7 @@ def _matrix(reader: _Reader, matrix: Mapping[str, Any], path: str) -> MatrixPlan
         if not VAR_NAME.fullmatch(name):
             reader.error(var_path, r"var name must match ^[a-zA-Z0-9.-]{1,32}$")
         elif not isinstance(model, str):
-            reader.error(var_path, f"must be a model id, got {_describe(model)}")
+            reader.error(var_path, f"must be a model id, got {describe(model)}")
         elif model in reader.models:
             variables[name] = model
         elif model in reader.aliases:
@@ -288,7 +275,7 @@ def _matrix(reader: _Reader, matrix: Mapping[str, Any], path: str) -> MatrixPlan
             reader.error(f"{path}.evict_costs", f"unknown var or model {_q(key)}")
         elif not _is_int(cost) or cost <= 0:
             reader.error(
-                f"{path}.evict_costs.{key}", f"must be a positive integer, got {_describe(cost)}"
+                f"{path}.evict_costs.{key}", f"must be a positive integer, got {describe(cost)}"
             )
         elif model in costs and costs[model] != cost:
             reader.error(
@@ -308,7 +295,7 @@ def _matrix(reader: _Reader, matrix: Mapping[str, Any], path: str) -> MatrixPlan
         if isinstance(dsl, str):
             definitions.append((name, dsl))
         else:
-            reader.error(f"{path}.sets.{name}", f"must be a DSL string, got {_describe(dsl)}")
+            reader.error(f"{path}.sets.{name}", f"must be a DSL string, got {describe(dsl)}")
     if len(definitions) != len(sets):
         return None
     try:
@@ -329,7 +316,7 @@ def _priorities(reader: _Reader, priority: Mapping[str, Any]) -> dict[str, int]:
         if model is None:
             reader.error(path, f"unknown model {_q(key)}")
         elif not _is_int(value):
-            reader.error(f"{path}.{key}", f"must be an integer, got {_describe(value)}")
+            reader.error(f"{path}.{key}", f"must be an integer, got {describe(value)}")
         elif model in result and result[model] != value:
             reader.error(
                 path,
@@ -346,7 +333,7 @@ def _max_wait(reader: _Reader, fifo: Mapping[str, Any]) -> float:
     if value is None:
         return DEFAULT_MAX_WAIT
     if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
-        reader.error(f"{_FIFO}.maxWait", f"must be a number of seconds, got {_describe(value)}")
+        reader.error(f"{_FIFO}.maxWait", f"must be a number of seconds, got {describe(value)}")
         return DEFAULT_MAX_WAIT
     if value < 0:
         reader.error(f"{_FIFO}.maxWait", f"must be >= 0, got {value}")

@@ -57,13 +57,14 @@ from llamaswap.profiles import (
     selector_model_records,
 )
 from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
-from llamaswap.recording import RECORDED_PATHS, ActivityRecorder, Recording
+from llamaswap.recording import ActivityRecorder, Recording
 from llamaswap.router import RequestFailed, Router, TooManyRequests
 from llamaswap.scheduling import ShuttingDown, Ticket, UnknownModel
 from llamaswap.web.auth import ApiKeys, find_credential, unauthorized
 from llamaswap.web.cors import preflight
 from llamaswap.web.errors import render_error, write_error, write_too_many
 from llamaswap.web.extract import extract_model, replace_multipart_model
+from llamaswap.web.paths import _GET, INFERENCE_ROUTES, RECORDED_PATHS
 from llamaswap.web.streams import StreamsResource
 from llamaswap.web.ui import UIResource
 from llamaswap.websocket import is_upgrade, relay_upgrade
@@ -72,57 +73,6 @@ log = Logger()
 
 ResponseHook = Callable[[Any], Callable[[bytes], None] | None]
 
-_POST = frozenset({b"POST"})
-_GET = frozenset({b"GET", b"HEAD"})
-_BOTH = _GET | _POST
-
-_JSON_POSTS = (
-    "/v1/chat/completions",
-    "/v1/responses",
-    "/v1/completions",
-    "/v1/messages",
-    "/v1/messages/count_tokens",
-    "/v1/embeddings",
-    "/reranking",
-    "/rerank",
-    "/v1/rerank",
-    "/v1/reranking",
-    "/infill",
-    "/completion",
-    "/v1/audio/speech",
-    "/v1/images/generations",
-    "/sdapi/v1/txt2img",
-    "/sdapi/v1/img2img",
-    "/v1/audio/transcriptions",
-    "/v1/images/edits",
-)
-_VERSIONLESS = (
-    "chat/completions",
-    "responses",
-    "completions",
-    "messages",
-    "messages/count_tokens",
-    "embeddings",
-    "rerank",
-    "reranking",
-)
-
-
-def _routes() -> dict[bytes, tuple[bytes, frozenset[bytes]]]:
-    routes: dict[bytes, tuple[bytes, frozenset[bytes]]] = {}
-    for path in _JSON_POSTS:
-        routes[path.encode()] = (path.encode(), _POST)
-    for path in _VERSIONLESS:
-        routes[f"/v/{path}".encode()] = (f"/{path}".encode(), _POST)
-    routes[b"/v1/audio/voices"] = (b"/v1/audio/voices", _BOTH)
-    routes[b"/sdapi/v1/loras"] = (b"/sdapi/v1/loras", _GET)
-    routes[b"/props"] = (b"/props", _GET)
-    routes[b"/audioapi/v1/tasks/run"] = (b"/v1/tasks/run", _POST)
-    return routes
-
-
-#: request path -> (path sent upstream, allowed methods)
-INFERENCE_ROUTES = _routes()
 
 COMFYUI_MODEL = "comfyui_auto"
 CAPABILITY_KEYS = ("architecture", "capabilities", "supported_parameters", "context_length")
