@@ -966,6 +966,18 @@ class ObservabilityTests(ServiceTestCase):
         self.assertEqual(listing, [])
 
 
+def demo_model(name: str, **keys: Any) -> dict[str, Any]:
+    """A model entry running the packaged demo upstream (llamaswap.demo)."""
+    port = free_port()
+    entry: dict[str, Any] = {
+        "cmd": f"{PYTHON} -m llamaswap.demo --host 127.0.0.1 --port {port} --model {name}",
+        "proxy": f"http://127.0.0.1:{port}",
+        "env": [f"PYTHONPATH={REPO}"],
+    }
+    entry.update(keys)
+    return entry
+
+
 class RoutingTests(ServiceTestCase):
     async def use(self, model: str) -> None:
         response = await self.chat(model)
@@ -979,12 +991,7 @@ class RoutingTests(ServiceTestCase):
         """A swap:false group runs its members together; loading a model of
         the (exclusive) default group evicts them; a persistent group stays."""
         await self.start(
-            {
-                "a": responder_model(free_port()),
-                "b": responder_model(free_port()),
-                "c": responder_model(free_port()),
-                "p": responder_model(free_port()),
-            },
+            {name: demo_model(name) for name in ("a", "b", "c", "p")},
             groups={
                 "pair": {"swap": False, "members": ["a", "b"]},
                 "keep": {"persistent": True, "exclusive": False, "members": ["p"]},
@@ -1002,12 +1009,7 @@ class RoutingTests(ServiceTestCase):
         """The matrix router keeps models that share a set and evicts the
         rest; a model in no set runs alone."""
         await self.start(
-            {
-                "a": responder_model(free_port()),
-                "b": responder_model(free_port()),
-                "c": responder_model(free_port()),
-                "solo": responder_model(free_port()),
-            },
+            {name: demo_model(name) for name in ("a", "b", "c", "solo")},
             routing={
                 "router": {
                     "use": "matrix",
@@ -1248,3 +1250,52 @@ class WebSocketTests(ServiceTestCase):
         client.transport.write(b"hi")
         await poll_until(lambda: b"echo:hi" in b"".join(received))
         client.transport.loseConnection()
+
+    async def test_selectors_and_alias_listing(self) -> None:
+        """A warm selector sends requests to a loaded target first; alias
+        records appear in /v1/models with includeAliasesInList."""
+        await self.start(
+            {"a": demo_model("a", aliases=["alpha"]), "b": demo_model("b")},
+            includeAliasesInList=True,
+            selectors={"any": {"strategy": "warm", "targets": ["a", "b"]}},
+        )
+        await self.use("b")
+        response = await self.chat("any")
+        self.assertIn("demo model b", (await response.json())["choices"][0]["message"]["content"])
+        self.assertEqual(self.running(), ["b"])
+        listing = await (await treq.get(self.url + "/v1/models", pool=self.pool)).json()
+        by_id = {record["id"]: record for record in listing["data"]}
+        self.assertEqual(by_id["alpha"]["meta"]["llamaswap"]["type"], "alias")
+        self.assertEqual(by_id["any"]["meta"]["llamaswap"]["type"], "selector")
+        activity = self.service.recorder.store.log
+        await poll_until(lambda: len(activity) == 2)
+        self.assertEqual(activity.recent()[-1].metadata.get("selector"), "any")
+
+
+class WatchConfigTests(TestCase):
+    async def test_changed_file_triggers_reload(self) -> None:
+        """--watch-config polls the config file and reloads once it changes
+        (the first poll is only a baseline)."""
+        import tempfile
+
+        from llamaswap.tap import ReloadService
+
+        handle, path = tempfile.mkstemp(suffix=".yaml")
+        os.close(handle)
+        self.addCleanup(os.unlink, path)
+        with open(path, "w") as f:
+            json.dump({"models": {"a": responder_model(free_port())}}, f)
+        config = load_config_text(open(path).read(), environ=dict(os.environ))
+        core = LlamaSwapService(config, reactor, (path, None))
+        core.startService()
+        self.addCleanup(core.stopService)
+        watcher = ReloadService(core, reactor, watch=True, interval=0.05)
+        watcher.startService()
+        self.addCleanup(watcher.stopService)
+        await poll_until(lambda: watcher._seen is not None)
+        with open(path, "w") as f:
+            json.dump(
+                {"models": {"a": responder_model(free_port()), "z": responder_model(free_port())}},
+                f,
+            )
+        await poll_until(lambda: "z" in core.config.models)
