@@ -36,10 +36,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    LogEvent,
     Logger,
     LogLevel,
     eventAsText,
-    textFileLogObserver,
+    formatEvent,
 )
 
 log = Logger()
@@ -628,4 +629,33 @@ def journald_observer(
     env = os.environ if environ is None else environ
     if is_journal_stream(out, env.get("JOURNAL_STREAM")):
         return FileLogObserver(out, format_journal_event)
-    return textFileLogObserver(out)
+    return FileLogObserver(out, format_text_event)
+
+
+_stamp_cache: list[Any] = [None, ""]
+
+
+def _stamp(when: float) -> str:
+    """twistd's ``2026-01-02T03:04:05+0000``, formatted once per second."""
+    second = int(when)
+    if _stamp_cache[0] != second:
+        _stamp_cache[0] = second
+        _stamp_cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
+    return _stamp_cache[1]
+
+
+def format_text_event(event: LogEvent) -> str | None:
+    """twistd's classic text line (``<time> [<system>] <message>``), with
+    the timestamp cached per second: every request logs an access line."""
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text = (text + "\n" if text else "") + failure.getTraceback()
+    if not text:
+        return None
+    system = event.get("log_system")
+    if system is None:
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
+    body = text.replace("\n", "\n\t")
+    return f"{_stamp(event.get('log_time') or time.time())} [{system}] {body}\n"

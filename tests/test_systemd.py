@@ -969,3 +969,33 @@ async def _accepts(port: int) -> bool:
 
 if sys.platform != "linux":  # pragma: no cover
     skip = "systemd integration is Linux only"
+
+
+class TextFormatTests(SynchronousTestCase):
+    def test_same_as_twistd_classic_text(self) -> None:
+        """The cached-timestamp text format writes exactly twistd's lines."""
+        import time as _time
+
+        from twisted.logger import LogLevel, formatEventAsClassicLogText
+
+        from llamaswap.systemd import format_text_event
+
+        now = _time.time()
+        events = [
+            {
+                "log_format": "hi {x}",
+                "x": 1,
+                "log_time": now,
+                "log_namespace": "a.b",
+                "log_level": LogLevel.warn,
+            },
+            {
+                "log_format": "two\nlines",
+                "log_time": now,
+                "log_system": "-",
+                "log_level": LogLevel.info,
+            },
+        ]
+        for event in events:
+            self.assertEqual(format_text_event(event), formatEventAsClassicLogText(event))
+        self.assertIsNone(format_text_event({"log_format": "", "log_time": now}))
