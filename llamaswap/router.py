@@ -234,6 +234,10 @@ class Router:
                 await defer.gatherResults(
                     [self.processes[m].stop(timeout) for m in sorted(evict)], consumeErrors=True
                 )
+            if not self.scheduler.is_swapping(target):
+                # Unloaded while its evictions ran: the scheduler has already
+                # answered its waiters; do not start a model nobody wants.
+                raise StartError(f"{self.scheduler.name}: model unloaded")
             retiring = self._retiring.get(target)
             if retiring is not None:
                 # A reload replaced this model: the old server still drains

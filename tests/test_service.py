@@ -1100,6 +1100,26 @@ class RoutingTests(ServiceTestCase):
         self.assertEqual(response.code, 404)
         await response.content()
 
+    async def test_selectors_and_alias_listing(self) -> None:
+        """A warm selector sends requests to a loaded target first; alias
+        records appear in /v1/models with includeAliasesInList."""
+        await self.start(
+            {"a": demo_model("a", aliases=["alpha"]), "b": demo_model("b")},
+            includeAliasesInList=True,
+            selectors={"any": {"strategy": "warm", "targets": ["a", "b"]}},
+        )
+        await self.use("b")
+        response = await self.chat("any")
+        self.assertIn("demo model b", (await response.json())["choices"][0]["message"]["content"])
+        self.assertEqual(self.running(), ["b"])
+        listing = await (await treq.get(self.url + "/v1/models", pool=self.pool)).json()
+        by_id = {record["id"]: record for record in listing["data"]}
+        self.assertEqual(by_id["alpha"]["meta"]["llamaswap"]["type"], "alias")
+        self.assertEqual(by_id["any"]["meta"]["llamaswap"]["type"], "selector")
+        activity = self.service.recorder.store.log
+        await poll_until(lambda: len(activity) == 2)
+        self.assertEqual(activity.recent()[-1].metadata.get("selector"), "any")
+
 
 class FeatureTests(ServiceTestCase):
     async def test_ignore_paths_do_not_start_models(self) -> None:
@@ -1250,26 +1270,6 @@ class WebSocketTests(ServiceTestCase):
         client.transport.write(b"hi")
         await poll_until(lambda: b"echo:hi" in b"".join(received))
         client.transport.loseConnection()
-
-    async def test_selectors_and_alias_listing(self) -> None:
-        """A warm selector sends requests to a loaded target first; alias
-        records appear in /v1/models with includeAliasesInList."""
-        await self.start(
-            {"a": demo_model("a", aliases=["alpha"]), "b": demo_model("b")},
-            includeAliasesInList=True,
-            selectors={"any": {"strategy": "warm", "targets": ["a", "b"]}},
-        )
-        await self.use("b")
-        response = await self.chat("any")
-        self.assertIn("demo model b", (await response.json())["choices"][0]["message"]["content"])
-        self.assertEqual(self.running(), ["b"])
-        listing = await (await treq.get(self.url + "/v1/models", pool=self.pool)).json()
-        by_id = {record["id"]: record for record in listing["data"]}
-        self.assertEqual(by_id["alpha"]["meta"]["llamaswap"]["type"], "alias")
-        self.assertEqual(by_id["any"]["meta"]["llamaswap"]["type"], "selector")
-        activity = self.service.recorder.store.log
-        await poll_until(lambda: len(activity) == 2)
-        self.assertEqual(activity.recent()[-1].metadata.get("selector"), "any")
 
 
 class WatchConfigTests(TestCase):

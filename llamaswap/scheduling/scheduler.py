@@ -152,6 +152,8 @@ class Scheduler:
         # targets of forgotten swaps whose swap_done is still to come
         self._stale: Counter[str] = Counter()
         self._queue: list[Ticket] = []
+        #: during a drain, the tickets not yet re-routed
+        self._draining: list[Ticket] = []
         self._steps: deque[Callable[[], None]] = deque()
         self._stepping = False
         self._closing = False
@@ -200,6 +202,10 @@ class Scheduler:
         """Stop ``models`` (all when ``None``), failing whoever waits for them."""
         targets = frozenset(self._limits if models is None else models).intersection(self._limits)
         self._run(lambda: self._on_unload(targets))
+
+    def is_swapping(self, target: str) -> bool:
+        """Whether a swap to ``target`` is active (not finished or forgotten)."""
+        return target in self._swaps
 
     def reconfigure(
         self,
@@ -366,7 +372,7 @@ class Scheduler:
         if self._collides(model, evict):
             return False
         if not evict and self._state_of(model) == "ready":
-            if self._held_back(model):
+            if self._held_back(ticket):
                 return False
             self._grant(ticket)
             return True
@@ -396,25 +402,34 @@ class Scheduler:
             if other != target
         )
 
-    def _held_back(self, model: str) -> bool:
-        """Whether a queued request for another model has waited ``max_wait``,
-        so ``model`` must not take the fast path (fairness, SPEC decision 3)."""
+    def _held_back(self, ticket: Ticket) -> bool:
+        """Whether ``ticket`` must not take the fast path because a request
+        for another model, queued before it, has waited ``max_wait``
+        (fairness, SPEC decision 3).  "Queued before" (not "ahead in the
+        queue"): a higher-priority request must not overtake an expired one,
+        and of two expired requests the older is never held by the newer."""
         if self._max_wait is None or self._clock is None:
             return False
-        deadline = self._clock() - self._max_wait
+        now = self._clock()
+        deadline = now - self._max_wait
+        since = ticket._queued_at if ticket._queued_at is not None else now
         return any(
-            ticket.model != model
-            and ticket._queued_at is not None
-            and ticket._queued_at <= deadline
-            for ticket in self._queue
+            other.model != ticket.model
+            and other._queued_at is not None
+            and other._queued_at <= deadline
+            and other._queued_at < since
+            for other in (*self._queue, *self._draining)
         )
 
     def _drain(self) -> None:
         """Re-route queued tickets in order; blocked ones keep their order."""
         pending, self._queue = self._queue, []
-        for ticket in pending:
+        for index, ticket in enumerate(pending):
+            # what is still queued behind this ticket, for _held_back
+            self._draining = pending[index + 1 :]
             if not self._route(ticket):
                 self._queue.append(ticket)
+        self._draining = []
         self._publish_positions()
 
     def _enqueue(self, ticket: Ticket) -> None:
