@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
-from llamaswap.logs import LogHub, LogMonitor, Mailbox
+from llamaswap.logs import LogHub, LogMonitor, Mailbox, MailboxSubscription
 
 if TYPE_CHECKING:
     from llamaswap.config import Config
@@ -71,7 +71,7 @@ class Event:
         return b"event:message\ndata:" + self.envelope.encode("utf-8") + b"\n\n"
 
 
-class EventSubscription:
+class EventSubscription(MailboxSubscription[Event]):
     """A subscriber's bounded queue.  Calling it (or :meth:`close`) unsubscribes."""
 
     def __init__(
@@ -105,25 +105,6 @@ class EventSubscription:
                 "event subscriber is too slow; dropping {kind} events until it catches up",
                 kind=event.kind,
             )
-
-    @property
-    def paused(self) -> bool:
-        return self._mailbox.paused
-
-    @property
-    def queued(self) -> int:
-        return len(self._mailbox)
-
-    def pause(self) -> None:
-        self._mailbox.pause()
-
-    def resume(self) -> None:
-        self._mailbox.resume()
-
-    def close(self) -> None:
-        self._mailbox.close()
-
-    __call__ = close
 
     def _detach(self) -> None:
         self._bus._remove(self)

@@ -145,7 +145,38 @@ def drop_marker(count: int) -> bytes:
     return f"\n— {count} bytes dropped —\n".encode()
 
 
-class LogSubscription:
+class MailboxSubscription(Generic[T]):
+    """A subscriber's handle on its :class:`Mailbox`: flow control and
+    unsubscribing.  Calling it (or :meth:`close`) unsubscribes."""
+
+    _mailbox: Mailbox[T]
+
+    @property
+    def paused(self) -> bool:
+        return self._mailbox.paused
+
+    @property
+    def queued(self) -> int:
+        return len(self._mailbox)
+
+    def pause(self) -> None:
+        self._mailbox.pause()
+
+    def resume(self) -> None:
+        self._mailbox.resume()
+
+    def close(self) -> None:
+        self._mailbox.close()
+
+    def __call__(self) -> None:
+        self.close()
+
+    def _detach(self) -> None:
+        """Remove this subscription from its source (the mailbox closed)."""
+        raise NotImplementedError
+
+
+class LogSubscription(MailboxSubscription[bytes]):
     """One live reader of a :class:`LogMonitor`.
 
     Calling it (or :meth:`close`) unsubscribes.  :meth:`pause` and
@@ -181,25 +212,6 @@ class LogSubscription:
         if not self._mailbox.closed:
             self.pending_dropped += len(data)
             self.dropped_total += len(data)
-
-    @property
-    def paused(self) -> bool:
-        return self._mailbox.paused
-
-    @property
-    def queued(self) -> int:
-        return len(self._mailbox)
-
-    def pause(self) -> None:
-        self._mailbox.pause()
-
-    def resume(self) -> None:
-        self._mailbox.resume()
-
-    def close(self) -> None:
-        self._mailbox.close()
-
-    __call__ = close
 
     def _detach(self) -> None:
         self._monitor._remove(self)
