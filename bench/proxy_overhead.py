@@ -26,7 +26,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ REPO_ROOT = BENCH_DIR.parent
 LOADGEN = BENCH_DIR / "loadgen.py"
 sys.path.insert(0, str(BENCH_DIR))
 
+from benchutil import demo_argv, free_ports, port_in_use  # noqa: E402
 from loadgen import percentile, wrk_available  # noqa: E402
 
 MODEL = "bench"
@@ -116,26 +116,6 @@ def make_settings(args: argparse.Namespace) -> Settings:
 # --------------------------------------------------------------------------
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 def http_status(url: str, body: str | None = None, timeout: float = 10.0) -> int:
     """The status of one request (0 when there was no HTTP answer)."""
     data = None if body is None else body.encode("utf-8")
@@ -168,22 +148,6 @@ def wait_for_status(
     raise BenchError(f"{url} did not answer 200 in time (last status {last or 'none'})")
 
 
-def upstream_command(port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "llamaswap.demo",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        MODEL,
-        "--tokens-per-second",
-        "0",
-    ]
-
-
 def write_config(directory: Path, upstream_port: int) -> Path:
     """A one-model llamaswap config (JSON is valid YAML)."""
     config = {
@@ -191,7 +155,7 @@ def write_config(directory: Path, upstream_port: int) -> Path:
         "logLevel": "warn",
         "models": {
             MODEL: {
-                "cmd": shlex.join(upstream_command(upstream_port)),
+                "cmd": shlex.join(demo_argv(upstream_port, MODEL, "--tokens-per-second", "0")),
                 "proxy": f"http://127.0.0.1:{upstream_port}",
                 # The default (10, as in llama-swap) would answer 429 at c=16.
                 "concurrencyLimit": CONCURRENCY_LIMIT,
@@ -270,7 +234,9 @@ def start_llamaswap(services: Services) -> None:
 def start_direct_upstream(services: Services) -> None:
     """Fallback when llamaswap failed: run the upstream ourselves."""
     log_path = services.workdir / "upstream.log"
-    services.direct_upstream = spawn(upstream_command(services.upstream_port), log_path)
+    services.direct_upstream = spawn(
+        demo_argv(services.upstream_port, MODEL, "--tokens-per-second", "0"), log_path
+    )
     deadline = time.monotonic() + STARTUP_DEADLINE_S
     url = f"http://127.0.0.1:{services.upstream_port}{CHAT_PATH}"
     wait_for_status(url, deadline, SMALL_BODY, alive=services.direct_upstream)

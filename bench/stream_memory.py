@@ -49,6 +49,9 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from benchutil import free_ports, port_in_use  # noqa: E402
 
 MODEL = "bench"
 CHAT_PATH = "/v1/chat/completions"
@@ -323,25 +326,6 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------
 # Ports, probes, processes
 # --------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def http_json(url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,26 +28,9 @@ import urllib.request
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def demo_argv(port: int, model: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "llamaswap.demo",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        model,
-    ]
+from benchutil import demo_argv, free_ports  # noqa: E402
 
 
 def healthy(url: str) -> bool:
@@ -63,7 +45,7 @@ def direct_start_times(rounds: int, env: dict[str, str]) -> tuple[list[float], l
     """The demo upstream's own start (spawn -> healthy) and stop (SIGTERM -> exit) times."""
     times, stops = [], []
     for _ in range(rounds):
-        port = free_port()
+        port = free_ports(1)[0]
         started = time.perf_counter()
         child = subprocess.Popen(
             demo_argv(port, "direct"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -99,7 +81,7 @@ def chat(url: str, model: str) -> float:
 
 
 def swap_times(rounds: int, env: dict[str, str]) -> tuple[list[float], list[float]]:
-    ports = {"a": free_port(), "b": free_port()}
+    ports = {"a": free_ports(1)[0], "b": free_ports(1)[0]}
     config = {
         "healthCheckTimeout": 30,
         "models": {
@@ -107,7 +89,7 @@ def swap_times(rounds: int, env: dict[str, str]) -> tuple[list[float], list[floa
             for name, port in ports.items()
         },
     }
-    listen = free_port()
+    listen = free_ports(1)[0]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         json.dump(config, f)
     server = subprocess.Popen(

@@ -1,0 +1,34 @@
+"""Helpers shared by the benchmarks: free loopback ports and the demo upstream."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct loopback ports that were free a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def demo_argv(port: int, model: str, *extra: str) -> list[str]:
+    """The packaged demo upstream serving ``model`` on ``port``."""
+    return [
+        sys.executable, "-m", "llamaswap.demo", "--host", "127.0.0.1",
+        "--port", str(port), "--model", model, *extra,
+    ]  # fmt: skip
