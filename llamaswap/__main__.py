@@ -1,3 +1,3 @@
-from llamaswap.cli import main
+from llamaswap.service.cli import main
 
 raise SystemExit(main())

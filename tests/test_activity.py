@@ -1,4 +1,4 @@
-"""Tests for llamaswap.activity: usage parsing, the activity ring, queries and stats."""
+"""Tests for llamaswap.observe.activity: usage parsing, the activity ring, queries and stats."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.activity import (
+from llamaswap.observe.activity import (
     INFLATE_PIECE,
     JSON_CAP,
     SSE_LINE_CAP,

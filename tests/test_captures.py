@@ -1,4 +1,4 @@
-"""Tests for llamaswap.captures: building, compressing, storing and reading captures."""
+"""Tests for llamaswap.observe.captures: building, compressing, storing and reading captures."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import zstandard
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llamaswap.activity import ActivityLog, Usage, UsageParser
-from llamaswap.captures import (
+from llamaswap.observe.activity import ActivityLog, Usage, UsageParser
+from llamaswap.observe.captures import (
     REDACTED,
     Capture,
     CaptureBuffer,

@@ -8,7 +8,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import URI
 
-from llamaswap.endpoints import UpstreamEndpoints
+from llamaswap.core.endpoints import UpstreamEndpoints
 from tests.support import free_port
 
 

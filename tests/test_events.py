@@ -12,7 +12,7 @@ from twisted.web.http_headers import Headers
 
 from llamaswap.config import Config
 from llamaswap.config.model import ModelConfig
-from llamaswap.events import (
+from llamaswap.observe.events import (
     Event,
     EventBus,
     bridge_logs,
@@ -20,9 +20,9 @@ from llamaswap.events import (
     model_status_records,
     ui_config_payload,
 )
-from llamaswap.inflight import InflightTracker
-from llamaswap.logs import LogHub
-from llamaswap.process import ProcessState
+from llamaswap.observe.inflight import InflightTracker
+from llamaswap.observe.logs import LogHub
+from llamaswap.supervision.process import ProcessState
 
 
 class Recorder:

@@ -6,8 +6,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.web.errors import json_envelope, render_error
-from llamaswap.web.extract import (
+from llamaswap.upstream.extract import (
     extract_model,
     json_top_level,
     multipart_fields,
@@ -15,6 +14,7 @@ from llamaswap.web.extract import (
     replace_json_model,
     replace_multipart_model,
 )
+from llamaswap.web.errors import json_envelope, render_error
 
 JSON = b"application/json; charset=utf-8"
 BOUNDARY = b"XyZ"

@@ -7,8 +7,8 @@ from types import MappingProxyType
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.filters import ModelFilters, apply_filters, parse_filters
-from llamaswap.jsonedit import delete_path, get_path, set_path, split_path
+from llamaswap.config.filters import ModelFilters, apply_filters, parse_filters
+from llamaswap.core.jsonedit import delete_path, get_path, set_path, split_path
 
 #: A body whose formatting a json round trip would change.
 BODY = (

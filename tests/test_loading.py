@@ -17,7 +17,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from llamaswap.loading import (
+from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, copy_response_headers
+from llamaswap.web.errors import write_error
+from llamaswap.web.loading import (
     CHUNK,
     REMARKS,
     TICK,
@@ -27,8 +29,6 @@ from llamaswap.loading import (
     typed_pieces,
     wants_loading_stream,
 )
-from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, copy_response_headers
-from llamaswap.web.errors import write_error
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import base_url, free_port, listen
 

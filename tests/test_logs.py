@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from llamaswap.logs import (
+from llamaswap.observe.logs import (
     HISTORY_BYTES,
     TIME_LAYOUTS,
     LogHub,

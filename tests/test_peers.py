@@ -13,10 +13,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from llamaswap.config.filters import parse_filters
 from llamaswap.config.loader import load_config_text
 from llamaswap.config.model import ConfigError
-from llamaswap.filters import parse_filters
-from llamaswap.peers import (
+from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forward_headers
+from llamaswap.upstream.peers import (
     Peers,
     PeerTarget,
     PeerTimeouts,
@@ -28,7 +29,6 @@ from llamaswap.peers import (
     read_peers,
     validate_peers,
 )
-from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
 from llamaswap.web.errors import write_error
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import base_url, listen

@@ -13,6 +13,12 @@ from zope.interface.verify import verifyObject
 
 from llamaswap.config import ConfigError, load_config_text
 from llamaswap.config.model import Config, ModelConfig
+from llamaswap.config.routing import (
+    DEFAULT_MAX_WAIT,
+    Routing,
+    planner_from_config,
+    validate_routing,
+)
 from llamaswap.scheduling.groups import DEFAULT_GROUP, Group, GroupPlanner
 from llamaswap.scheduling.matrix import (
     AllOf,
@@ -32,12 +38,6 @@ from llamaswap.scheduling.matrix import (
     tokenize,
 )
 from llamaswap.scheduling.planner import ISwapPlanner
-from llamaswap.scheduling.routing import (
-    DEFAULT_MAX_WAIT,
-    Routing,
-    planner_from_config,
-    validate_routing,
-)
 
 
 def identity(name: str) -> str:

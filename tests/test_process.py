@@ -1,4 +1,4 @@
-"""Tests for llamaswap.process: the supervised child process of one model."""
+"""Tests for llamaswap.supervision.process: the supervised child process of one model."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from llamaswap import process as process_module
 from llamaswap.config.model import ModelConfig
-from llamaswap.logs import LogMonitor
-from llamaswap.process import (
+from llamaswap.observe.logs import LogMonitor
+from llamaswap.supervision import process as process_module
+from llamaswap.supervision.process import (
     KILL_WAIT,
     PYTHON_TRAMPOLINE,
     ExitStatus,
@@ -145,7 +145,7 @@ class ProcessTestCase(SynchronousTestCase):
         self.patch(
             process_module,
             "log",
-            Logger(namespace="llamaswap.process", observer=self.log_events.append),
+            Logger(namespace="llamaswap.supervision.process", observer=self.log_events.append),
         )
 
     def make(self, health_check_timeout: float = 15, **overrides: Any) -> ModelProcess:
@@ -825,7 +825,7 @@ class RealChildTests(TestCase):
         self.patch(
             process_module,
             "log",
-            Logger(namespace="llamaswap.process", observer=self.log_events.append),
+            Logger(namespace="llamaswap.supervision.process", observer=self.log_events.append),
         )
 
     def make(

@@ -9,8 +9,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config.loader import load_config_text
 from llamaswap.config.model import ConfigError
-from llamaswap.peers import Peers, read_peers, validate_peers
-from llamaswap.profiles import (
+from llamaswap.scheduling.groups import Group, GroupPlanner
+from llamaswap.supervision.selection import (
     NoModelIdentified,
     Profile,
     ProfileRequestError,
@@ -32,7 +32,7 @@ from llamaswap.profiles import (
     selector_model_records,
     validate_profiles,
 )
-from llamaswap.scheduling.groups import Group, GroupPlanner
+from llamaswap.upstream.peers import Peers, read_peers, validate_peers
 
 MODEL_IDS = ("llama", "qwen", "gemma", "big")
 ALIASES = {"l": "llama", "qwen:hot": "qwen"}  # "qwen:hot" as a setParamsByID key

@@ -14,7 +14,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
+from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forward_headers
 from llamaswap.web.errors import write_error
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import base_url, free_port, listen, poll_until

@@ -13,8 +13,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from llamaswap.config import load_config_text
-from llamaswap.process import ProcessState
-from llamaswap.tap import LlamaSwapService
+from llamaswap.service.tap import LlamaSwapService
+from llamaswap.supervision.process import ProcessState
 from llamaswap.web.errors import TOO_MANY_REQUESTS
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import PYTHON, REPO, RESPONDER, base_url, free_port, poll_until
@@ -1059,8 +1059,8 @@ class RoutingTests(ServiceTestCase):
     async def _remote(self, port: int) -> Any:
         """tests/responder.py standing in for a remote llamaswap or API."""
         from llamaswap.config.model import ModelConfig
-        from llamaswap.logs import LogMonitor
-        from llamaswap.process import ModelProcess
+        from llamaswap.observe.logs import LogMonitor
+        from llamaswap.supervision.process import ModelProcess
 
         process = ModelProcess(
             ModelConfig(
@@ -1278,7 +1278,7 @@ class WatchConfigTests(TestCase):
         (the first poll is only a baseline)."""
         import tempfile
 
-        from llamaswap.tap import ReloadService
+        from llamaswap.service.tap import ReloadService
 
         handle, path = tempfile.mkstemp(suffix=".yaml")
         os.close(handle)

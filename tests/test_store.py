@@ -1,4 +1,4 @@
-"""Tests for llamaswap.store: the memory and SQLite activity stores and `open_store`."""
+"""Tests for llamaswap.observe.store: the memory and SQLite activity stores and `open_store`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from llamaswap.activity import (
+from llamaswap.observe.activity import (
     SORT_COLUMNS,
     ActivityEntry,
     ActivityLog,
@@ -20,7 +20,7 @@ from llamaswap.activity import (
     TokenMetrics,
     Usage,
 )
-from llamaswap.store import (
+from llamaswap.observe.store import (
     IActivityStore,
     MemoryActivityStore,
     SqliteActivityStore,

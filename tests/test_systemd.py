@@ -28,7 +28,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from llamaswap.config.model import Config
-from llamaswap.systemd import (
+from llamaswap.service.systemd import (
     DEFAULT_GRACE_SECONDS,
     DrainService,
     Notifier,
@@ -978,7 +978,7 @@ class TextFormatTests(SynchronousTestCase):
 
         from twisted.logger import LogLevel, formatEventAsClassicLogText
 
-        from llamaswap.systemd import format_text_event
+        from llamaswap.service.systemd import format_text_event
 
         now = _time.time()
         events = [

@@ -10,7 +10,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from llamaswap.tap import DEFAULT_LISTEN, Options, is_loopback_only, listen_endpoint
+from llamaswap.service.tap import DEFAULT_LISTEN, Options, is_loopback_only, listen_endpoint
 from tests.support import PYTHON
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +151,7 @@ class ExampleConfigTests(TestCase):
         running service: routing, peers, profiles and selectors."""
         from llamaswap.config import load_config
         from llamaswap.scheduling.groups import GroupPlanner
-        from llamaswap.tap import LlamaSwapService
+        from llamaswap.service.tap import LlamaSwapService
 
         config = load_config(os.path.join(REPO, "etc", "config.example.yaml"))
         core = LlamaSwapService(config, reactor)

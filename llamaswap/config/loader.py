@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from llamaswap.config.commands import split_command, strip_comment_lines
+from llamaswap.config.filters import parse_filters
 from llamaswap.config.macros import (
     MODEL_ID,
     PID,
@@ -35,7 +36,6 @@ from llamaswap.config.macros import (
 from llamaswap.config.merge import config_sources, merge_documents
 from llamaswap.config.model import DEFAULT_CONCURRENCY_LIMIT, Config, ConfigError, ModelConfig
 from llamaswap.config.problems import describe, join_path, unknown_key_warnings, url_problem
-from llamaswap.filters import parse_filters
 from llamaswap.web.auth import api_key_strings, validate_api_keys
 
 DEFAULT_PROXY = "http://localhost:${PORT}"
@@ -506,9 +506,9 @@ def _check_sections(
 ) -> None:
     """Validate the sections read after loading: routing, peers, profiles,
     selectors."""
-    from llamaswap.peers import peer_warnings, read_peers
-    from llamaswap.profiles import planner_coexistence, profile_warnings, read_profiles
-    from llamaswap.scheduling.routing import read_routing
+    from llamaswap.config.routing import read_routing
+    from llamaswap.supervision.selection import planner_coexistence, profile_warnings, read_profiles
+    from llamaswap.upstream.peers import peer_warnings, read_peers
 
     routing, problems = read_routing(document, models.keys(), aliases)
     report.errors.extend(problems)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from llamaswap.filters import ModelFilters
+from llamaswap.config.filters import ModelFilters
 
 DEFAULT_CONCURRENCY_LIMIT = 10
 

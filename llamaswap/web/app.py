@@ -26,21 +26,19 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llamaswap import __version__
-from llamaswap.activity import activity_page_json, narrow_accept_encoding, parse_activity_query
 from llamaswap.config import Config
-from llamaswap.filters import apply_filters
-from llamaswap.inflight import InflightEntry, InflightTracker
-from llamaswap.loading import LoadingStream, relay_body_only, wants_loading_stream
-from llamaswap.peers import (
-    PeerTarget,
-    peer_model_records,
-    peer_url,
-    peers_from_config,
-    prepare_peer_request,
-    rewrite_request_model,
+from llamaswap.config.filters import apply_filters
+from llamaswap.observe.activity import (
+    activity_page_json,
+    narrow_accept_encoding,
+    parse_activity_query,
 )
-from llamaswap.process import ProcessState
-from llamaswap.profiles import (
+from llamaswap.observe.inflight import InflightEntry, InflightTracker
+from llamaswap.observe.recording import ActivityRecorder, Recording
+from llamaswap.scheduling import ShuttingDown, Ticket, UnknownModel
+from llamaswap.supervision.process import ProcessState
+from llamaswap.supervision.router import RequestFailed, Router, TooManyRequests
+from llamaswap.supervision.selection import (
     NoModelIdentified,
     ProfileRequestError,
     ProfileState,
@@ -56,18 +54,24 @@ from llamaswap.profiles import (
     rewrite_upstream_path,
     selector_model_records,
 )
-from llamaswap.proxy import UpstreamClient, UpstreamUnavailable, forward_headers
-from llamaswap.recording import ActivityRecorder, Recording
-from llamaswap.router import RequestFailed, Router, TooManyRequests
-from llamaswap.scheduling import ShuttingDown, Ticket, UnknownModel
+from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forward_headers
+from llamaswap.upstream.extract import extract_model, replace_multipart_model
+from llamaswap.upstream.peers import (
+    PeerTarget,
+    peer_model_records,
+    peer_url,
+    peers_from_config,
+    prepare_peer_request,
+    rewrite_request_model,
+)
+from llamaswap.upstream.websocket import is_upgrade, relay_upgrade
 from llamaswap.web.auth import ApiKeys, find_credential, unauthorized
 from llamaswap.web.cors import preflight
 from llamaswap.web.errors import render_error, write_error, write_too_many
-from llamaswap.web.extract import extract_model, replace_multipart_model
+from llamaswap.web.loading import LoadingStream, relay_body_only, wants_loading_stream
 from llamaswap.web.paths import _GET, INFERENCE_ROUTES, RECORDED_PATHS
 from llamaswap.web.streams import StreamsResource
 from llamaswap.web.ui import UIResource
-from llamaswap.websocket import is_upgrade, relay_upgrade
 
 log = Logger()
 

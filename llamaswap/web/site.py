@@ -10,7 +10,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
-from llamaswap.logs import request_access_line
+from llamaswap.observe.logs import request_access_line
 
 log = Logger()
 

@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
-from llamaswap.events import (
+from llamaswap.observe.events import (
     INFLIGHT,
     LOG_DATA,
     MODEL_STATUS,
@@ -38,8 +38,8 @@ from llamaswap.events import (
     inflight_snapshot,
     log_data_payload,
 )
-from llamaswap.inflight import InflightTracker
-from llamaswap.logs import LogHub, LogMonitor, LogSubscription
+from llamaswap.observe.inflight import InflightTracker
+from llamaswap.observe.logs import LogHub, LogMonitor, LogSubscription
 from llamaswap.web.errors import render_error
 
 log = Logger()

@@ -7,7 +7,7 @@ from twisted.application.service import ServiceMaker
 
 llamaswap = ServiceMaker(
     "llamaswap",
-    "llamaswap.tap",
+    "llamaswap.service.tap",
     "On-demand model server swapping behind an OpenAI-compatible proxy.",
     "llamaswap",
 )

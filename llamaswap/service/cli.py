@@ -13,7 +13,7 @@ import sys
 def check_config(path: str) -> int:
     import yaml
 
-    from llamaswap.tap import load_or_exit
+    from llamaswap.service.tap import load_or_exit
 
     config = load_or_exit(path)
     sys.stdout.write(yaml.safe_dump(_plain(config.document), sort_keys=False))
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "llamaswap",
         "--nodaemon",
         "--pidfile=",
-        "--logger=llamaswap.logsetup.observer",
+        "--logger=llamaswap.service.logsetup.observer",
         "llamaswap",
         *args,
     ]

@@ -30,7 +30,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from llamaswap.endpoints import UpstreamEndpoints
+from llamaswap.core.endpoints import UpstreamEndpoints
 
 log = Logger()
 

@@ -17,7 +17,7 @@ from twisted.logger import (
     LogLevelFilterPredicate,
 )
 
-from llamaswap.systemd import journald_observer
+from llamaswap.service.systemd import journald_observer
 
 _LEVELS = {
     "debug": LogLevel.debug,

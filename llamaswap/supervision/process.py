@@ -31,7 +31,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from llamaswap.config.commands import parse_command
 from llamaswap.config.model import ModelConfig
-from llamaswap.logs import LogMonitor
+from llamaswap.observe.logs import LogMonitor
 
 log = Logger()
 
@@ -336,7 +336,7 @@ class _Discard(Protocol):
 
 def http_probe(reactor: Any) -> Probe:
     """A probe that GETs a URL and returns the status code (body discarded)."""
-    from llamaswap.endpoints import UpstreamEndpoints
+    from llamaswap.core.endpoints import UpstreamEndpoints
 
     # Not persistent: each probe on a fresh connection, as a client would.
     agent = Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor))

@@ -10,7 +10,7 @@ once every loaded one has ``settings.spillover`` requests.
 
 Configuration is read and validated in one pass (:func:`_read`), against the
 local models, their aliases and the peers; conflicts between peer FQNs and
-selector IDs or pin names are reported by :mod:`llamaswap.peers`, which owns
+selector IDs or pin names are reported by :mod:`llamaswap.upstream.peers`, which owns
 that namespace.  The runtime pieces are small: :class:`ProfileState` (which
 profile is active), :class:`SelectorRuntime` (spillover reservations) and
 :func:`resolve_request`, the precedence of §4.2 in one function.
@@ -28,8 +28,8 @@ from urllib.parse import quote, unquote_to_bytes
 from llamaswap.config.macros import format_value
 from llamaswap.config.model import Config, ConfigError
 from llamaswap.config.problems import describe, unknown_key_warnings
-from llamaswap.peers import Peers, PeerTarget
 from llamaswap.scheduling.planner import ISwapPlanner
+from llamaswap.upstream.peers import Peers, PeerTarget
 
 __all__ = [
     "STRATEGIES",
@@ -729,7 +729,7 @@ class Route:
     Exactly one of ``model_id`` and ``peer`` is set, or neither when the name
     reaches nothing (the caller answers 404 "no router for requested model").
     When ``requested`` differs from the name the client sent, the request
-    must be rewritten to it (:func:`llamaswap.peers.rewrite_request_model`)."""
+    must be rewritten to it (:func:`llamaswap.upstream.peers.rewrite_request_model`)."""
 
     requested: str
     model_id: str | None = None

@@ -29,8 +29,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
 
-from llamaswap.activity import TokenMetrics
-from llamaswap.process import ProcessState
+from llamaswap.observe.activity import TokenMetrics
+from llamaswap.supervision.process import ProcessState
 
 __all__ = [
     "CONTENT_TYPE",

@@ -26,11 +26,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from twisted.web.http_headers import Headers
 
+from llamaswap.config.filters import ModelFilters, apply_filters, parse_filters
 from llamaswap.config.macros import format_value
 from llamaswap.config.model import Config, ConfigError
 from llamaswap.config.problems import describe, unknown_key_warnings, url_problem
-from llamaswap.filters import ModelFilters, apply_filters, parse_filters
-from llamaswap.web.extract import (
+from llamaswap.upstream.extract import (
     extract_model,
     multipart_fields,
     replace_form_model,

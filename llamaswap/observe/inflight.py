@@ -19,8 +19,8 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from llamaswap.captures import HeaderSource, flatten_headers
-from llamaswap.events import EventBus, inflight_remove, inflight_snapshot, inflight_upsert
+from llamaswap.observe.captures import HeaderSource, flatten_headers
+from llamaswap.observe.events import EventBus, inflight_remove, inflight_snapshot, inflight_upsert
 
 log = Logger()
 

@@ -16,26 +16,23 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
 
 from llamaswap import __version__
-from llamaswap.captures import CaptureCache
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.loader import load_config_sources
 from llamaswap.config.merge import config_dir_files
-from llamaswap.events import (
+from llamaswap.observe.captures import CaptureCache
+from llamaswap.observe.events import (
     EventBus,
     bridge_logs,
     model_status_records,
     ui_config_payload,
 )
-from llamaswap.inflight import InflightTracker
-from llamaswap.logs import LogHub, write_stdout
-from llamaswap.logsetup import set_log_level
-from llamaswap.process import ModelProcess, ProcessState, StateListener
-from llamaswap.prometheus import Metrics
-from llamaswap.proxy import UpstreamClient
-from llamaswap.recording import ActivityRecorder
-from llamaswap.router import Router, build_processes, process_factory
-from llamaswap.store import open_store
-from llamaswap.systemd import (
+from llamaswap.observe.inflight import InflightTracker
+from llamaswap.observe.logs import LogHub, write_stdout
+from llamaswap.observe.prometheus import Metrics
+from llamaswap.observe.recording import ActivityRecorder
+from llamaswap.observe.store import open_store
+from llamaswap.service.logsetup import set_log_level
+from llamaswap.service.systemd import (
     DrainService,
     Notifier,
     SequentialMultiService,
@@ -43,6 +40,9 @@ from llamaswap.systemd import (
     SystemdNotifyService,
     running_models_status,
 )
+from llamaswap.supervision.process import ModelProcess, ProcessState, StateListener
+from llamaswap.supervision.router import Router, build_processes, process_factory
+from llamaswap.upstream.client import UpstreamClient
 from llamaswap.web.app import LlamaSwapApp
 from llamaswap.web.site import LlamaSwapSite
 from llamaswap.web.streams import streams_resource

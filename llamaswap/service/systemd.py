@@ -197,7 +197,7 @@ class _HasState(Protocol):
 
 def running_models_status(processes: Mapping[str, _HasState]) -> str:
     """A ``STATUS=`` text naming the models that are not stopped (``state``
-    is a :class:`llamaswap.process.ProcessState`, a ``str``)."""
+    is a :class:`llamaswap.supervision.process.ProcessState`, a ``str``)."""
     active = [
         f"{model} ({process.state})"
         for model, process in sorted(processes.items())

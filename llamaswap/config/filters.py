@@ -2,7 +2,7 @@
 
 A model's (or peer's) ``filters`` mapping becomes a :class:`ModelFilters`
 value at config time; :func:`apply_filters` rewrites a JSON request body with
-it, in llama-swap's order, editing the body in place (:mod:`llamaswap.jsonedit`).
+it, in llama-swap's order, editing the body in place (:mod:`llamaswap.core.jsonedit`).
 The ``model`` parameter is protected: no filter may strip or set it (nor any
 path below it), so routing always sees what the client or ``useModelName``
 put there.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from llamaswap.jsonedit import delete_path, encode_value, set_path, split_path
+from llamaswap.core.jsonedit import delete_path, encode_value, set_path, split_path
 
 __all__ = [
     "PROTECTED_PARAMS",

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 
-from llamaswap.endpoints import UpstreamEndpoints
+from llamaswap.core.endpoints import UpstreamEndpoints
 
 
 def _tokens(headers: Headers, name: bytes) -> set[bytes]:

@@ -19,10 +19,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llamaswap.config import Config, ModelConfig
-from llamaswap.logs import LogHub, LogMonitor
-from llamaswap.process import ModelProcess, ProcessState, StartError
+from llamaswap.config.routing import planner_from_config
+from llamaswap.observe.logs import LogHub, LogMonitor
 from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, Ticket
-from llamaswap.scheduling.routing import planner_from_config
+from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
 
 log = Logger()
 
