@@ -8,7 +8,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import reactor, task
+import treq
+from twisted.internet import defer, protocol, reactor, task
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -45,3 +47,83 @@ async def poll_until(
         if reactor.seconds() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {predicate}")
         await task.deferLater(reactor, interval, lambda: None)
+
+
+class ServiceProcess:
+    """llamaswap run as users run it, as a child process of the test:
+    ``argv`` follows the Python interpreter, ``--listen`` is added on
+    loopback.  Output is collected; ``ended`` fires with the exit code."""
+
+    def __init__(self, argv: list[str], listen_port: int) -> None:
+        self.ended: defer.Deferred[int] = defer.Deferred()
+        self.output: list[bytes] = []
+        running = self
+
+        class Watch(protocol.ProcessProtocol):
+            def outReceived(self, data: bytes) -> None:
+                running.output.append(data)
+
+            errReceived = outReceived
+
+            def processEnded(self, reason: Any) -> None:
+                running.ended.callback(reason.value.exitCode)
+
+        self.transport = reactor.spawnProcess(
+            Watch(),
+            PYTHON,
+            [PYTHON, *argv, "--listen", f"127.0.0.1:{listen_port}"],
+            env={**os.environ, "PYTHONPATH": REPO},
+            path=REPO,
+        )
+        self.url = f"http://127.0.0.1:{listen_port}"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    def text(self) -> str:
+        return b"".join(self.output).decode("utf-8", "replace")
+
+    async def _healthy(self) -> bool:
+        try:
+            r = await treq.get(self.url + "/health", pool=self.pool)
+            await r.content()
+            return r.code == 200
+        except Exception:
+            return False
+
+    async def wait_up(self, timeout: float = 20) -> None:
+        deadline = reactor.seconds() + timeout
+        while not await self._healthy():
+            if reactor.seconds() > deadline or self.ended.called:
+                raise AssertionError("llamaswap did not come up:\n" + self.text())
+            await poll_until(lambda: True)
+
+
+def descendants(root: int) -> list[int]:
+    """Every live descendant of ``root``, including those in other process
+    groups (the children run in their own groups)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -17,7 +17,17 @@ from llamaswap.service.tap import LlamaSwapService
 from llamaswap.supervision.process import ProcessState
 from llamaswap.web.errors import TOO_MANY_REQUESTS
 from llamaswap.web.site import LlamaSwapSite
-from tests.support import PYTHON, REPO, RESPONDER, base_url, free_port, poll_until
+from tests.support import (
+    PYTHON,
+    REPO,
+    RESPONDER,
+    ServiceProcess,
+    base_url,
+    descendants,
+    free_port,
+    pid_alive,
+    poll_until,
+)
 
 
 def responder_model(port: int, *extra: str, **keys: Any) -> dict[str, Any]:
@@ -28,18 +38,6 @@ def responder_model(port: int, *extra: str, **keys: Any) -> dict[str, Any]:
     }
     entry.update(keys)
     return entry
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class ServiceTestCase(TestCase):
@@ -360,51 +358,9 @@ class EndpointTests(ServiceTestCase):
         self.assertEqual(self.state("a"), ProcessState.STOPPED)
 
 
-class _Running:
-    """``python -m llamaswap`` as a child process of the test."""
-
-    def __init__(self, config_path: str, listen_port: int) -> None:
-        from twisted.internet import protocol
-
-        self.ended: defer.Deferred[int] = defer.Deferred()
-        self.output: list[bytes] = []
-        running = self
-
-        class Watch(protocol.ProcessProtocol):
-            def outReceived(self, data: bytes) -> None:
-                running.output.append(data)
-
-            errReceived = outReceived
-
-            def processEnded(self, reason: Any) -> None:
-                running.ended.callback(reason.value.exitCode)
-
-        self.transport = reactor.spawnProcess(
-            Watch(),
-            PYTHON,
-            [PYTHON, "-m", "llamaswap", "-c", config_path, "--listen", f"127.0.0.1:{listen_port}"],
-            env={**os.environ, "PYTHONPATH": REPO},
-        )
-        self.url = f"http://127.0.0.1:{listen_port}"
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
-
-    def text(self) -> str:
-        return b"".join(self.output).decode("utf-8", "replace")
-
-    async def _healthy(self) -> bool:
-        try:
-            r = await treq.get(self.url + "/health", pool=self.pool)
-            await r.content()
-            return r.code == 200
-        except Exception:
-            return False
-
-    async def wait_up(self, timeout: float = 20) -> None:
-        deadline = reactor.seconds() + timeout
-        while not await self._healthy():
-            if reactor.seconds() > deadline or self.ended.called:
-                raise AssertionError("llamaswap did not come up:\n" + self.text())
-            await poll_until(lambda: True)
+def _Running(config_path: str, listen_port: int) -> ServiceProcess:
+    """``python -m llamaswap`` (the console script) as a child of the test."""
+    return ServiceProcess(["-m", "llamaswap", "-c", config_path], listen_port)
 
 
 def _config_file(test: TestCase, models: dict[str, Any]) -> str:
@@ -429,12 +385,12 @@ class CommandLineTests(TestCase):
         await response.content()
         status = await (await treq.get(running.url + "/running", pool=running.pool)).json()
         self.assertEqual(status["running"][0]["state"], "ready")
-        descendants = _descendants(running.transport.pid)
-        self.assertGreaterEqual(len(descendants), 2, descendants)
+        children = descendants(running.transport.pid)
+        self.assertGreaterEqual(len(children), 2, children)
         running.transport.signalProcess(signal.SIGTERM)
         code = await running.ended
         self.assertEqual(code, 0, running.text())
-        await poll_until(lambda: not any(pid_alive(p) for p in descendants), timeout=5)
+        await poll_until(lambda: not any(pid_alive(p) for p in children), timeout=5)
 
     async def test_sighup_reloads(self) -> None:
         """SIGHUP re-reads the config file: a model added to it is listed."""
@@ -462,26 +418,6 @@ class CommandLineTests(TestCase):
             await models()
             await poll_until(lambda: True)
         self.assertIn("config reloaded", running.text())
-
-
-def _descendants(root: int) -> list[int]:
-    """Every live descendant of ``root``, including those in other process
-    groups (the children run in their own groups)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 class DemoTests(ServiceTestCase):
