@@ -10,17 +10,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
+from llamaswap.config.keys import api_key_strings, validate_api_keys
 from llamaswap.web import auth
 from llamaswap.web.auth import (
     ApiKeys,
     Credential,
     CredentialSource,
     api_key_from_headers,
-    api_key_strings,
     find_credential,
     strip_credentials,
     unauthorized,
-    validate_api_keys,
 )
 from llamaswap.web.cors import DEFAULT_ALLOW_HEADERS, allow_headers, preflight
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from textwrap import dedent
+from typing import Any
 
+import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import Config, ConfigError, ModelConfig, load_config, load_config_text
@@ -16,6 +18,11 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "config.example.yaml"
 
 def load(text: str, **environ: str) -> Config:
     return load_config_text(dedent(text), environ=environ)
+
+
+def resolved(config: Config) -> Any:
+    """The resolved document, as ``check-config`` prints it."""
+    return yaml.safe_load(config.resolved_yaml())
 
 
 class ConfigTestCase(SynchronousTestCase):
@@ -472,7 +479,7 @@ class AliasTests(ConfigTestCase):
         self.assertEqual(dict(config.aliases), {"m:5800": "m"})
         self.assertEqual(config.models["m"].aliases, ("m:5800",))
         self.assertEqual(
-            config.document["models"]["m"]["filters"]["setParamsByID"],
+            resolved(config)["models"]["m"]["filters"]["setParamsByID"],
             {"m:5800": {"temperature": 0.5}, "m": {"temperature": 1}},
         )
 
@@ -857,8 +864,8 @@ class MacroTests(ConfigTestCase):
             """
         )
         self.assertEqual((config.global_ttl, config.send_loading_state), (120, True))
-        self.assertEqual(config.document["apiKeys"], ["secret", "pre-secret"])
-        self.assertEqual(config.document["macros"], {"TTL": 120, "LOADING": True, "KEY": "secret"})
+        self.assertEqual(resolved(config)["apiKeys"], ["secret", "pre-secret"])
+        self.assertEqual(resolved(config)["macros"], {"TTL": 120, "LOADING": True, "KEY": "secret"})
 
     def test_go_value_formatting(self) -> None:
         """Interpolated values are formatted like Go's %v."""
@@ -871,7 +878,7 @@ class MacroTests(ConfigTestCase):
         )
 
     def test_document_holds_expanded_models(self) -> None:
-        """Config.document has each model expanded, with its declared macros kept."""
+        """The resolved document has each model expanded, with its declared macros kept."""
         config = load(
             """
             models:
@@ -882,7 +889,7 @@ class MacroTests(ConfigTestCase):
             """
         )
         self.assertEqual(
-            config.document["models"]["m"],
+            resolved(config)["models"]["m"],
             {
                 "cmd": "s 1 5800",
                 "timeouts": {"connect": 5},
@@ -927,13 +934,13 @@ class EnvMacroTests(ConfigTestCase):
     def test_flow_list(self) -> None:
         """Env macros work in flow lists, which only parse after substitution."""
         config = load("apiKeys: [${env.KEY}, b] # ${env.MISSING}\n", KEY="k1")
-        self.assertEqual(config.document["apiKeys"], ["k1", "b"])
+        self.assertEqual(resolved(config)["apiKeys"], ["k1", "b"])
 
     def test_escaping(self) -> None:
         """Backslashes and double quotes are escaped for double-quoted YAML."""
         config = load('quoted: "${env.V}"\nplain: ${env.V}\n', V='a"b\\c')
-        self.assertEqual(config.document["quoted"], 'a"b\\c')
-        self.assertEqual(config.document["plain"], 'a\\"b\\\\c')
+        self.assertEqual(resolved(config)["quoted"], 'a"b\\c')
+        self.assertEqual(resolved(config)["plain"], 'a\\"b\\\\c')
 
     def test_newline_rejected(self) -> None:
         """Values with newlines cannot be substituted."""
@@ -1067,7 +1074,7 @@ class UnknownKeyTests(ConfigTestCase):
             """
         )
         self.assertEqual(config.warnings, ())
-        self.assertEqual(config.document["logToStdout"], "both")
+        self.assertEqual(resolved(config)["logToStdout"], "both")
 
 
 class FileTests(ConfigTestCase):

@@ -10,7 +10,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llamaswap.config import Config
+from llamaswap.config import Config, load_config_text
 from llamaswap.config.model import ModelConfig
 from llamaswap.observe.events import (
     Event,
@@ -202,13 +202,18 @@ class UiConfigTests(SynchronousTestCase):
     def test_session_headers(self) -> None:
         """Defaults when unset; trimmed, de-duplicated, empties dropped; [] disables."""
         self.assertEqual(
-            ui_config_payload({}),
+            ui_config_payload(load_config_text("")),
             {"activity": {"session_id": ["X-Session-ID", "X-Litellm-Session-Id"]}},
         )
-        document = {"ui": {"activity": {"session_id": [" A ", "a", "", "B"]}}}
-        self.assertEqual(ui_config_payload(document), {"activity": {"session_id": ["A", "B"]}})
-        disabled = {"ui": {"activity": {"session_id": []}}}
-        self.assertEqual(ui_config_payload(disabled), {"activity": {"session_id": []}})
+        document = "ui: {activity: {session_id: [' A ', a, '', B]}}"
+        self.assertEqual(
+            ui_config_payload(load_config_text(document)),
+            {"activity": {"session_id": ["A", "B"]}},
+        )
+        disabled = "ui: {activity: {session_id: []}}"
+        self.assertEqual(
+            ui_config_payload(load_config_text(disabled)), {"activity": {"session_id": []}}
+        )
 
 
 class FakeProcess:

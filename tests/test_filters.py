@@ -7,8 +7,9 @@ from types import MappingProxyType
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.config.filters import ModelFilters, apply_filters, parse_filters
+from llamaswap.config.filters import ModelFilters, parse_filters
 from llamaswap.core.jsonedit import delete_path, get_path, set_path, split_path
+from llamaswap.upstream.filters import apply_filters
 
 #: A body whose formatting a json round trip would change.
 BODY = (

@@ -16,19 +16,9 @@ from twisted.web.server import NOT_DONE_YET
 from llamaswap.config.filters import parse_filters
 from llamaswap.config.loader import load_config_text
 from llamaswap.config.model import ConfigError
+from llamaswap.config.peers import Peers, PeerTarget, PeerTimeouts, read_peers
 from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forward_headers
-from llamaswap.upstream.peers import (
-    Peers,
-    PeerTarget,
-    PeerTimeouts,
-    peer_model_records,
-    peer_url,
-    peer_warnings,
-    peers_from_config,
-    prepare_peer_request,
-    read_peers,
-    validate_peers,
-)
+from llamaswap.upstream.peers import peer_model_records, peer_url, prepare_peer_request
 from llamaswap.web.errors import write_error
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import base_url, listen
@@ -37,13 +27,17 @@ JSON = b"application/json"
 
 
 def _peers(raw: dict[str, Any], **document: Any) -> Peers:
-    peers, problems = read_peers({"peers": raw, **document}, (), {})
+    peers, problems, _ = read_peers({"peers": raw, **document}, (), {})
     assert not problems, problems
     return peers
 
 
 def _problems(raw: Any, model_ids: tuple[str, ...] = (), aliases: Any = None, **doc: Any):
-    return validate_peers({"peers": raw, **doc}, model_ids, aliases or {})
+    return read_peers({"peers": raw, **doc}, model_ids, aliases or {})[1]
+
+
+def _warnings(raw: Any) -> list[str]:
+    return read_peers({"peers": raw}, (), {})[2]
 
 
 OPENROUTER = {
@@ -82,12 +76,12 @@ class PeerConfigTests(SynchronousTestCase):
         self.assertEqual(peer.models, ("b", "a"))
 
     def test_from_loaded_config(self) -> None:
-        """peers_from_config reads the macro-expanded document of a loaded config."""
+        """Config.peers is read from the macro-expanded document at load."""
         config = load_config_text(
             "macros:\n  host: h.example\n"
             "peers:\n  p:\n    proxy: http://${host}:9/v1base\n    models: [m]\n"
         )
-        self.assertEqual(peers_from_config(config).peers["p"].proxy, "http://h.example:9/v1base")
+        self.assertEqual(config.peers.peers["p"].proxy, "http://h.example:9/v1base")
 
     def test_from_config_raises(self) -> None:
         """An invalid peer is a config error naming the key, at load time."""
@@ -198,7 +192,7 @@ class PeerValidationTests(SynchronousTestCase):
     def test_unknown_keys_warned(self) -> None:
         """Unknown keys under a peer are warnings with a close-match hint."""
         self.assertEqual(
-            peer_warnings({"peers": {"p": {"proxy": "http://h", "models": ["m"], "apikey": "k"}}}),
+            _warnings({"p": {"proxy": "http://h", "models": ["m"], "apikey": "k"}}),
             ['peers.p.apikey: unknown key (did you mean "apiKey"?)'],
         )
 

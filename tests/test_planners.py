@@ -6,19 +6,14 @@ import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from llamaswap.config import ConfigError, load_config_text
-from llamaswap.config.model import Config, ModelConfig
-from llamaswap.config.routing import (
-    DEFAULT_MAX_WAIT,
-    Routing,
-    planner_from_config,
-    validate_routing,
-)
+from llamaswap.config.routing import DEFAULT_MAX_WAIT, RoutingConfig, read_routing
 from llamaswap.scheduling.groups import DEFAULT_GROUP, Group, GroupPlanner
 from llamaswap.scheduling.matrix import (
     AllOf,
@@ -523,16 +518,18 @@ MODELS = ("a", "b", "c", "org/big")
 ALIASES = {"aa": "a", "bb": "b"}
 
 
-def config(document: Mapping[str, Any]) -> Config:
-    return Config(
-        models={mid: ModelConfig(id=mid, argv=("srv",), cmd="srv") for mid in MODELS},
-        aliases=ALIASES,
-        document=document,
-    )
+def routing_of(document: Mapping[str, Any]) -> RoutingConfig:
+    """``Config.routing`` of a config with MODELS and ALIASES plus ``document``
+    (ConfigError when invalid)."""
+    models: dict[str, Any] = {mid: {"cmd": "srv --port ${PORT}"} for mid in MODELS}
+    for alias, mid in ALIASES.items():
+        models[mid].setdefault("aliases", []).append(alias)
+    text = yaml.safe_dump({"models": models, **document}, sort_keys=False)
+    return load_config_text(text, environ={}).routing
 
 
 def problems(document: Mapping[str, Any]) -> list[str]:
-    return validate_routing(document, MODELS, ALIASES)
+    return read_routing(document, MODELS, ALIASES)[1]
 
 
 def router(settings: Mapping[str, Any], use: str | None = None) -> dict[str, Any]:
@@ -548,8 +545,8 @@ S = "routing.router.settings"
 class RoutingTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """No routing: one model at a time, no priorities, maxWait 30 s."""
-        routing = planner_from_config(config({}))
-        self.assertIsInstance(routing, Routing)
+        routing = routing_of({})
+        self.assertIsInstance(routing, RoutingConfig)
         self.assertIsInstance(routing.planner, GroupPlanner)
         self.assertEqual(routing.planner.evict_set("a", frozenset({"b", "c"})), {"b", "c"})
         self.assertEqual((dict(routing.priorities), routing.max_wait), ({}, DEFAULT_MAX_WAIT))
@@ -557,9 +554,7 @@ class RoutingTests(SynchronousTestCase):
 
     def test_groups(self) -> None:
         """Groups are read with their defaults; the rest join (default)."""
-        routing = planner_from_config(
-            config(router({"groups": {"g": {"swap": False, "members": ["a", "bb"]}}}))
-        )
+        routing = routing_of(router({"groups": {"g": {"swap": False, "members": ["a", "bb"]}}}))
         group_planner = routing.planner
         assert isinstance(group_planner, GroupPlanner)
         self.assertEqual(group_planner.groups["g"], Group(("a", "b"), swap=False))
@@ -568,7 +563,7 @@ class RoutingTests(SynchronousTestCase):
 
     def test_legacy_groups(self) -> None:
         """Top-level ``groups:`` still works."""
-        routing = planner_from_config(config({"groups": {"g": {"members": ["a"]}}}))
+        routing = routing_of({"groups": {"g": {"members": ["a"]}}})
         assert isinstance(routing.planner, GroupPlanner)
         self.assertEqual(routing.planner.group_of("a"), "g")
 
@@ -598,22 +593,20 @@ class RoutingTests(SynchronousTestCase):
                 f'{S}.groups: model member "b" is used in multiple groups ("g2", "g3")',
             ],
         )
-        self.assertRaises(ConfigError, planner_from_config, config(document))
+        self.assertRaises(ConfigError, routing_of, document)
 
     def test_matrix(self) -> None:
         """The matrix router: vars, costs by var or id, sets in order."""
-        routing = planner_from_config(
-            config(
-                router(
-                    {
-                        "matrix": {
-                            "vars": {"big": "org/big"},
-                            "evict_costs": {"big": 4, "a": 2},
-                            "sets": {"solo": "big", "pair": "a & (b | c)"},
-                        }
-                    },
-                    use="matrix",
-                )
+        routing = routing_of(
+            router(
+                {
+                    "matrix": {
+                        "vars": {"big": "org/big"},
+                        "evict_costs": {"big": 4, "a": 2},
+                        "sets": {"solo": "big", "pair": "a & (b | c)"},
+                    }
+                },
+                use="matrix",
             )
         )
         matrix = routing.planner
@@ -670,9 +663,7 @@ class RoutingTests(SynchronousTestCase):
     def test_use_selects_one(self) -> None:
         """Under settings both may be defined; only the one in use is read."""
         settings = {"groups": {"g": {"members": ["nope"]}}, "matrix": {"sets": {"s": "a"}}}
-        self.assertIsInstance(
-            planner_from_config(config(router(settings, use="matrix"))).planner, MatrixPlanner
-        )
+        self.assertIsInstance(routing_of(router(settings, use="matrix")).planner, MatrixPlanner)
         self.assertEqual(
             problems(router(settings)), [f'{S}.groups.g.members: unknown model "nope"']
         )
@@ -714,7 +705,7 @@ class RoutingTests(SynchronousTestCase):
                 }
             }
         }
-        routing = planner_from_config(config(document))
+        routing = routing_of(document)
         self.assertEqual(dict(routing.priorities), {"a": 5, "b": -1})
         self.assertEqual(routing.max_wait, 2.5)
 
@@ -743,9 +734,9 @@ class RoutingTests(SynchronousTestCase):
         )
 
     def test_config_error(self) -> None:
-        """planner_from_config raises one ConfigError with every line."""
+        """Loading raises one ConfigError with every routing problem line."""
         with self.assertRaises(ConfigError) as caught:
-            planner_from_config(config({"routing": {"router": {"use": "mesh"}}}))
+            routing_of({"routing": {"router": {"use": "mesh"}}})
         self.assertEqual(
             caught.exception.problems,
             ("routing.router.use: unknown router 'mesh' (valid: group, matrix)",),
@@ -772,7 +763,7 @@ routing:
           aa: m1 & small
 """
         )
-        matrix = planner_from_config(loaded).planner
+        matrix = loaded.routing.planner
         assert isinstance(matrix, MatrixPlanner)
         self.assertEqual([mset.name for mset in matrix.program.sets], ["zz", "aa"])
         self.assertEqual(matrix.evict_set("org/m:1", frozenset({"small"})), frozenset())

@@ -9,34 +9,28 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config.loader import load_config_text
 from llamaswap.config.model import ConfigError
+from llamaswap.config.peers import Peers, read_peers
+from llamaswap.config.profiles import Profile, ProfilesConfig, planner_coexistence, read_profiles
 from llamaswap.scheduling.groups import Group, GroupPlanner
 from llamaswap.supervision.selection import (
     NoModelIdentified,
-    Profile,
     ProfileRequestError,
-    ProfilesConfig,
     ProfileState,
     SelectorRuntime,
     SelectorUnavailable,
     UnknownProfile,
     parse_activate_body,
-    planner_coexistence,
     profile_model_records,
-    profile_warnings,
-    profiles_from_config,
     profiles_json,
-    read_profiles,
     resolve_request,
     rewrite_for_profile,
     rewrite_upstream_path,
     selector_model_records,
-    validate_profiles,
 )
-from llamaswap.upstream.peers import Peers, read_peers, validate_peers
 
 MODEL_IDS = ("llama", "qwen", "gemma", "big")
 ALIASES = {"l": "llama", "qwen:hot": "qwen"}  # "qwen:hot" as a setParamsByID key
-PEERS, _ = read_peers(
+PEERS, _, _ = read_peers(
     {
         "peers": {
             "cloud": {"proxy": "https://cloud.example/api", "models": ["gpt", "shared", "llama"]},
@@ -55,7 +49,8 @@ def _together(ids: tuple[str, ...]) -> bool:
 def _read(
     document: dict[str, Any], can_coexist: Any = _together
 ) -> tuple[ProfilesConfig, list[str]]:
-    return read_profiles(document, MODEL_IDS, ALIASES, PEERS, can_coexist)
+    profiles, problems, _ = read_profiles(document, MODEL_IDS, ALIASES, PEERS, can_coexist)
+    return profiles, problems
 
 
 def _ok(document: dict[str, Any]) -> ProfilesConfig:
@@ -65,7 +60,15 @@ def _ok(document: dict[str, Any]) -> ProfilesConfig:
 
 
 def _problems(document: dict[str, Any], can_coexist: Any = _together) -> list[str]:
-    return validate_profiles(document, MODEL_IDS, ALIASES, PEERS, can_coexist)
+    return _read(document, can_coexist)[1]
+
+
+def validate_peers(document: dict[str, Any]) -> list[str]:
+    return read_peers(document, MODEL_IDS, ALIASES)[1]
+
+
+def profile_warnings(document: dict[str, Any]) -> list[str]:
+    return read_profiles(document, (), {}, Peers(), _together)[2]
 
 
 class ProfileConfigTests(SynchronousTestCase):
@@ -163,7 +166,7 @@ class ProfileConfigTests(SynchronousTestCase):
             "profiles": {"p": {"pins": {"cloud/gpt": "llama"}}},
         }
         self.assertEqual(
-            validate_peers(document, MODEL_IDS, ALIASES),
+            validate_peers(document),
             [
                 "peers.cloud.models: fully qualified peer model name 'cloud/gpt' "
                 "conflicts with profiles.p.pins.cloud/gpt"
@@ -189,14 +192,14 @@ class ProfileConfigTests(SynchronousTestCase):
         )
 
     def test_from_loaded_config(self) -> None:
-        """profiles_from_config reads a loaded config's document against its
-        models, aliases and peers; problems raise ConfigError."""
+        """Config.profiles is read at load against the config's models,
+        aliases and peers; problems raise ConfigError."""
         text = (
             "models:\n  a:\n    cmd: s ${PORT}\n    aliases: [aa]\n"
             "profiles:\n  p:\n    pins:\n      x: aa\n      y: ~\n"
         )
         config = load_config_text(text)
-        profiles = profiles_from_config(config, Peers(), _together)
+        profiles = config.profiles
         self.assertEqual(dict(profiles.profiles["p"].pins), {"x": "aa", "y": ""})
         with self.assertRaises(ConfigError) as caught:
             load_config_text(text.replace("x: aa", "x: zz"))
@@ -365,7 +368,7 @@ class SelectorConfigTests(SynchronousTestCase):
             "selectors": {"cloud/gpt": {"strategy": "pin", "targets": ["llama"]}},
         }
         self.assertEqual(
-            validate_peers(document, MODEL_IDS, ALIASES),
+            validate_peers(document),
             [
                 "peers.cloud.models: fully qualified peer model name 'cloud/gpt' conflicts with selectors.cloud/gpt"
             ],

@@ -8,10 +8,12 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import yaml
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from llamaswap.config import ConfigError, load_config_text
 from llamaswap.observe.activity import (
     SORT_COLUMNS,
     ActivityEntry,
@@ -21,6 +23,7 @@ from llamaswap.observe.activity import (
     Usage,
 )
 from llamaswap.observe.store import (
+    HasCapture,
     IActivityStore,
     MemoryActivityStore,
     SqliteActivityStore,
@@ -31,6 +34,16 @@ from llamaswap.observe.store import (
 
 JSON = "application/json"
 SSE = "text/event-stream"
+
+
+def open_from(document: dict[str, Any], has_capture: HasCapture | None = None) -> IActivityStore:
+    """`open_store` for the ``store`` of the config ``document`` loads to
+    (ConfigError when the document is refused at load)."""
+    store = load_config_text(yaml.safe_dump(document), environ={}).store
+    if has_capture is None:
+        return open_store(store, reactor)
+    return open_store(store, reactor, has_capture)
+
 
 #: llama-swap's own schema (its 00001 migration plus the later ``src`` column).
 LLAMA_SWAP_SCHEMA = """
@@ -154,7 +167,7 @@ class OpenStoreTests(SynchronousTestCase):
             ({"metricsMaxInMemory": -5}, 1000),
             ({"store": None, "metricsMaxInMemory": 3}, 3),
         ]:
-            store = open_store(document, reactor)
+            store = open_from(document)
             self.assertIsInstance(store, MemoryActivityStore)
             for i in range(cap + 1):
                 store.add(**row_fields(i))
@@ -163,32 +176,40 @@ class OpenStoreTests(SynchronousTestCase):
 
     def test_has_capture_passed_to_memory_store(self) -> None:
         """The capture predicate reaches the ring."""
-        store = open_store({}, reactor, has_capture=lambda i: True)
+        store = open_from({}, has_capture=lambda i: True)
         store.add(**row_fields(0))
         self.assertTrue(self.successResultOf(store.recent())[0].has_capture)
 
     def test_bad_paths(self) -> None:
-        """Empty, non-string, directory and missing-directory paths are one-line errors."""
+        """Empty, non-string, directory and missing-directory paths are one-line errors:
+        the shape is refused when the config loads, the file when it is opened."""
         tmp = self.mktemp()
         os.makedirs(tmp)
         missing = os.path.join(tmp, "nope", "activity.db")
-        cases: list[tuple[Any, str]] = [
+        at_load: list[tuple[Any, str]] = [
             ({"store": {}}, "store.path: must not be empty"),
             ({"store": {"path": ""}}, "store.path: must not be empty"),
             ({"store": {"path": "   "}}, "store.path: must not be empty"),
             ({"store": {"path": 5}}, "store.path: must be a string"),
+            ({"store": "file.db"}, "store: must be a mapping"),
+            ({"metricsMaxInMemory": "many"}, "metricsMaxInMemory: must be an integer"),
+            ({"metricsMaxInMemory": True}, "metricsMaxInMemory: must be an integer"),
+        ]
+        for document, message in at_load:
+            with self.assertRaises(ConfigError) as refused:
+                open_from(document)
+            self.assertEqual(refused.exception.problems, (message,))
+            self.assertNotIn("\n", message)
+        at_open: list[tuple[Any, str]] = [
             ({"store": {"path": tmp}}, f"store.path: {tmp} is a directory"),
             (
                 {"store": {"path": missing}},
                 f"store.path: directory {os.path.dirname(os.path.abspath(missing))} does not exist",
             ),
-            ({"store": "file.db"}, "store: must be a mapping"),
-            ({"metricsMaxInMemory": "many"}, "metricsMaxInMemory: must be an integer"),
-            ({"metricsMaxInMemory": True}, "metricsMaxInMemory: must be an integer"),
         ]
-        for document, message in cases:
+        for document, message in at_open:
             with self.assertRaises(ValueError) as caught:
-                open_store(document, reactor)
+                open_from(document)
             self.assertEqual(str(caught.exception), message)
             self.assertNotIn("\n", message)
 
@@ -380,7 +401,7 @@ class SqliteStoreTests(TestCase):
     async def test_open_store_gives_sqlite(self) -> None:
         """store.path selects the file store, with the capture predicate."""
         path = self.db_path()
-        store = open_store({"store": {"path": path}}, reactor, has_capture=lambda i: True)
+        store = open_from({"store": {"path": path}}, has_capture=lambda i: True)
         self.addCleanup(store.close)
         self.assertIsInstance(store, SqliteActivityStore)
         await store.add(**row_fields(0))

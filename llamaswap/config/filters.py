@@ -1,26 +1,25 @@
 """Per-model request filters and ``useModelName`` (reference §4.6).
 
 A model's (or peer's) ``filters`` mapping becomes a :class:`ModelFilters`
-value at config time; :func:`apply_filters` rewrites a JSON request body with
-it, in llama-swap's order, editing the body in place (:mod:`llamaswap.core.jsonedit`).
-The ``model`` parameter is protected: no filter may strip or set it (nor any
-path below it), so routing always sees what the client or ``useModelName``
-put there.
+value at config time, checked once; :mod:`llamaswap.upstream.filters`
+applies it to request bodies.  The ``model`` parameter is protected: no
+filter may strip or set it (nor any path below it), so routing always sees
+what the client or ``useModelName`` put there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from llamaswap.core.jsonedit import delete_path, encode_value, set_path, split_path
+from llamaswap.core.jsonedit import encode_value, split_path
 
 __all__ = [
     "PROTECTED_PARAMS",
     "ModelFilters",
-    "apply_filters",
+    "is_protected",
     "parse_filters",
     "sanitize_strip_params",
 ]
@@ -55,51 +54,15 @@ class ModelFilters:
 def sanitize_strip_params(value: str) -> tuple[str, ...]:
     """A ``stripParams`` comma list as llama-swap reads it."""
     names = {name.strip() for name in value.split(",")}
-    return tuple(sorted(name for name in names if name and not _protected(name)))
+    return tuple(sorted(name for name in names if name and not is_protected(name)))
 
 
-def _protected(path: str) -> bool:
+def is_protected(path: str) -> bool:
     """Whether ``path`` is, or lies under, a protected parameter."""
     try:
         return split_path(path)[0] in PROTECTED_PARAMS
     except ValueError:
         return False  # not a path at all; reported when the config is parsed
-
-
-def _sorted_settable(params: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:
-    return ((key, params[key]) for key in sorted(params) if not _protected(key))
-
-
-def apply_filters(
-    body: bytes, filters: ModelFilters, requested_name: str, use_model_name: str = ""
-) -> bytes:
-    """``body`` rewritten by ``filters`` for a request that asked for ``requested_name``.
-
-    Order (§4.6): ``useModelName`` sets ``model``; ``stripParams`` deletes;
-    ``setParams`` sets in sorted key order; ``setParamsByID[requested_name]``
-    sets in sorted key order, overriding ``setParams``.  Raises ``ValueError``
-    (one line, for a 500 answer) when the body is not a JSON object or a
-    value cannot be written.
-    """
-    by_id = filters.set_params_by_id.get(requested_name, _EMPTY)
-    if not (use_model_name or filters.strip_params or filters.set_params or by_id):
-        return body
-    if use_model_name:
-        body = _edit(body, "rewriting model name in JSON", set_path, "model", use_model_name)
-    for path in filters.strip_params:
-        body = _edit(body, f"stripping parameter {path} from request", delete_path, path)
-    for source in (filters.set_params, by_id):
-        for path, value in _sorted_settable(source):
-            body = _edit(body, f"setting parameter {path} in request", set_path, path, value)
-    return body
-
-
-def _edit(body: bytes, doing: str, edit: Callable[..., bytes], *args: Any) -> bytes:
-    """``edit(body, *args)``, its ValueError prefixed with what was being done."""
-    try:
-        return edit(body, *args)
-    except ValueError as e:
-        raise ValueError(f"error {doing}: {e}") from None
 
 
 # --- parsing ---

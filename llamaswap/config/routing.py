@@ -1,10 +1,9 @@
 """``routing:`` (and the legacy top-level ``groups:``/``matrix:``) -> a swap
 planner, queue priorities and ``maxWait`` (reference §2.4).
 
-Reading and validating are one pass, so the two never disagree:
-:func:`validate_routing` returns the problem lines (for the config loader),
-:func:`planner_from_config` raises them as a :class:`ConfigError`.  Every line
-names the key path where the user wrote the value.
+Reading and validating are one pass (:func:`read_routing`), so the two never
+disagree; the loader keeps the result as ``Config.routing``.  Every problem
+line names the key path where the user wrote the value.
 
 Where we do better than llama-swap: ``fifo.priority`` keys that are aliases
 count for their model (llama-swap validates them and then ignores them); a
@@ -16,11 +15,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from llamaswap.config.model import Config, ConfigError
 from llamaswap.config.problems import describe
 from llamaswap.scheduling.groups import DEFAULT_GROUP, Group, GroupPlanner
 from llamaswap.scheduling.matrix import MatrixCompileError, MatrixPlanner, compile_matrix
@@ -36,39 +34,33 @@ _SETTINGS = "routing.router.settings"
 _FIFO = "routing.scheduler.settings.fifo"
 
 
-@dataclass(frozen=True)
-class Routing:
-    """What the scheduler needs from ``routing:``."""
+def _no_groups() -> ISwapPlanner:
+    """Every model in the implicit default group: one model runs at a time."""
+    return GroupPlanner({})
 
-    planner: ISwapPlanner
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """What the scheduler needs from ``routing:``; the defaults are those of
+    a config without it."""
+
+    #: the swap planner (``GroupPlanner`` or ``MatrixPlanner``).  Planners
+    #: are behaviour without value equality, so configs compare by settings.
+    planner: ISwapPlanner = field(default_factory=_no_groups, compare=False)
     #: real model id -> queue priority (higher first; absent = 0).
-    priorities: Mapping[str, int]
+    priorities: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     #: seconds a queued request may wait before the fast path yields to it.
-    max_wait: float
+    max_wait: float = DEFAULT_MAX_WAIT
     #: ``"group"`` or ``"matrix"``: the router in use (the scheduler's name).
     router: str = "group"
 
 
 def read_routing(
     document: Mapping[str, Any], model_ids: Collection[str], aliases: Mapping[str, str]
-) -> tuple[Routing | None, list[str]]:
-    """The routing of a document (``None`` when invalid) and its problems."""
+) -> tuple[RoutingConfig | None, list[str]]:
+    """The routing of a document (``None`` when invalid) and its problems,
+    one line each naming its key path."""
     return _read(document, model_ids, aliases)
-
-
-def planner_from_config(config: Config) -> Routing:
-    """The routing of a loaded config; :class:`ConfigError` when invalid."""
-    routing, problems = _read(config.document, config.models.keys(), config.aliases)
-    if problems or routing is None:
-        raise ConfigError(problems)
-    return routing
-
-
-def validate_routing(
-    document: Mapping[str, Any], model_ids: Collection[str], aliases: Mapping[str, str]
-) -> list[str]:
-    """Every routing problem in ``document``, one line each naming its key path."""
-    return _read(document, model_ids, aliases)[1]
 
 
 def _q(text: str) -> str:
@@ -117,7 +109,7 @@ class _Reader:
 
 def _read(
     document: Mapping[str, Any], model_ids: Collection[str], aliases: Mapping[str, str]
-) -> tuple[Routing | None, list[str]]:
+) -> tuple[RoutingConfig | None, list[str]]:
     reader = _Reader(model_ids, aliases)
     routing = reader.mapping(document, "routing", "routing")
     router = reader.mapping(routing, "router", _ROUTER)
@@ -173,7 +165,7 @@ def _read(
 
     if reader.problems or planner is None:
         return None, reader.problems
-    return Routing(planner, MappingProxyType(priorities), max_wait, use), []
+    return RoutingConfig(planner, MappingProxyType(priorities), max_wait, use), []
 
 
 def _flag(reader: _Reader, entry: Mapping[str, Any], key: str, path: str, default: bool) -> bool:

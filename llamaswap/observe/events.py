@@ -196,27 +196,9 @@ def inflight_remove(request_id: str) -> dict[str, Any]:
     return {"operation": "remove", "id": request_id}
 
 
-#: ``ui.activity.session_id`` when the config does not set it.
-DEFAULT_SESSION_HEADERS = ("X-Session-ID", "X-Litellm-Session-Id")
-
-
-def ui_config_payload(document: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``uiConfig`` payload from the config document's ``ui`` section:
-    session-id header names trimmed, empties dropped, de-duplicated
-    case-insensitively; an explicit ``[]`` disables them."""
-    ui = document.get("ui")
-    activity = ui.get("activity") if isinstance(ui, Mapping) else None
-    names = activity.get("session_id") if isinstance(activity, Mapping) else None
-    if not isinstance(names, list | tuple):
-        names = DEFAULT_SESSION_HEADERS
-    seen: set[str] = set()
-    kept: list[str] = []
-    for name in names:
-        text = str(name).strip()
-        if text and text.lower() not in seen:
-            seen.add(text.lower())
-            kept.append(text)
-    return {"activity": {"session_id": kept}}
+def ui_config_payload(config: Config) -> dict[str, Any]:
+    """The ``uiConfig`` payload: the session-id header names (``ui.activity.session_id``)."""
+    return {"activity": {"session_id": list(config.ui_session_headers)}}
 
 
 def model_status_records(

@@ -35,6 +35,7 @@ from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from llamaswap.config.settings import DEFAULT_MAX_IN_MEMORY, StoreConfig
 from llamaswap.observe.activity import (
     SORT_COLUMNS,
     ActivityEntry,
@@ -47,7 +48,6 @@ from llamaswap.observe.activity import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_IN_MEMORY",
     "IActivityStore",
     "MemoryActivityStore",
     "SqliteActivityStore",
@@ -55,9 +55,6 @@ __all__ = [
     "open_store",
     "validate_store_path",
 ]
-
-#: ``metricsMaxInMemory`` when absent or <= 0.
-DEFAULT_MAX_IN_MEMORY = 1000
 
 HasCapture = Callable[[int], bool]
 
@@ -558,55 +555,40 @@ def _relay_to(result: None, waiter: Deferred[None]) -> None:
 # Configuration
 
 
-def validate_store_path(raw: Any) -> str:
+def validate_store_path(path: str) -> str:
     """``store.path`` checked for a SQLite file store; ValueError with a one-line message.
 
-    The path must be non-empty and not a directory; an existing file must be
-    writable, and its directory must be writable too, because WAL mode
-    creates ``-wal`` and ``-shm`` files beside the database.
+    The path must not be a directory; an existing file must be writable, and
+    its directory must be writable too, because WAL mode creates ``-wal`` and
+    ``-shm`` files beside the database.  (Its shape was checked at load.)
     """
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        raise ValueError("store.path: must not be empty")
-    if not isinstance(raw, str):
-        raise ValueError("store.path: must be a string")
-    if os.path.isdir(raw):
-        raise ValueError(f"store.path: {raw} is a directory")
-    if os.path.exists(raw) and not os.access(raw, os.R_OK | os.W_OK):
-        raise ValueError(f"store.path: {raw} is not writable")
-    parent = os.path.dirname(os.path.abspath(raw))
+    if os.path.isdir(path):
+        raise ValueError(f"store.path: {path} is a directory")
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        raise ValueError(f"store.path: {path} is not writable")
+    parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise ValueError(f"store.path: directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"store.path: directory {parent} is not writable")
-    return raw
-
-
-def _max_in_memory(raw: Any) -> int:
-    if raw is None:
-        return DEFAULT_MAX_IN_MEMORY
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise ValueError("metricsMaxInMemory: must be an integer")
-    return raw if raw > 0 else DEFAULT_MAX_IN_MEMORY
+    return path
 
 
 def open_store(
-    document: Mapping[str, Any],
+    store: StoreConfig,
     reactor: IReactorCore,
     has_capture: HasCapture = _never_captured,
 ) -> IActivityStore:
     """The activity store the configuration asks for.
 
-    ``store.path`` present: a `SqliteActivityStore` on that file (``store:``
-    left empty counts as absent).  Otherwise the in-memory ring of
-    ``metricsMaxInMemory`` rows (<= 0 means 1000).  Raises ValueError with a
-    one-line message naming the key.  The path checks are a few ``stat``
-    calls, made once at startup or reload.
+    ``store.path`` set: a `SqliteActivityStore` on that file.  Otherwise the
+    in-memory ring of ``metricsMaxInMemory`` rows.  Raises ValueError with a
+    one-line message naming the key when the file cannot be used.  The path
+    checks are a few ``stat`` calls, made once at startup.
     """
-    max_rows = _max_in_memory(document.get("metricsMaxInMemory"))
-    store = document.get("store")
-    if store is None:
-        return MemoryActivityStore(ActivityLog(max_rows, has_capture))
-    if not isinstance(store, Mapping):
-        raise ValueError("store: must be a mapping")
-    path = validate_store_path(store.get("path"))
-    return SqliteActivityStore(path, reactor, has_capture=has_capture, recent_limit=max_rows)
+    if store.path is None:
+        return MemoryActivityStore(ActivityLog(store.max_in_memory, has_capture))
+    path = validate_store_path(store.path)
+    return SqliteActivityStore(
+        path, reactor, has_capture=has_capture, recent_limit=store.max_in_memory
+    )

@@ -11,21 +11,11 @@ import sys
 
 
 def check_config(path: str) -> int:
-    import yaml
-
     from llamaswap.service.tap import load_or_exit
 
     config = load_or_exit(path)
-    sys.stdout.write(yaml.safe_dump(_plain(config.document), sort_keys=False))
+    sys.stdout.write(config.resolved_yaml())
     return 0
-
-
-def _plain(value: object) -> object:
-    if hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}  # type: ignore[union-attr]
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

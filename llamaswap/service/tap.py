@@ -136,16 +136,14 @@ def build_recorder(
     """The activity store (``store.path`` SQLite file, else the in-memory ring
     of ``metricsMaxInMemory`` rows) and capture cache (``captureBuffer`` MiB
     of compressed captures; 0 disables)."""
-    document = config.document
-    budget = document.get("captureBuffer", 5)
     captures = None
-    if isinstance(budget, int) and budget > 0:
-        captures = CaptureCache(budget * 1024 * 1024)
+    if config.capture_buffer_mib > 0:
+        captures = CaptureCache(config.capture_buffer_mib * 1024 * 1024)
     try:
         if captures is None:
-            store = open_store(document, reactor)
+            store = open_store(config.store, reactor)
         else:
-            store = open_store(document, reactor, captures.has)
+            store = open_store(config.store, reactor, captures.has)
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
     on_entry = (lambda entry: bus.activity(entry.id)) if bus is not None else None
@@ -167,19 +165,12 @@ class LlamaSwapService(service.Service):
         self._reactor = reactor
         self.sources = sources
         self._stdout_subscription: Any = None
-        document = config.document
-        self.logs = LogHub(
-            str(document.get("logToStdout") or "proxy"),
-            None,
-            str(document.get("logTimeFormat") or ""),
-        )
+        self.logs = LogHub(config.log_to_stdout, None, config.log_time_format)
         self.bus = EventBus()
         self._stop_bridge = bridge_logs(self.logs, self.bus)
         self._log_observer = self.logs.proxy_observer(config.log_level)
         self.inflight = InflightTracker(reactor, self.bus)
-        performance = config.document.get("performance")
-        disabled = isinstance(performance, dict) and performance.get("disabled") is True
-        self.metrics = Metrics(system=not disabled)
+        self.metrics = Metrics(system=not config.performance_disabled)
         #: called for every state change of every process, current or future
         self.process_listeners: list[StateListener] = [
             lambda p, old, new: self.metrics.model_state(p.model_id, new.value),
@@ -205,7 +196,7 @@ class LlamaSwapService(service.Service):
             self.bus,
             model_status=self.model_status,
             inflight=self.inflight,
-            ui_config=lambda: ui_config_payload(self.config.document),
+            ui_config=lambda: ui_config_payload(self.config),
             active_profile=lambda: self.app.profile_state.active,
             resolve_model=lambda name: self.config.resolve(name),
             clock=reactor,
@@ -283,10 +274,7 @@ class LlamaSwapService(service.Service):
         """Load ``hooks.on_startup.preload`` models in order, through the
         scheduler (group rules apply), without depending on the upstream
         answering any particular path."""
-        hooks = self.config.document.get("hooks")
-        startup = hooks.get("on_startup") if isinstance(hooks, dict) else None
-        names = startup.get("preload") if isinstance(startup, dict) else None
-        return defer.Deferred.fromCoroutine(self._preload([str(n).strip() for n in names or []]))
+        return defer.Deferred.fromCoroutine(self._preload(list(self.config.preload)))
 
     async def _preload(self, names: list[str]) -> None:
         for name in names:
@@ -346,7 +334,7 @@ class LlamaSwapService(service.Service):
         self.app.reconfigure(config)
         set_log_level(config.log_level)
         self.logs.set_log_level(config.log_level)
-        self.logs.set_time_format(str(config.document.get("logTimeFormat") or ""))
+        self.logs.set_time_format(config.log_time_format)
         self.logs.retain_models(config.models)
         kept = sorted(set(config.models) - {p.model_id for p in created})
         log.info(

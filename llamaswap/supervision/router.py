@@ -19,7 +19,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llamaswap.config import Config, ModelConfig
-from llamaswap.config.routing import planner_from_config
 from llamaswap.observe.logs import LogHub, LogMonitor
 from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, Ticket
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
@@ -123,7 +122,7 @@ class Router:
         self._collected_stops: list[defer.Deferred[None]] | None = None
         #: model id -> Deferred firing once its replaced process has stopped
         self._retiring: dict[str, defer.Deferred[None]] = {}
-        routing = planner_from_config(config)
+        routing = config.routing
         self.planner = planner or routing.planner
         self.scheduler = Scheduler(
             self,
@@ -289,7 +288,7 @@ class Router:
         self._upstreams = {
             model_id: model.proxy.rstrip("/").encode() for model_id, model in config.models.items()
         }
-        routing = planner_from_config(config)
+        routing = config.routing
         self.planner = routing.planner
         self.scheduler.reconfigure(
             {m: c.concurrency_limit for m, c in config.models.items()},

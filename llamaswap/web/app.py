@@ -8,9 +8,8 @@ Everything else (listing, status, unload, ...) goes through a Klein app.
 from __future__ import annotations
 
 import json
-import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
@@ -27,7 +26,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llamaswap import __version__
 from llamaswap.config import Config
-from llamaswap.config.filters import apply_filters
+from llamaswap.config.peers import PeerTarget
 from llamaswap.observe.activity import (
     activity_page_json,
     narrow_accept_encoding,
@@ -46,9 +45,7 @@ from llamaswap.supervision.selection import (
     SelectorUnavailable,
     UnknownProfile,
     parse_activate_body,
-    planner_coexistence,
     profile_model_records,
-    profiles_from_config,
     profiles_json,
     resolve_request,
     rewrite_upstream_path,
@@ -56,11 +53,10 @@ from llamaswap.supervision.selection import (
 )
 from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forward_headers
 from llamaswap.upstream.extract import extract_model, replace_multipart_model
+from llamaswap.upstream.filters import apply_filters
 from llamaswap.upstream.peers import (
-    PeerTarget,
     peer_model_records,
     peer_url,
-    peers_from_config,
     prepare_peer_request,
     rewrite_request_model,
 )
@@ -80,28 +76,12 @@ ResponseHook = Callable[[Any], Callable[[bytes], None] | None]
 
 COMFYUI_MODEL = "comfyui_auto"
 CAPABILITY_KEYS = ("architecture", "capabilities", "supported_parameters", "context_length")
-DEFAULT_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
-
-
-def compile_ignore_paths(document: Any) -> tuple[re.Pattern[str], ...]:
-    """``upstream.ignorePaths`` (a non-empty list replaces the default)."""
-    upstream = document.get("upstream")
-    patterns = upstream.get("ignorePaths") if isinstance(upstream, dict) else None
-    if not patterns:
-        patterns = DEFAULT_IGNORE_PATHS
-    return tuple(re.compile(str(p)) for p in patterns)
-
-
-def _model_section(config: Config, model_id: str) -> dict[str, Any]:
-    models = config.document.get("models")
-    entry = models.get(model_id) if isinstance(models, dict) else None
-    return entry if isinstance(entry, dict) else {}
 
 
 def capability_fields(raw: Any) -> tuple[dict[str, Any], int]:
     """``/v1/models`` fields for a model's ``capabilities`` (§3.3), and the
     context length for ``meta.n_ctx``."""
-    if not isinstance(raw, dict):
+    if not isinstance(raw, Mapping):
         return {}, 0
     inputs = [str(v) for v in raw.get("in") or []]
     outputs = [str(v) for v in raw.get("out") or []]
@@ -208,23 +188,17 @@ class LlamaSwapApp:
     def _set_routing(self, config: Config) -> None:
         """Peers, profiles and selectors of ``config`` (a reload starts with
         no profile active, as in llama-swap)."""
-        self.peers = peers_from_config(config)
-        self.profiles = profiles_from_config(
-            config, self.peers, planner_coexistence(self.router.planner)
-        )
+        self.peers = config.peers
+        self.profiles = config.profiles
         self.profile_state = ProfileState(self.profiles.profiles)
         self.selectors = SelectorRuntime(self.profiles.selectors)
-        self.ignore_paths = compile_ignore_paths(config.document)
+        self.ignore_paths = config.ignore_paths
         self.ignore_websockets = frozenset(
-            model_id
-            for model_id in config.models
-            if model_id == COMFYUI_MODEL
-            or (_model_section(config, model_id).get("compat") or {}).get("ignoreWebsockets")
-            is True
+            model_id for model_id, model in config.models.items() if model.ignore_websockets
         )
         self.capabilities = {
-            model_id: capability_fields(_model_section(config, model_id).get("capabilities"))
-            for model_id in config.models
+            model_id: capability_fields(model.capabilities)
+            for model_id, model in config.models.items()
         }
         if self._reactor is not None:
             for peer_id, peer in self.peers.peers.items():
@@ -763,7 +737,7 @@ class LlamaSwapApp:
             loaded = state not in (ProcessState.STOPPED, ProcessState.SHUTDOWN)
             record["status"] = {"value": "loaded" if loaded else "unloaded"}
             records.append(record)
-            if self.config.document.get("includeAliasesInList") is True:
+            if self.config.include_aliases_in_list:
                 for alias in model.aliases:
                     if alias.strip():
                         alias_record = dict(record, id=alias)

@@ -13,13 +13,12 @@ import enum
 import hashlib
 import hmac
 from base64 import b64decode
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.web.http_headers import Headers
 
-from llamaswap.config.macros import format_value
 from llamaswap.web.errors import render_error
 
 __all__ = [
@@ -28,11 +27,9 @@ __all__ = [
     "Credential",
     "CredentialSource",
     "api_key_from_headers",
-    "api_key_strings",
     "find_credential",
     "strip_credentials",
     "unauthorized",
-    "validate_api_keys",
 ]
 
 UNAUTHORIZED_MESSAGE = "unauthorized: invalid or missing API key"
@@ -133,7 +130,7 @@ class ApiKeys:
     neither which key matched nor any key's length.
     """
 
-    def __init__(self, keys: Sequence[str]) -> None:
+    def __init__(self, keys: Iterable[str]) -> None:
         self._digests = tuple(_digest(key) for key in keys)
 
     def __repr__(self) -> str:
@@ -168,41 +165,3 @@ def unauthorized(request: Any) -> bytes:
     """
     request.setHeader(b"www-authenticate", WWW_AUTHENTICATE)
     return render_error(request, 401, UNAUTHORIZED_MESSAGE)
-
-
-# --- config ---
-
-
-def validate_api_keys(raw: Any) -> list[str]:
-    """Problems with an ``apiKeys`` value, one line each naming ``apiKeys[i]``."""
-    if raw is None:
-        return []
-    if not isinstance(raw, (list, tuple)):
-        return ["apiKeys: must be a list of strings"]
-    problems = []
-    for index, value in enumerate(raw):
-        path = f"apiKeys[{index}]"
-        if isinstance(value, (dict, list, tuple)):
-            problems.append(f"{path}: must be a string")
-            continue
-        key = "" if value is None else _scalar(value)
-        if key == "":
-            problems.append(f"{path}: empty api key")
-        elif any(char.isspace() for char in key):
-            problems.append(f"{path}: api key cannot contain spaces")
-    return problems
-
-
-def api_key_strings(raw: Any) -> tuple[str, ...]:
-    """The keys of a valid ``apiKeys`` value as strings.
-
-    YAML may type a key as a number (``apiKeys: [12345]``); llama-swap reads
-    it as its text, and so do we.
-    """
-    if not raw:
-        return ()
-    return tuple(_scalar(value) for value in raw)
-
-
-def _scalar(value: Any) -> str:
-    return value if isinstance(value, str) else format_value(value)
