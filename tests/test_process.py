@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from automat import NoTransition
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
@@ -20,22 +22,32 @@ from zope.interface.verify import verifyObject
 
 from llamaswap.config.model import ModelConfig
 from llamaswap.observe.logs import LogMonitor
+from llamaswap.supervision import lifecycle as lifecycle_module
+from llamaswap.supervision import machine as machine_module
 from llamaswap.supervision import process as process_module
-from llamaswap.supervision.process import (
-    KILL_WAIT,
+from llamaswap.supervision import teardown as teardown_module
+from llamaswap.supervision.health import http_probe
+from llamaswap.supervision.launcher import (
     PYTHON_TRAMPOLINE,
     ExitStatus,
     IChildProcess,
     IProcessLauncher,
-    ModelProcess,
     ProcessGroupLauncher,
-    ProcessState,
-    StartError,
     group_alive,
 )
+from llamaswap.supervision.lifecycle import LifecycleCore
+from llamaswap.supervision.machine import LifecycleMachine
+from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
+from llamaswap.supervision.teardown import KILL_WAIT
 from tests.support import PYTHON, RESPONDER, free_port, poll_until
 
 S = ProcessState
+
+
+def capture_logs(test: SynchronousTestCase, events: list[dict[str, Any]]) -> None:
+    """Send what the process, its state machine and its teardown log to ``events``."""
+    for module in (process_module, lifecycle_module, machine_module, teardown_module):
+        test.patch(module, "log", Logger(namespace=module.__name__, observer=events.append))
 
 
 def model_config(**overrides: Any) -> ModelConfig:
@@ -142,18 +154,14 @@ class ProcessTestCase(SynchronousTestCase):
         self.monitor = LogMonitor("m")
         self.events: list[tuple[ProcessState, ProcessState]] = []
         self.log_events: list[dict[str, Any]] = []
-        self.patch(
-            process_module,
-            "log",
-            Logger(namespace="llamaswap.supervision.process", observer=self.log_events.append),
-        )
+        capture_logs(self, self.log_events)
 
     def make(self, health_check_timeout: float = 15, **overrides: Any) -> ModelProcess:
         process = ModelProcess(
             model_config(**overrides),
-            reactor=self.clock,
+            clock=self.clock,
             health_check_timeout=health_check_timeout,
-            log=self.monitor,
+            output=self.monitor,
             environ={"PATH": "/bin"},
             probe=self.probe,
             launcher=self.launcher,
@@ -195,10 +203,11 @@ class StartTests(ProcessTestCase):
         """The child's environment is the given environ updated by env, later entries winning."""
         process = ModelProcess(
             model_config(check_endpoint=None, env=(("B", "3"), ("C", "4"), ("C", "5"))),
-            reactor=self.clock,
+            clock=self.clock,
             health_check_timeout=15,
-            log=self.monitor,
+            output=self.monitor,
             environ={"A": "1", "B": "2"},
+            probe=self.probe,
             launcher=self.launcher,
         )
         self.successResultOf(process.make_ready())
@@ -247,9 +256,9 @@ class StartTests(ProcessTestCase):
 
         process = ModelProcess(
             model_config(),
-            reactor=self.clock,
+            clock=self.clock,
             health_check_timeout=15,
-            log=self.monitor,
+            output=self.monitor,
             environ={},
             probe=probe,
             launcher=self.launcher,
@@ -365,9 +374,9 @@ class StartTests(ProcessTestCase):
         """The real launcher looks argv[0] up in PATH before spawning and reports it."""
         process = ModelProcess(
             model_config(argv=("no-such-program-xyz", "-v")),
-            reactor=self.clock,
+            clock=self.clock,
             health_check_timeout=15,
-            log=self.monitor,
+            output=self.monitor,
             environ={"PATH": "/nonexistent"},
             probe=self.probe,
             launcher=ProcessGroupLauncher(self.clock, trampoline=("unused",)),  # type: ignore[arg-type]
@@ -566,6 +575,18 @@ class StopTests(ProcessTestCase):
         child.exit(0)
         self.assertEqual(process.state, S.STOPPED)
         self.assertEqual(len(self.launcher.children), 1)
+
+    def test_no_restart_when_every_waiter_detached(self) -> None:
+        """A start requested during a stop is dropped if its only caller gave up."""
+        process, child = self.ready()
+        process.stop()
+        waiter = process.make_ready()
+        waiter.cancel()
+        self.failureResultOf(waiter, CancelledError)
+        child.exit(0)
+        self.assertEqual(process.state, S.STOPPED)
+        self.assertEqual(len(self.launcher.children), 1)
+        self.assert_no_timers()
 
     def test_cmd_stop_replaces_pid(self) -> None:
         """cmdStop runs with ${PID} replaced and the child's env, instead of SIGTERM."""
@@ -773,10 +794,39 @@ class ListenerTests(ProcessTestCase):
         self.assertEqual(self.launcher.children, [])
 
 
+class MachineTests(ProcessTestCase):
+    def test_inputs_outside_the_table_raise(self) -> None:
+        """An input the table does not list for the current state is refused."""
+        core = LifecycleCore(
+            model_config(),
+            clock=self.clock,
+            launcher=self.launcher,
+            probe=self.probe,
+            output=self.monitor,
+            health_check_timeout=15,
+            environ={},
+            publish=lambda old, new: None,
+        )
+        machine = LifecycleMachine(core)
+        self.assertRaises(NoTransition, machine._ttl_expired)
+        self.assertRaises(NoTransition, machine._unhealthy, StartError("late"))
+        self.assertEqual(self.launcher.children, [])
+
+
 class GroupAliveTests(SynchronousTestCase):
     def test_own_group_is_alive(self) -> None:
         """Our own process group has a live member."""
         self.assertTrue(group_alive(os.getpgrp()))
+
+    def test_zombie_group_is_gone(self) -> None:
+        """A group whose only member is an unreaped zombie is reported gone."""
+        child = subprocess.Popen([PYTHON, "-c", "pass"], start_new_session=True)
+        try:
+            # Wait for the exit but leave the zombie in place.
+            os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+            self.assertFalse(group_alive(child.pid))
+        finally:
+            child.wait()
 
     def test_missing_group_is_gone(self) -> None:
         """A group id no process uses is reported gone."""
@@ -822,21 +872,22 @@ class RealChildTests(TestCase):
     def setUp(self) -> None:
         self.monitor = LogMonitor("resp")
         self.log_events: list[dict[str, Any]] = []
-        self.patch(
-            process_module,
-            "log",
-            Logger(namespace="llamaswap.supervision.process", observer=self.log_events.append),
-        )
+        capture_logs(self, self.log_events)
 
     def make(
-        self, config: ModelConfig, health_check_timeout: float = 20, **kwargs: Any
+        self,
+        config: ModelConfig,
+        health_check_timeout: float = 20,
+        launcher: IProcessLauncher | None = None,
     ) -> ModelProcess:
         process = ModelProcess(
             config,
-            reactor=reactor,
+            clock=reactor,
             health_check_timeout=health_check_timeout,
-            log=self.monitor,
-            **kwargs,
+            output=self.monitor,
+            environ=os.environ,
+            probe=http_probe(reactor),
+            launcher=launcher if launcher is not None else ProcessGroupLauncher(reactor),
         )
         self.addCleanup(process.shutdown, 1)
         return process

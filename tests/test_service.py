@@ -242,7 +242,7 @@ class SwapTests(ServiceTestCase):
         found: list[int] = []
 
         def scan() -> bool:
-            for line in process.log.history().decode().splitlines():
+            for line in self.service.logs.model(process.model_id).history().decode().splitlines():
                 if line.startswith("GRANDCHILD "):
                     found.append(int(line.split()[1]))
                     return True
@@ -784,7 +784,7 @@ class ReloadTests(ServiceTestCase):
         response = await self.chat("a")
         self.assertEqual(response.code, 200)
         await response.content()
-        self.assertIn(b"second-config", self.router.processes["a"].log.history())
+        self.assertIn(b"second-config", self.service.logs.model("a").history())
         await self.settled()
 
     async def test_invalid_config_keeps_the_old_one(self) -> None:
@@ -996,6 +996,8 @@ class RoutingTests(ServiceTestCase):
         """tests/responder.py standing in for a remote llamaswap or API."""
         from llamaswap.config.model import ModelConfig
         from llamaswap.observe.logs import LogMonitor
+        from llamaswap.supervision.health import http_probe
+        from llamaswap.supervision.launcher import ProcessGroupLauncher
         from llamaswap.supervision.process import ModelProcess
 
         process = ModelProcess(
@@ -1005,9 +1007,12 @@ class RoutingTests(ServiceTestCase):
                 cmd="",
                 proxy=f"http://127.0.0.1:{port}",
             ),
-            reactor=reactor,
+            clock=reactor,
+            launcher=ProcessGroupLauncher(reactor),
+            probe=http_probe(reactor),
+            output=LogMonitor("remote"),
             health_check_timeout=15,
-            log=LogMonitor("remote"),
+            environ=os.environ,
         )
         await process.make_ready()
         self.addCleanup(process.stop, 5)

@@ -32,6 +32,7 @@ from llamaswap.observe.prometheus import Metrics
 from llamaswap.observe.recording import ActivityRecorder
 from llamaswap.observe.store import open_store
 from llamaswap.service.logsetup import set_log_level
+from llamaswap.service.processes import build_processes, process_factory
 from llamaswap.service.systemd import (
     DrainService,
     Notifier,
@@ -41,7 +42,7 @@ from llamaswap.service.systemd import (
     running_models_status,
 )
 from llamaswap.supervision.process import ModelProcess, ProcessState, StateListener
-from llamaswap.supervision.router import Router, build_processes, process_factory
+from llamaswap.supervision.router import Router
 from llamaswap.upstream.client import UpstreamClient
 from llamaswap.web.app import LlamaSwapApp
 from llamaswap.web.site import LlamaSwapSite
@@ -182,8 +183,7 @@ class LlamaSwapService(service.Service):
         self._progress = task.LoopingCall(self._publish_loading)
         self._progress.clock = reactor
         processes = build_processes(config, reactor, logs=self.logs)
-        self.router = Router(config, processes, clock=reactor)
-        self.router.metrics = self.metrics
+        self.router = Router(config, processes, clock=reactor, on_evicted=self.metrics.evicted)
         for process in processes.values():
             self._watch(process)
         self.client = UpstreamClient(reactor)
@@ -328,7 +328,7 @@ class LlamaSwapService(service.Service):
         for warning in config.warnings:
             log.warn("config: {warning}", warning=warning)
         build = process_factory(config, self._reactor, logs=self.logs)
-        created = self.router.reconfigure(config, build, clock=self._reactor)
+        created = self.router.reconfigure(config, build)
         for process in created:
             self._watch(process)
         self.app.reconfigure(config)

@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llamaswap.config import Config, ModelConfig
-from llamaswap.observe.logs import LogHub, LogMonitor
-from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, Ticket
+from llamaswap.scheduling import IEffects, Scheduler, Ticket
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
 
 log = Logger()
@@ -71,48 +71,35 @@ class Lease:
         self._router.scheduler.serve_done(self._ticket)
 
 
+#: Makes the process of one model (used again for models a reload changes).
 ProcessFactory = Callable[[ModelConfig], ModelProcess]
+#: ``on_evicted(model, reason)``: a running model was stopped by the scheduler.
+EvictionListener = Callable[[str, str], None]
 
 
-def process_factory(config: Config, reactor: Any, *, logs: LogHub | None = None) -> ProcessFactory:
-    """Makes one :class:`ModelProcess` per model config, each with its own log
-    (the hub's per-model monitor when given)."""
-
-    def build(model: ModelConfig) -> ModelProcess:
-        return ModelProcess(
-            model,
-            reactor=reactor,
-            health_check_timeout=config.health_check_timeout,
-            log=logs.model(model.id) if logs is not None else LogMonitor(model.id),
-        )
-
-    return build
-
-
-def build_processes(
-    config: Config, reactor: Any, *, logs: LogHub | None = None
-) -> dict[str, ModelProcess]:
-    """One :class:`ModelProcess` per configured model."""
-    build = process_factory(config, reactor, logs=logs)
-    return {model_id: build(model) for model_id, model in config.models.items()}
+def _ignore_eviction(model: str, reason: str) -> None:
+    pass
 
 
 @implementer(IEffects)
 class Router:
-    """Routes admitted requests to ready model processes."""
+    """Routes admitted requests to ready model processes.
+
+    ``clock`` times ``maxWait`` fairness and the drain of replaced processes;
+    ``on_evicted`` hears of every running model the scheduler stops (e.g.
+    to count it)."""
 
     def __init__(
         self,
         config: Config,
         processes: Mapping[str, ModelProcess],
         *,
-        planner: ISwapPlanner | None = None,
-        clock: Any = None,
+        clock: IReactorTime,
+        on_evicted: EvictionListener = _ignore_eviction,
     ) -> None:
         self.config = config
         self._clock = clock
-        #: told about evictions (``evicted(model, reason)``), e.g. Prometheus
-        self.metrics: Any = None
+        self._on_evicted = on_evicted
         self.processes = dict(processes)
         self._upstreams = {
             model_id: model.proxy.rstrip("/").encode() for model_id, model in config.models.items()
@@ -123,7 +110,7 @@ class Router:
         #: model id -> Deferred firing once its replaced process has stopped
         self._retiring: dict[str, defer.Deferred[None]] = {}
         routing = config.routing
-        self.planner = planner or routing.planner
+        self.planner = routing.planner
         self.scheduler = Scheduler(
             self,
             self.planner,
@@ -131,8 +118,8 @@ class Router:
             limits={m: c.concurrency_limit for m, c in config.models.items()},
             priorities=routing.priorities,
             name=routing.router,
-            max_wait=routing.max_wait if clock is not None else None,
-            clock=clock.seconds if clock is not None else None,
+            max_wait=routing.max_wait,
+            clock=clock.seconds,
         )
         for process in self.processes.values():
             process.add_state_listener(self._on_state)
@@ -210,8 +197,8 @@ class Router:
         defer.Deferred.fromCoroutine(self._swap(target, evict))
 
     def _count_eviction(self, model: str, reason: str) -> None:
-        if self.metrics is not None and self.processes[model].state.value != "stopped":
-            self.metrics.evicted(model, reason)
+        if self.processes[model].state is not ProcessState.STOPPED:
+            self._on_evicted(model, reason)
 
     def stop_models(self, models: frozenset[str]) -> None:
         for model in models:
@@ -247,8 +234,9 @@ class Router:
             except StartError as exc:
                 if not exc.died:
                     raise
-                # SPEC decision 10: a server that died while starting gets
-                # one fresh start before its waiting requests see the error.
+                # A server that died while starting gets one fresh start
+                # before its waiting requests see the error, so that a single
+                # transient crash at load time does not fail them.
                 log.warn("{model} died while starting; trying once more", model=target)
                 await self.processes[target].make_ready()
         except StartError as exc:
@@ -258,14 +246,8 @@ class Router:
             error = str(exc) or type(exc).__name__
         self.scheduler.swap_done(target, error)
 
-    def reconfigure(
-        self,
-        config: Config,
-        build: ProcessFactory,
-        *,
-        clock: Any = None,
-    ) -> list[ModelProcess]:
-        """Adopt a reloaded configuration (SPEC decision 4).
+    def reconfigure(self, config: Config, build: ProcessFactory) -> list[ModelProcess]:
+        """Adopt a reloaded configuration without dropping requests.
 
         Models whose configuration is unchanged keep their process, running
         and serving.  Removed or changed models are retired: their process
@@ -296,14 +278,15 @@ class Router:
             routing.planner,
         )
         for process in retired:
-            done = defer.Deferred.fromCoroutine(self._retire(process, clock))
+            done = defer.Deferred.fromCoroutine(self._retire(process))
             self._retiring[process.model_id] = done
-            done.addBoth(lambda _, p=process, d=done: self._retired(p, d))
+            done.addBoth(self._retired, process, done)
         return created
 
-    async def _retire(self, process: ModelProcess, clock: Any) -> None:
+    async def _retire(self, process: ModelProcess) -> None:
         timeout = process.config.unload_timeout
-        if process.in_flight and clock is not None:
+        clock = self._clock
+        if process.in_flight:
             log.info(
                 "{model}: replaced by a reload; stopping after {count} in-flight requests",
                 model=process.model_id,
@@ -314,7 +297,7 @@ class Router:
                 await task.deferLater(clock, RETIRE_POLL, lambda: None)
         await process.stop(timeout)
 
-    def _retired(self, process: ModelProcess, done: defer.Deferred[None]) -> None:
+    def _retired(self, result: object, process: ModelProcess, done: defer.Deferred[None]) -> None:
         if self._retiring.get(process.model_id) is done:
             del self._retiring[process.model_id]
 
