@@ -3,7 +3,7 @@
 Publishers call :meth:`EventBus.publish` (or a typed helper) and never know
 who listens.  Each event's payload is JSON-encoded once, and its SSE frame
 built once, however many subscribers there are.  Every subscriber has a
-bounded :class:`~llamaswap.observe.logs.Mailbox`: a paused subscriber (a slow SSE
+bounded :class:`~llamaswap.core.mailbox.Mailbox`: a paused subscriber (a slow SSE
 client) queues up to ``limit`` events, then events are dropped with one WARN
 per episode, so a slow reader never grows memory or slows the publisher.
 """
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
-from llamaswap.observe.logs import LogHub, LogMonitor, Mailbox, MailboxSubscription
+from llamaswap.core.mailbox import Mailbox, MailboxSubscription
+from llamaswap.observe.logs import LogHub, LogMonitor
 
 if TYPE_CHECKING:
     from llamaswap.config import Config
