@@ -9,8 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.observe.activity import TokenMetrics
 from llamaswap.observe.prometheus import CONTENT_TYPE, MODEL_STATES, Metrics, api_key_label
+from llamaswap.observe.usage import TokenMetrics
 from llamaswap.web.auth import ApiKeys
 
 SECRET = "sk-live-0123456789abcdef"

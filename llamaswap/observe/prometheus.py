@@ -29,7 +29,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
 
-from llamaswap.observe.activity import TokenMetrics
+from llamaswap.observe.usage import TokenMetrics
 from llamaswap.supervision.process import ProcessState
 
 __all__ = [

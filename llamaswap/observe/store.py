@@ -2,7 +2,7 @@
 
 `IActivityStore` is the asynchronous face both stores show to the web layer:
 every method returns a Deferred.  `MemoryActivityStore` wraps the
-`llamaswap.observe.activity.ActivityLog` ring and answers at once.
+`llamaswap.observe.queries.ActivityLog` ring and answers at once.
 `SqliteActivityStore` keeps every row in a SQLite file, as llama-swap's file
 store does (never pruned), and runs each statement on the one worker thread of
 an ``adbapi.ConnectionPool``, so the reactor never waits on the disk.
@@ -13,7 +13,7 @@ the exact epoch timestamp.  ``ts_created`` stays whole Unix seconds, which is
 what filters and the ``time`` sort compare, exactly as `ActivityQuery` does.
 Queries, sorting, paging and stats follow `ActivityLog` row for row: the same
 `ActivityQuery` validation, the id as secondary sort key, and
-`llamaswap.observe.activity.histogram` for the speed histograms.
+`llamaswap.observe.queries.histogram` for the speed histograms.
 """
 
 from __future__ import annotations
@@ -35,16 +35,15 @@ from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
-from llamaswap.observe.activity import (
+from llamaswap.observe.activity import ActivityEntry
+from llamaswap.observe.queries import (
     SORT_COLUMNS,
-    ActivityEntry,
     ActivityLog,
     ActivityQuery,
     ActivityStats,
-    TokenMetrics,
-    Usage,
     histogram,
 )
+from llamaswap.observe.usage import TokenMetrics, Usage
 
 __all__ = [
     "DEFAULT_MAX_IN_MEMORY",
