@@ -21,6 +21,8 @@ from typing import Any
 import cbor2
 import zstandard
 
+from llamaswap.core.text import as_text
+
 #: Header names whose values are replaced by `REDACTED` (compared lowercased).
 #: llama-swap's list, plus the other API-key headers clients commonly send.
 REDACTED_HEADERS = frozenset(
@@ -99,10 +101,6 @@ class CaptureBuffer:
 HeaderSource = Mapping[Any, Any] | Iterable[tuple[Any, Any]]
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
-
-
 @functools.lru_cache(maxsize=1024)
 def canonical_header_name(name: str) -> str:
     """Go's canonical MIME header spelling: ``x-api-key`` → ``X-Api-Key``."""
@@ -123,14 +121,14 @@ def flatten_headers(headers: HeaderSource | None) -> dict[str, str]:
     )
     flat: dict[str, str] = {}
     for name, value in pairs:
-        key = canonical_header_name(_text(name))
+        key = canonical_header_name(as_text(name))
         if key in flat:
             continue
         if isinstance(value, Sequence) and not isinstance(value, str | bytes):
             if not value:
                 continue
             value = value[0]
-        flat[key] = REDACTED if key.lower() in REDACTED_HEADERS else _text(value)
+        flat[key] = REDACTED if key.lower() in REDACTED_HEADERS else as_text(value)
     return flat
 
 
