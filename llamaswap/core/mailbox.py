@@ -59,10 +59,6 @@ class Mailbox(Generic[T]):
     def __len__(self) -> int:
         return len(self._queue)
 
-    @property
-    def queued_bytes(self) -> int:
-        return self._queued_bytes
-
     def has_room(self, size: int = 0) -> bool:
         if self.closed:
             return False

@@ -1,4 +1,4 @@
-"""The event bus behind ``/api/events`` (reference §3.9).
+"""The event bus behind ``/api/events`` (the UI's live updates, as in llama-swap).
 
 Publishers call :meth:`EventBus.publish` (or a typed helper) and never know
 who listens.  Each event's payload is JSON-encoded once, and its SSE frame
@@ -223,7 +223,7 @@ def ui_config_payload(document: Mapping[str, Any]) -> dict[str, Any]:
 def model_status_records(
     config: Config, processes: Mapping[str, ModelProcess]
 ) -> list[dict[str, Any]]:
-    """The ``modelStatus`` payload: every local model sorted by id (§3.9)."""
+    """The ``modelStatus`` payload: every local model sorted by id, as llama-swap sends it."""
     records = []
     for model_id in sorted(config.models):
         model = config.models[model_id]

@@ -1,4 +1,4 @@
-"""Requests in flight, published as ``inflight`` events (reference §3.9, §3.10).
+"""Requests in flight, published as ``inflight`` events (the UI's live request list).
 
 Every tracked request is upserted when it arrives and when its response
 headers are written, upserted again as response bytes flow (at most once per

@@ -102,10 +102,7 @@ class LogMonitor:
         self._pos = 0
         self._full = False
         self._subscribers: list[LogSubscription] = []
-        self._sinks: list[ByteSink] = list(sinks)
-
-    def add_sink(self, sink: ByteSink) -> None:
-        self._sinks.append(sink)
+        self._sinks: tuple[ByteSink, ...] = tuple(sinks)
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -301,9 +298,6 @@ class LogHub:
         if monitor is None:
             monitor = self._models[model_id] = LogMonitor(model_id, sinks=(self.upstream,))
         return monitor
-
-    def find_model(self, model_id: str) -> LogMonitor | None:
-        return self._models.get(model_id)
 
     @property
     def models(self) -> Mapping[str, LogMonitor]:

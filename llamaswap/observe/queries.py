@@ -329,25 +329,8 @@ class ActivityLog:
     def _live(self, entries: Iterable[ActivityEntry]) -> list[ActivityEntry]:
         return [dataclasses.replace(e, has_capture=self._has_capture(e.id)) for e in entries]
 
-    def query(
-        self,
-        models: Sequence[str] = (),
-        start: float | None = None,
-        end: float | None = None,
-        min_id: int | None = None,
-        max_id: int | None = None,
-        limit: int = 25,
-        page: int = 1,
-        sort: str = "id",
-        order: str = "desc",
-    ) -> tuple[list[ActivityEntry], int]:
-        """One page of matching rows and the number of matching rows in all."""
-        return self.select(
-            ActivityQuery(tuple(models), start, end, min_id, max_id, limit, page, sort, order)
-        )
-
     def select(self, query: ActivityQuery) -> tuple[list[ActivityEntry], int]:
-        """`query` for an already built `ActivityQuery`."""
+        """One page of the rows matching ``query``, and how many match in all."""
         matching = [e for e in self._rows if query.matches(e)]
         key = _SORT_KEYS[query.sort]
         # The id is the secondary key, in the same direction, so pages are stable.

@@ -6,8 +6,8 @@ subscription queues up to its bound and then drops (log streams mark the gap,
 the event stream logs a WARN).  A stream ends, and unsubscribes, when the
 client goes away or :meth:`StreamsResource.close_all` is called at shutdown.
 
-Behaviour follows reference §3.5 (logs), §3.9 (events) and §3.10 (cancel);
-``/api/events`` additionally sends a ``:keepalive`` comment every
+The endpoints answer as llama-swap's do (the UI is shared); ``/api/events``
+additionally sends a ``:keepalive`` comment every
 ``KEEPALIVE_INTERVAL`` seconds so idle streams survive proxies.
 """
 
