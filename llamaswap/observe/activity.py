@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from llamaswap.observe.usage import TokenMetrics
+from llamaswap.observe.usage import TokenMetrics, Usage
 
 __all__ = ["ActivityEntry", "format_timestamp"]
 
@@ -43,6 +43,35 @@ class ActivityEntry:
     has_capture: bool = False
     error_msg: str = ""
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @classmethod
+    def finished(
+        cls,
+        *,
+        id: int,
+        model: str,
+        req_path: str,
+        resp_content_type: str,
+        resp_status_code: int,
+        usage: Usage,
+        wall_ms: int,
+        timestamp: float,
+        metadata: Mapping[str, str] | None = None,
+    ) -> ActivityEntry:
+        """The row of a request that ended after ``wall_ms`` with ``usage``
+        (what every activity store's ``add`` records)."""
+        return cls(
+            id=id,
+            timestamp=timestamp,
+            model=model,
+            req_path=req_path,
+            resp_content_type=resp_content_type,
+            resp_status_code=resp_status_code,
+            tokens=usage.tokens,
+            duration_ms=usage.duration_ms(wall_ms),
+            error_msg=usage.error_msg,
+            metadata=MappingProxyType(dict(metadata or {})),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object of ``/api/metrics/activity`` and ``/api/metrics`` rows."""

@@ -17,7 +17,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from types import MappingProxyType
 from typing import Any
 
 from llamaswap.core.text import as_text
@@ -310,17 +309,16 @@ class ActivityLog:
         metadata: Mapping[str, str] | None = None,
     ) -> ActivityEntry:
         """Record one finished request; returns its row with the assigned id."""
-        entry = ActivityEntry(
+        entry = ActivityEntry.finished(
             id=self._next_id,
-            timestamp=timestamp,
             model=model,
             req_path=req_path,
             resp_content_type=resp_content_type,
             resp_status_code=resp_status_code,
-            tokens=usage.tokens,
-            duration_ms=usage.duration_ms(wall_ms),
-            error_msg=usage.error_msg,
-            metadata=MappingProxyType(dict(metadata or {})),
+            usage=usage,
+            wall_ms=wall_ms,
+            timestamp=timestamp,
+            metadata=metadata,
         )
         self._next_id += 1
         self._rows.append(entry)

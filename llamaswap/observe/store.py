@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
 from typing import Any
 
 from twisted.enterprise import adbapi
@@ -241,17 +240,16 @@ class SqliteActivityStore:
         timestamp: float,
         metadata: Mapping[str, str] | None = None,
     ) -> Deferred[ActivityEntry]:
-        entry = ActivityEntry(
-            id=0,
-            timestamp=timestamp,
+        entry = ActivityEntry.finished(
+            id=0,  # SQLite assigns it
             model=model,
             req_path=req_path,
             resp_content_type=resp_content_type,
             resp_status_code=resp_status_code,
-            tokens=usage.tokens,
-            duration_ms=usage.duration_ms(wall_ms),
-            error_msg=usage.error_msg,
-            metadata=MappingProxyType(dict(metadata or {})),
+            usage=usage,
+            wall_ms=wall_ms,
+            timestamp=timestamp,
+            metadata=metadata,
         )
         d = self._run(insert_entry, entry)
         d.addCallback(lambda row_id: dataclasses.replace(entry, id=row_id))
