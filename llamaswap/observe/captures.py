@@ -20,6 +20,7 @@ from typing import Any
 
 import cbor2
 import zstandard
+from twisted.web.http_headers import Headers
 
 from llamaswap.core.text import as_text
 
@@ -98,7 +99,7 @@ class CaptureBuffer:
         return bytes(self._buffer)
 
 
-HeaderSource = Mapping[Any, Any] | Iterable[tuple[Any, Any]]
+HeaderSource = Headers | Mapping[Any, Any] | Iterable[tuple[Any, Any]]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -115,10 +116,13 @@ def flatten_headers(headers: HeaderSource | None) -> dict[str, str]:
     """
     if headers is None:
         return {}
-    raw = getattr(headers, "getAllRawHeaders", None)
-    pairs = (
-        raw() if raw is not None else (headers.items() if isinstance(headers, Mapping) else headers)
-    )
+    pairs: Iterable[tuple[Any, Any]]
+    if isinstance(headers, Headers):
+        pairs = headers.getAllRawHeaders()
+    elif isinstance(headers, Mapping):
+        pairs = headers.items()
+    else:
+        pairs = headers
     flat: dict[str, str] = {}
     for name, value in pairs:
         key = canonical_header_name(as_text(name))

@@ -20,9 +20,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from datetime import tzinfo
-from typing import Any
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
 from zope.interface import implementer
 
 from llamaswap.core.loglevels import parse_level, rank
@@ -218,7 +217,7 @@ class ProxyLogObserver:
         self.tz = tz
         self._namespace = namespace
 
-    def __call__(self, event: Mapping[str, Any]) -> None:
+    def __call__(self, event: LogEvent) -> None:
         level = event.get("log_level")
         if not isinstance(level, type(LogLevel.info)):
             return

@@ -60,9 +60,9 @@ def extract_model(
         top = json_top_level(body)
         if top is None:
             return Extracted("", False)
-        model = top.get("model")
+        member = top.get("model")
         return Extracted(
-            _scalar_text(model[0]) if model else "",
+            _scalar_text(member[0]) if member else "",
             bool(top.get("stream")) and _truthy(top["stream"][0]),
         )
     if b"multipart/form-data" in ctype:

@@ -28,7 +28,8 @@ class LlamaSwapRequest(Request):
         self.received_at = time.monotonic()
 
     def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
+        # Twisted declares ``content = None`` on the class; it holds the body.
+        self.content = BytesIO()  # type: ignore[assignment]
 
 
 class LlamaSwapSite(Site):
