@@ -11,7 +11,6 @@ import zstandard
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from llamaswap.observe.activity import ActivityLog, Usage, UsageParser
 from llamaswap.observe.captures import (
     REDACTED,
     Capture,
@@ -22,6 +21,9 @@ from llamaswap.observe.captures import (
     fields_for,
     flatten_headers,
 )
+from llamaswap.observe.queries import ActivityLog
+from llamaswap.observe.usage import Usage
+from llamaswap.observe.usageparser import UsageParser
 
 REQ_BODY = b'{"model":"llama","messages":[{"role":"user","content":"hi"}]}'
 RESP_BODY = b'{"choices":[{"message":{"content":"hello"}}],"usage":{"prompt_tokens":3}}'

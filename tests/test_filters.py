@@ -8,7 +8,13 @@ from types import MappingProxyType
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config.filters import ModelFilters, parse_filters
-from llamaswap.core.jsonedit import delete_path, get_path, set_path, split_path
+from llamaswap.core.jsonedit import (
+    delete_path,
+    get_path,
+    set_path,
+    split_path,
+    top_level_members,
+)
 from llamaswap.upstream.filters import apply_filters
 
 #: A body whose formatting a json round trip would change.
@@ -170,6 +176,24 @@ class GetPathTests(SynchronousTestCase):
         self.assertIsNone(get_path(BODY, "missing", None))
         self.assertRaises(KeyError, get_path, BODY, "opts.zz")
         self.assertEqual(get_path(b'{"a":1,"a":2}', "a"), 2)
+
+
+class TopLevelMembersTests(SynchronousTestCase):
+    def test_members_and_spans(self) -> None:
+        """Each top-level member's decoded value and the span of its text;
+        nested members are not listed, later duplicates win."""
+        text = ' { "m" : "x\\u00e9",\n"n": [1.50, {"m": 2}], "m": 1e3 } '
+        members = top_level_members(text)
+        self.assertEqual(set(members), {"m", "n"})
+        value, start, end = members["m"]
+        self.assertEqual((value, text[start:end]), (1000.0, "1e3"))
+        value, start, end = members["n"]
+        self.assertEqual((value, text[start:end]), ([1.5, {"m": 2}], '[1.50, {"m": 2}]'))
+
+    def test_not_one_object(self) -> None:
+        """Anything but exactly one JSON object raises ValueError."""
+        for text in ["", "[1]", '{"a":1} x', '{"a":', '{"a" 1}', "{'a':1}"]:
+            self.assertRaises(ValueError, top_level_members, text)
 
 
 def filters(**raw: object) -> ModelFilters:

@@ -512,6 +512,25 @@ class RelayBodyOnlyTests(SynchronousTestCase):
         self.assertEqual(error["type"], "invalid_request_error")
         self.assertEqual(relay.code, 400)
 
+    def test_error_bodies_read_like_activity_rows(self) -> None:
+        """The error event's message is found as an activity row's is
+        (``error``, ``message``, ``detail``); other bodies are shown as text."""
+        for body, message in [
+            (b'{"error":"model is loading"}', "model is loading"),
+            (b'{"message":" slow down "}', "slow down"),
+            (b'{"detail":"Not Found"}', "Not Found"),
+            (b'{"error":{"message":""},"message":"fallback"}', "fallback"),
+            (b"llama-swap: no such model", "no such model"),
+            (b"", "upstream answered with status 503"),
+        ]:
+            request = self.started()
+            relay = relay_body_only(request)
+            copy_response_headers(_Response(503, b"application/json"), relay)
+            relay.write(body)
+            relay.finish()
+            error = json.loads(request.events()[-2])["error"]
+            self.assertEqual(error["message"], message, body)
+
     def test_proxy_error_becomes_error_event(self) -> None:
         """``write_error`` through the wrapper (502, upstream unreachable)
         also ends the stream with an SSE error event, not raw JSON."""

@@ -11,21 +11,18 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from llamaswap.observe.logs import (
-    HISTORY_BYTES,
+from llamaswap.core.mailbox import Mailbox, drop_marker
+from llamaswap.observe.logformat import (
     TIME_LAYOUTS,
-    LogHub,
-    LogMonitor,
-    Mailbox,
     access_log_line,
     client_ip,
-    drop_marker,
     format_time,
     go_duration,
     proxy_line,
     request_access_line,
     skip_access_log,
 )
+from llamaswap.observe.logs import HISTORY_BYTES, LogHub, LogMonitor
 
 #: 2006-01-02 15:04:05.123456 UTC, Go's reference time (with microseconds).
 REFERENCE = datetime(2006, 1, 2, 15, 4, 5, 123456, tzinfo=UTC).timestamp()

@@ -2,45 +2,89 @@
 
 from __future__ import annotations
 
-import os
+from collections import namedtuple
+from typing import Any
 
+import psutil
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap.observe.activity import TokenMetrics
 from llamaswap.observe.prometheus import CONTENT_TYPE, MODEL_STATES, Metrics, api_key_label
+from llamaswap.observe.usage import TokenMetrics
 from llamaswap.web.auth import ApiKeys
 
 SECRET = "sk-live-0123456789abcdef"
 
-STAT = """cpu  300 0 100 600 0 0 0 0 0 0
-cpu0 100 0 50 300 0 0 0 0 0 0
-cpu1 200 0 50 300 0 0 0 0 0 0
-intr 12345
-ctxt 678
-"""
-STAT_LATER = """cpu  450 0 150 750 0 0 0 0 0 0
-cpu0 175 0 75 350 0 0 0 0 0 0
-cpu1 200 0 50 400 0 0 0 0 0 0
-"""
-MEMINFO = """MemTotal:       16000 kB
-MemFree:         4000 kB
-MemAvailable:   10000 kB
-Buffers:         1000 kB
-Cached:          3000 kB
-SwapCached:         0 kB
-SReclaimable:     500 kB
-SwapTotal:       2000 kB
-SwapFree:        1500 kB
-"""
-LOADAVG = "0.50 1.25 2.00 3/116 31964\n"
-NET_DEV = """Inter-|   Receive                                                |  Transmit
- face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
-    lo:    1000      10    0    0    0     0          0         0     1000      10    0    0    0     0       0          0
-  eth0: 5000000    4000    0    0    0     0          0         0   250000    3000    0    0    0     0       0          0
-"""
+CpuTimes = namedtuple("CpuTimes", "user nice system idle iowait irq softirq steal guest guest_nice")
+Memory = namedtuple("Memory", "total available used free buffers cached")
+Swap = namedtuple("Swap", "total used free")
+NetIO = namedtuple("NetIO", "bytes_sent bytes_recv packets_sent packets_recv")
+KIB = 1024
+
+#: Two cores, in CPU-time units (user nice system idle iowait irq softirq steal).
+CPU = [CpuTimes(100, 0, 50, 300, 0, 0, 0, 0, 0, 0), CpuTimes(200, 0, 50, 300, 0, 0, 0, 0, 0, 0)]
+CPU_LATER = [
+    CpuTimes(175, 0, 75, 350, 0, 0, 0, 0, 0, 0),
+    CpuTimes(200, 0, 50, 400, 0, 0, 0, 0, 0, 0),
+]
+#: psutil's figures for MemTotal 16000 kB, MemFree 4000 kB, Buffers 1000 kB,
+#: Cached 3000 kB + SReclaimable 500 kB (psutil adds it to ``cached``).
+MEMORY = Memory(
+    total=16000 * KIB,
+    available=10000 * KIB,
+    used=6000 * KIB,
+    free=4000 * KIB,
+    buffers=1000 * KIB,
+    cached=3500 * KIB,
+)
+SWAP = Swap(total=2000 * KIB, used=500 * KIB, free=1500 * KIB)
+LOADAVG = (0.5, 1.25, 2.0)
+NET = {"lo": NetIO(1000, 1000, 10, 10), "eth0": NetIO(250_000, 5_000_000, 3000, 4000)}
+
+
+class FakeSystem:
+    """A `SystemSource` with fixed figures; ``cpu`` can be moved on."""
+
+    def __init__(self, cpu: list[CpuTimes] = CPU) -> None:
+        self.cpu = cpu
+
+    def cpu_times(self, percpu: bool = False) -> list[CpuTimes]:
+        assert percpu
+        return self.cpu
+
+    def virtual_memory(self) -> Memory:
+        return MEMORY
+
+    def swap_memory(self) -> Swap:
+        return SWAP
+
+    def getloadavg(self) -> tuple[float, float, float]:
+        return LOADAVG
+
+    def net_io_counters(self, pernic: bool = False, nowrap: bool = True) -> dict[str, NetIO]:
+        assert pernic
+        return NET
+
+
+class NoSystem:
+    """A `SystemSource` on a machine without /proc: every read fails."""
+
+    def cpu_times(self, percpu: bool = False) -> Any:
+        raise FileNotFoundError("/proc/stat")
+
+    def virtual_memory(self) -> Any:
+        raise FileNotFoundError("/proc/meminfo")
+
+    def swap_memory(self) -> Any:
+        raise FileNotFoundError("/proc/meminfo")
+
+    def getloadavg(self) -> Any:
+        raise OSError("no load average")
+
+    def net_io_counters(self, pernic: bool = False, nowrap: bool = True) -> Any:
+        raise FileNotFoundError("/proc/net/dev")
 
 
 def samples(metrics: Metrics) -> list[Sample]:
@@ -53,20 +97,6 @@ def value(metrics: Metrics, name: str, **labels: str) -> float | None:
         if sample.name == name and sample.labels == labels:
             return sample.value
     return None
-
-
-def fake_proc(case: SynchronousTestCase, stat: str = STAT) -> str:
-    root = case.mktemp()
-    os.makedirs(os.path.join(root, "net"))
-    for name, text in [
-        ("stat", stat),
-        ("meminfo", MEMINFO),
-        ("loadavg", LOADAVG),
-        (os.path.join("net", "dev"), NET_DEV),
-    ]:
-        with open(os.path.join(root, name), "w") as f:
-            f.write(text)
-    return root
 
 
 def exercise(metrics: Metrics, api_key_name: str | None = None) -> None:
@@ -227,27 +257,25 @@ class RequestMetricsTests(SynchronousTestCase):
 
 
 class SystemFiguresTests(SynchronousTestCase):
-    """llama-swap's system figures, read from a /proc tree at scrape time."""
+    """llama-swap's system figures, read through psutil at scrape time."""
 
-    def test_figures_from_proc(self) -> None:
+    def test_figures_from_source(self) -> None:
         """CPU per core since the last scrape, memory, swap, load and network counters."""
-        root = fake_proc(self)
-        metrics = Metrics(proc_root=root)
+        system = FakeSystem()
+        metrics = Metrics(system_source=system)
         # No time passed since the baseline: 0 until the counters move.
         self.assertEqual(value(metrics, "llamaswap_cpu_util_percent", core="0"), 0.0)
-        with open(os.path.join(root, "stat"), "w") as f:
-            f.write(STAT_LATER)
+        system.cpu = CPU_LATER
         # core 0: busy +100 of +150; core 1: busy +0 of +100.
         self.assertAlmostEqual(value(metrics, "llamaswap_cpu_util_percent", core="0"), 100 * 2 / 3)
         self.assertEqual(value(metrics, "llamaswap_cpu_util_percent", core="1"), 0.0)
         # Unchanged counters keep the last figure rather than dropping to 0.
         self.assertAlmostEqual(value(metrics, "llamaswap_cpu_util_percent", core="0"), 100 * 2 / 3)
-        kib = 1024
-        self.assertEqual(value(metrics, "llamaswap_memory_total_bytes"), 16000 * kib)
-        self.assertEqual(value(metrics, "llamaswap_memory_free_bytes"), 4000 * kib)
-        self.assertEqual(value(metrics, "llamaswap_memory_used_bytes"), 7500 * kib)
-        self.assertEqual(value(metrics, "llamaswap_swap_total_bytes"), 2000 * kib)
-        self.assertEqual(value(metrics, "llamaswap_swap_used_bytes"), 500 * kib)
+        self.assertEqual(value(metrics, "llamaswap_memory_total_bytes"), 16000 * KIB)
+        self.assertEqual(value(metrics, "llamaswap_memory_free_bytes"), 4000 * KIB)
+        self.assertEqual(value(metrics, "llamaswap_memory_used_bytes"), 7500 * KIB)
+        self.assertEqual(value(metrics, "llamaswap_swap_total_bytes"), 2000 * KIB)
+        self.assertEqual(value(metrics, "llamaswap_swap_used_bytes"), 500 * KIB)
         for interval, load in [("1m", 0.5), ("5m", 1.25), ("15m", 2.0)]:
             self.assertEqual(value(metrics, "llamaswap_load_average", interval=interval), load)
         self.assertEqual(
@@ -265,24 +293,36 @@ class SystemFiguresTests(SynchronousTestCase):
         self.assertEqual(families["llamaswap_cpu_util_percent"], "gauge")
 
     def test_missing_proc(self) -> None:
-        """Without /proc files the system figures are left out and rendering still works."""
-        metrics = Metrics(proc_root=self.mktemp())
+        """When no figure can be read they are left out and rendering still works."""
+        metrics = Metrics(system_source=NoSystem())
         metrics.swap("m")
         names = {s.name for s in samples(metrics)}
         self.assertIn("llamaswap_swaps_total", names)
-        self.assertFalse({n for n in names if n.startswith(("llamaswap_cpu", "llamaswap_mem"))})
+        self.assertFalse(
+            {n for n in names if n.startswith(("llamaswap_cpu", "llamaswap_mem", "llamaswap_load"))}
+        )
 
     def test_system_disabled(self) -> None:
         """system=False (performance.disabled) exports request metrics only."""
-        metrics = Metrics(system=False, proc_root=fake_proc(self))
+        metrics = Metrics(system=False, system_source=FakeSystem())
         self.assertIsNone(value(metrics, "llamaswap_memory_total_bytes"))
 
-    def test_real_proc(self) -> None:
-        """On Linux the real /proc gives memory and load figures that parse."""
-        if not os.path.exists("/proc/meminfo"):
-            raise self.skipTest("no /proc")
+    def test_real_system(self) -> None:
+        """psutil itself is a source: its figures are present, typed and sane."""
         metrics = Metrics()
         total = value(metrics, "llamaswap_memory_total_bytes")
-        assert total is not None
+        used = value(metrics, "llamaswap_memory_used_bytes")
+        free = value(metrics, "llamaswap_memory_free_bytes")
+        assert total is not None and used is not None and free is not None
         self.assertGreater(total, 0)
+        self.assertTrue(0 <= used <= total and 0 <= free <= total, (total, used, free))
         self.assertIsNotNone(value(metrics, "llamaswap_load_average", interval="1m"))
+        cpu = [s.value for s in samples(metrics) if s.name == "llamaswap_cpu_util_percent"]
+        self.assertEqual(len(cpu), len(psutil.cpu_times(percpu=True)))
+        self.assertTrue(all(0.0 <= percent <= 100.0 for percent in cpu), cpu)
+        families = {
+            f.name: f.type for f in text_string_to_metric_families(metrics.render()[0].decode())
+        }
+        self.assertEqual(families["llamaswap_cpu_util_percent"], "gauge")
+        self.assertEqual(families["llamaswap_memory_total_bytes"], "gauge")
+        self.assertEqual(families["llamaswap_network_bytes"], "counter")

@@ -14,14 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from llamaswap.config import ConfigError, load_config_text
-from llamaswap.observe.activity import (
-    SORT_COLUMNS,
-    ActivityEntry,
-    ActivityLog,
-    ActivityQuery,
-    TokenMetrics,
-    Usage,
-)
+from llamaswap.observe.activity import ActivityEntry
+from llamaswap.observe.queries import SORT_COLUMNS, ActivityLog, ActivityQuery
 from llamaswap.observe.store import (
     HasCapture,
     IActivityStore,
@@ -31,6 +25,7 @@ from llamaswap.observe.store import (
     open_store,
     validate_store_path,
 )
+from llamaswap.observe.usage import TokenMetrics, Usage
 
 JSON = "application/json"
 SSE = "text/event-stream"

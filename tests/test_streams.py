@@ -11,9 +11,10 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from llamaswap.core.mailbox import drop_marker
 from llamaswap.observe.events import EventBus
 from llamaswap.observe.inflight import InflightTracker
-from llamaswap.observe.logs import LogHub, drop_marker
+from llamaswap.observe.logs import LogHub
 from llamaswap.web.streams import KEEPALIVE, StreamsResource, streams_resource
 from tests.support import listen, poll_until
 

@@ -1,4 +1,4 @@
-"""Byte-preserving edits of a JSON object body (reference §4.6, §12 item 11).
+"""Byte-preserving reading and editing of a JSON object body.
 
 A request body is edited where it stands: the bytes of the value being set or
 the member being removed change, nothing else.  Number spellings (``1.50``,
@@ -12,6 +12,10 @@ is a literal dot inside a name, and a decimal segment indexes an existing
 array (``messages.0.content``).  Where a member name appears more than once
 the last one is followed, as ``json.loads`` does; a leaf edit changes every
 duplicate so that no parser sees a stale value.
+
+This is the one JSON scanner that knows where each member's bytes are:
+filters edit request bodies with it (`set_path`, `delete_path`), and the
+proxy finds and rewrites the requested model with it (`top_level_members`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["delete_path", "get_path", "set_path", "split_path"]
+__all__ = [
+    "delete_path",
+    "encode_value",
+    "get_path",
+    "set_path",
+    "split_path",
+    "top_level_members",
+]
 
 _decoder = json.JSONDecoder()
 _scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
@@ -38,18 +49,20 @@ class _Missing:
 _MISSING: Any = _Missing()
 
 
-@dataclass(frozen=True)
-class _Member:
+class _Member(NamedTuple):
     """One object member or array element, by offsets into the text.
 
     For array elements ``name`` is the decimal index and ``start`` equals
     ``value_start``; for object members ``start`` is the key's opening quote.
+    ``value`` is the decoded value (decoding is how its end is found).  A
+    tuple, not a dataclass: the proxy scans every request body's members.
     """
 
     name: str
     start: int
     value_start: int
     value_end: int
+    value: Any
 
 
 @dataclass(frozen=True)
@@ -105,8 +118,7 @@ def get_path(body: bytes, dotted: str, default: Any = _MISSING) -> Any:
         if default is _MISSING:
             raise KeyError(dotted)
         return default
-    member = found[1][-1]
-    return _decoder.raw_decode(text, member.value_start)[0]
+    return found[1][-1].value
 
 
 def set_path(body: bytes, dotted: str, value: object) -> bytes:
@@ -164,6 +176,16 @@ def delete_path(body: bytes, dotted: str) -> bytes:
         if container.is_array:
             break  # indices shift: a second pass would delete the next element
     return text.encode("utf-8") if changed else body
+
+
+def top_level_members(text: str) -> dict[str, tuple[Any, int, int]]:
+    """The top-level members of the JSON object ``text``: name -> (decoded
+    value, start, end), the offsets spanning the value's text in ``text``.
+
+    Later duplicates win, as in ``json.loads``.  Raises ``ValueError`` when
+    ``text`` is not exactly one JSON object.
+    """
+    return {m.name: (m.value, m.value_start, m.value_end) for m in _root(text).members}
 
 
 def encode_value(value: object) -> str:
@@ -234,8 +256,8 @@ def _scan(text: str, open_idx: int) -> _Container:
             if text[idx] != ":":
                 raise ValueError("expected ':'")
             idx = _skip(text, idx + 1)
-        _, end = _decoder.raw_decode(text, idx)
-        members.append(_Member(name, start, idx, end))
+        value, end = _decoder.raw_decode(text, idx)
+        members.append(_Member(name, start, idx, end, value))
         idx = _skip(text, end)
         if text[idx] == ",":
             idx = _skip(text, idx + 1)

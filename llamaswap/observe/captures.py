@@ -20,6 +20,9 @@ from typing import Any
 
 import cbor2
 import zstandard
+from twisted.web.http_headers import Headers
+
+from llamaswap.core.text import as_text
 
 #: Header names whose values are replaced by `REDACTED` (compared lowercased).
 #: llama-swap's list, plus the other API-key headers clients commonly send.
@@ -96,11 +99,7 @@ class CaptureBuffer:
         return bytes(self._buffer)
 
 
-HeaderSource = Mapping[Any, Any] | Iterable[tuple[Any, Any]]
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+HeaderSource = Headers | Mapping[Any, Any] | Iterable[tuple[Any, Any]]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -117,20 +116,23 @@ def flatten_headers(headers: HeaderSource | None) -> dict[str, str]:
     """
     if headers is None:
         return {}
-    raw = getattr(headers, "getAllRawHeaders", None)
-    pairs = (
-        raw() if raw is not None else (headers.items() if isinstance(headers, Mapping) else headers)
-    )
+    pairs: Iterable[tuple[Any, Any]]
+    if isinstance(headers, Headers):
+        pairs = headers.getAllRawHeaders()
+    elif isinstance(headers, Mapping):
+        pairs = headers.items()
+    else:
+        pairs = headers
     flat: dict[str, str] = {}
     for name, value in pairs:
-        key = canonical_header_name(_text(name))
+        key = canonical_header_name(as_text(name))
         if key in flat:
             continue
         if isinstance(value, Sequence) and not isinstance(value, str | bytes):
             if not value:
                 continue
             value = value[0]
-        flat[key] = REDACTED if key.lower() in REDACTED_HEADERS else _text(value)
+        flat[key] = REDACTED if key.lower() in REDACTED_HEADERS else as_text(value)
     return flat
 
 

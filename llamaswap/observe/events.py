@@ -1,9 +1,9 @@
-"""The event bus behind ``/api/events`` (reference §3.9).
+"""The event bus behind ``/api/events`` (the UI's live updates, as in llama-swap).
 
 Publishers call :meth:`EventBus.publish` (or a typed helper) and never know
 who listens.  Each event's payload is JSON-encoded once, and its SSE frame
 built once, however many subscribers there are.  Every subscriber has a
-bounded :class:`~llamaswap.observe.logs.Mailbox`: a paused subscriber (a slow SSE
+bounded :class:`~llamaswap.core.mailbox.Mailbox`: a paused subscriber (a slow SSE
 client) queues up to ``limit`` events, then events are dropped with one WARN
 per episode, so a slow reader never grows memory or slows the publisher.
 """
@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
-from llamaswap.observe.logs import LogHub, LogMonitor, Mailbox, MailboxSubscription
+from llamaswap.core.mailbox import Mailbox, MailboxSubscription
+from llamaswap.observe.logs import LogHub, LogMonitor
 
 if TYPE_CHECKING:
     from llamaswap.config import Config
@@ -204,7 +205,7 @@ def ui_config_payload(config: Config) -> dict[str, Any]:
 def model_status_records(
     config: Config, processes: Mapping[str, ModelProcess]
 ) -> list[dict[str, Any]]:
-    """The ``modelStatus`` payload: every local model sorted by id (§3.9)."""
+    """The ``modelStatus`` payload: every local model sorted by id, as llama-swap sends it."""
     records = []
     for model_id in sorted(config.models):
         model = config.models[model_id]

@@ -1,4 +1,4 @@
-"""Requests in flight, published as ``inflight`` events (reference §3.9, §3.10).
+"""Requests in flight, published as ``inflight`` events (the UI's live request list).
 
 Every tracked request is upserted when it arrives and when its response
 headers are written, upserted again as response bytes flow (at most once per
@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from llamaswap.core.text import as_text
 from llamaswap.observe.captures import HeaderSource, flatten_headers
 from llamaswap.observe.events import EventBus, inflight_remove, inflight_snapshot, inflight_upsert
 
@@ -130,10 +131,6 @@ class InflightEntry:
         return record
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
 class InflightTracker:
     """Tracks requests in flight and publishes their changes on ``bus``."""
 
@@ -177,10 +174,10 @@ class InflightTracker:
             str(next(self._ids)),
             self._clock.seconds(),
             model,
-            _text(req_path),
-            _text(method),
+            as_text(req_path),
+            as_text(method),
             req_headers,
-            _text(remote_ip or ""),
+            as_text(remote_ip or ""),
             metadata,
         )
         self._entries[entry.id] = entry

@@ -1,4 +1,4 @@
-"""Prometheus ``/metrics`` (SPEC decision 9): request-path metrics and system figures.
+"""Prometheus ``/metrics``: request-path metrics and system figures.
 
 `Metrics` owns a dedicated ``CollectorRegistry`` (never the process-global
 one, so several app instances or tests never share series).  The app calls
@@ -7,9 +7,10 @@ queue, a model loaded, swapped, was evicted or changed state.  API keys are
 exported only by name (``key-<index>`` from `api_key_label`), never the
 secret; a name of any other shape is refused.
 
-`SystemCollector` exports llama-swap's system figures, read from ``/proc`` at
-scrape time (a handful of tiny procfs reads; no sampling loop).  CPU use per
-core is the change since the previous scrape (or since start for the first).
+`SystemCollector` exports llama-swap's system figures, read through psutil at
+scrape time (a handful of tiny procfs reads on Linux; no sampling loop).  CPU
+use per core is the change since the previous scrape (or since start for the
+first).
 GPU figures are not exported: llama-swap gets them from ``nvidia-smi`` and
 friends, which means spawning a process per sample; there is no cheap source.
 """
@@ -17,19 +18,20 @@ friends, which means spawning a process per sample; there is no cheap source.
 from __future__ import annotations
 
 import math
-import os
 import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
 
-from llamaswap.observe.activity import TokenMetrics
+from llamaswap.observe.usage import TokenMetrics
 from llamaswap.supervision.process import ProcessState
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "MODEL_STATES",
     "Metrics",
     "SystemCollector",
+    "SystemSource",
     "api_key_label",
 ]
 
@@ -68,7 +71,7 @@ def _positive(value: float) -> bool:
 class Metrics:
     """The request-path metrics of one llamaswap instance, and their text rendering."""
 
-    def __init__(self, system: bool = True, proc_root: str = "/proc") -> None:
+    def __init__(self, system: bool = True, system_source: SystemSource = psutil) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self._requests = Counter(
@@ -139,7 +142,7 @@ class Metrics:
         self._states: dict[str, dict[str, None]] = {}
         self._refused_key_name = False
         if system:
-            registry.register(SystemCollector(proc_root))
+            registry.register(SystemCollector(system_source))
 
     def request_finished(
         self,
@@ -226,31 +229,63 @@ def _token_counts(tokens: TokenMetrics | None) -> tuple[tuple[str, int], ...]:
 
 
 # --------------------------------------------------------------------------
-# System figures from /proc
+# System figures (psutil)
+
+
+class SystemSource(Protocol):
+    """The part of psutil that `SystemCollector` reads; the ``psutil`` module
+    itself is one (tests pass a fake with the same functions)."""
+
+    def cpu_times(self, percpu: bool = ...) -> Any: ...
+
+    def virtual_memory(self) -> Any: ...
+
+    def swap_memory(self) -> Any: ...
+
+    def getloadavg(self) -> tuple[float, float, float]: ...
+
+    def net_io_counters(self, pernic: bool = ..., nowrap: bool = ...) -> Any: ...
+
+
+#: What a source may raise when a figure cannot be read (no /proc file, no
+#: permission, a platform without it): the figure is then left out.
+_UNREADABLE = (
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    AttributeError,
+    LookupError,
+    ValueError,
+    psutil.Error,
+)
+#: CPU time fields that count towards the total, as in /proc/stat (guest time
+#: is already inside user time); fields a platform lacks count as 0.
+_CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
 @dataclass(frozen=True)
 class _CpuTimes:
-    busy: int
-    total: int
+    busy: float
+    total: float
 
 
 class SystemCollector(Collector):
-    """llama-swap's system figures, read from ``proc_root`` when scraped.
+    """llama-swap's system figures, read from ``source`` (psutil) when scraped.
 
     Memory follows gopsutil (what llama-swap reports): used = total − free −
-    buffers − page cache (with reclaimable slab); free = ``MemFree``.  Any
-    file that is missing or unreadable just leaves its figures out.
+    buffers − page cache (psutil's ``cached``, which includes reclaimable
+    slab); free = ``MemFree``.  A figure that cannot be read is left out.
+    Cores are labelled by their position in psutil's per-CPU list.
     """
 
-    def __init__(self, proc_root: str = "/proc") -> None:
-        self._root = proc_root
+    def __init__(self, source: SystemSource = psutil) -> None:
+        self._source = source
         self._lock = threading.Lock()
         self._cpu = self._read_cpu()
         self._cpu_percent: dict[str, float] = {}
 
     def describe(self) -> Iterable[Metric]:
-        # Names only, so registration neither reads /proc nor moves the CPU baseline.
+        # Names only, so registration neither reads figures nor moves the CPU baseline.
         return [
             GaugeMetricFamily("llamaswap_cpu_util_percent", "", labels=["core"]),
             GaugeMetricFamily("llamaswap_memory_total_bytes", ""),
@@ -271,28 +306,16 @@ class SystemCollector(Collector):
         yield from self._collect_load()
         yield from self._collect_network()
 
-    def _read(self, *parts: str) -> str | None:
-        try:
-            with open(os.path.join(self._root, *parts), encoding="ascii", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return None
-
     def _read_cpu(self) -> dict[str, _CpuTimes]:
-        text = self._read("stat")
+        try:
+            per_cpu = self._source.cpu_times(percpu=True)
+        except _UNREADABLE:
+            return {}
         cores: dict[str, _CpuTimes] = {}
-        for line in (text or "").splitlines():
-            name, _, rest = line.partition(" ")
-            if not (name.startswith("cpu") and name[3:].isdigit()):
-                continue
-            try:
-                # user nice system idle iowait irq softirq steal (guest time is in user)
-                fields = [int(v) for v in rest.split()[:8]]
-            except ValueError:
-                continue
-            idle = sum(fields[3:5])
-            total = sum(fields)
-            cores[name[3:]] = _CpuTimes(busy=total - idle, total=total)
+        for index, times in enumerate(per_cpu):
+            total = sum(getattr(times, name, 0.0) for name in _CPU_FIELDS)
+            idle = getattr(times, "idle", 0.0) + getattr(times, "iowait", 0.0)
+            cores[str(index)] = _CpuTimes(busy=total - idle, total=total)
         return cores
 
     def _collect_cpu(self) -> Metric | None:
@@ -304,7 +327,7 @@ class SystemCollector(Collector):
             "CPU utilization per core (0-100) since the previous scrape",
             labels=["core"],
         )
-        for core, times in sorted(now.items(), key=lambda item: int(item[0])):
+        for core, times in now.items():
             before = self._cpu.get(core)
             if before is not None and times.total > before.total:
                 busy = (times.busy - before.busy) / (times.total - before.total)
@@ -314,38 +337,30 @@ class SystemCollector(Collector):
         return family
 
     def _collect_memory(self) -> Iterator[Metric]:
-        text = self._read("meminfo")
-        if text is None:
-            return
-        info: dict[str, int] = {}
-        for line in text.splitlines():
-            key, _, rest = line.partition(":")
-            values = rest.split()
-            if values and values[0].isdigit():
-                info[key] = int(values[0]) * (1024 if values[1:] == ["kB"] else 1)
-        if "MemTotal" in info and "MemFree" in info:
-            total, free = info["MemTotal"], info["MemFree"]
-            cache = info.get("Buffers", 0) + info.get("Cached", 0) + info.get("SReclaimable", 0)
+        try:
+            memory = self._source.virtual_memory()
+        except _UNREADABLE:
+            memory = None
+        if memory is not None:
+            total, free = memory.total, memory.free
+            cache = getattr(memory, "buffers", 0) + getattr(memory, "cached", 0)
             used = total - free - cache
             if used < 0:
                 used = total - free
             yield _gauge("llamaswap_memory_total_bytes", "Total memory in bytes", total)
             yield _gauge("llamaswap_memory_used_bytes", "Used memory in bytes", used)
             yield _gauge("llamaswap_memory_free_bytes", "Free memory in bytes", free)
-        if "SwapTotal" in info and "SwapFree" in info:
-            swap_total = info["SwapTotal"]
-            yield _gauge("llamaswap_swap_total_bytes", "Total swap in bytes", swap_total)
-            yield _gauge(
-                "llamaswap_swap_used_bytes", "Used swap in bytes", swap_total - info["SwapFree"]
-            )
+        try:
+            swap = self._source.swap_memory()
+        except _UNREADABLE:
+            return
+        yield _gauge("llamaswap_swap_total_bytes", "Total swap in bytes", swap.total)
+        yield _gauge("llamaswap_swap_used_bytes", "Used swap in bytes", swap.total - swap.free)
 
     def _collect_load(self) -> Iterator[Metric]:
-        text = self._read("loadavg")
         try:
-            loads = [float(v) for v in (text or "").split()[:3]]
-        except ValueError:
-            return
-        if len(loads) != 3:
+            loads = self._source.getloadavg()
+        except _UNREADABLE:
             return
         family = GaugeMetricFamily("llamaswap_load_average", "Load average", labels=["interval"])
         for interval, value in zip(("1m", "5m", "15m"), loads, strict=True):
@@ -353,25 +368,18 @@ class SystemCollector(Collector):
         yield family
 
     def _collect_network(self) -> Iterator[Metric]:
-        text = self._read("net", "dev")
-        if text is None:
+        try:
+            interfaces = self._source.net_io_counters(pernic=True)
+        except _UNREADABLE:
             return
         family = CounterMetricFamily(
             "llamaswap_network_bytes",
             "Total network bytes transferred",
             labels=["interface", "direction"],
         )
-        for line in text.splitlines()[2:]:
-            name, colon, rest = line.partition(":")
-            fields = rest.split()
-            if not colon or len(fields) < 9:
-                continue
-            try:
-                received, sent = int(fields[0]), int(fields[8])
-            except ValueError:
-                continue
-            family.add_metric([name.strip(), "recv"], received)
-            family.add_metric([name.strip(), "sent"], sent)
+        for name, counters in interfaces.items():
+            family.add_metric([name, "recv"], counters.bytes_recv)
+            family.add_metric([name, "sent"], counters.bytes_sent)
         if family.samples:
             yield family
 

@@ -15,11 +15,13 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from llamaswap.observe.activity import ActivityEntry, Usage, UsageParser
+from llamaswap.core.twistedweb import after_flush
+from llamaswap.observe.activity import ActivityEntry
 from llamaswap.observe.captures import CaptureBuffer, CaptureCache, build_capture
 from llamaswap.observe.prometheus import Metrics, api_key_label
 from llamaswap.observe.store import IActivityStore
-from llamaswap.web.site import after_flush
+from llamaswap.observe.usage import Usage
+from llamaswap.observe.usageparser import UsageParser
 
 log = Logger()
 

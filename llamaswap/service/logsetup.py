@@ -17,20 +17,15 @@ from twisted.logger import (
     LogLevelFilterPredicate,
 )
 
+from llamaswap.core.loglevels import parse_level
 from llamaswap.service.systemd import journald_observer
 
-_LEVELS = {
-    "debug": LogLevel.debug,
-    "info": LogLevel.info,
-    "warn": LogLevel.warn,
-    "error": LogLevel.error,
-}
 _level_filter = LogLevelFilterPredicate(LogLevel.info)
 
 
 def set_log_level(name: str) -> None:
     """Apply a config ``logLevel`` (debug/info/warn/error)."""
-    _level_filter.defaultLogLevel = _LEVELS.get(name.lower(), LogLevel.info)
+    _level_filter.defaultLogLevel = parse_level(name)
     _level_filter.clearLogLevels()
 
 

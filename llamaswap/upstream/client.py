@@ -17,7 +17,6 @@ from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import client as _client_module
 from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
@@ -31,12 +30,11 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.core.endpoints import UpstreamEndpoints
+from llamaswap.core.twistedweb import quiet_http_client_factories
 
 log = Logger()
 
-# Every pooled upstream connection would otherwise log "Starting factory" and
-# "Stopping factory" lines: pure noise at our request rates.
-_client_module._HTTP11ClientFactory.noisy = False
+quiet_http_client_factories()
 
 #: Connection-scoped headers that must not cross a proxy (RFC 9110 §7.6.1).
 HOP_BY_HOP = frozenset(

@@ -1,11 +1,11 @@
 """Finding the requested model in a request, and rewriting it, byte-exactly.
 
-Extraction follows llama-swap (reference §4.1): ``GET`` reads the query,
-JSON bodies the top-level ``model`` member, multipart bodies the ``model``
-form field, anything else an urlencoded body field, falling back to the
-query.  Rewrites edit only the bytes of the ``model`` value: a JSON rewrite
+Extraction follows llama-swap: ``GET`` reads the query, JSON bodies the
+top-level ``model`` member, multipart bodies the ``model`` form field,
+anything else an urlencoded body field, falling back to the query.  Rewrites edit only the bytes of the ``model`` value: a JSON rewrite
 never re-serialises the rest of the document (number formats, key order and
-escapes stay as the client sent them).
+escapes stay as the client sent them); JSON bodies are read with
+`llamaswap.core.jsonedit`, the scanner filters edit bodies with.
 """
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote_plus
 
-_decoder = json.JSONDecoder()
-_scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
-_WS = re.compile(r"[ \t\n\r]*")
+from llamaswap.core.jsonedit import top_level_members
 
 
 @dataclass(frozen=True)
@@ -62,9 +60,9 @@ def extract_model(
         top = json_top_level(body)
         if top is None:
             return Extracted("", False)
-        model = top.get("model")
+        member = top.get("model")
         return Extracted(
-            _scalar_text(model[0]) if model else "",
+            _scalar_text(member[0]) if member else "",
             bool(top.get("stream")) and _truthy(top["stream"][0]),
         )
     if b"multipart/form-data" in ctype:
@@ -86,42 +84,9 @@ def json_top_level(body: bytes) -> dict[str, tuple[object, int, int]] | None:
     object.  Later duplicates win, as in ``json.loads``.
     """
     try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
+        return top_level_members(body.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
         return None
-    try:
-        return _members(text)
-    except (ValueError, IndexError):
-        return None
-
-
-def _members(text: str) -> dict[str, tuple[object, int, int]] | None:
-    idx = _WS.match(text, 0).end()  # type: ignore[union-attr]
-    if text[idx : idx + 1] != "{":
-        return None
-    idx = _WS.match(text, idx + 1).end()  # type: ignore[union-attr]
-    out: dict[str, tuple[object, int, int]] = {}
-    if text[idx] == "}":
-        return out
-    while True:
-        if text[idx] != '"':
-            raise ValueError("expected a member name")
-        name, idx = _scanstring(text, idx + 1)
-        idx = _WS.match(text, idx).end()  # type: ignore[union-attr]
-        if text[idx] != ":":
-            raise ValueError("expected ':'")
-        idx = _WS.match(text, idx + 1).end()  # type: ignore[union-attr]
-        value, end = _decoder.raw_decode(text, idx)
-        out[name] = (value, idx, end)
-        idx = _WS.match(text, end).end()  # type: ignore[union-attr]
-        if text[idx] == ",":
-            idx = _WS.match(text, idx + 1).end()  # type: ignore[union-attr]
-            continue
-        if text[idx] == "}":
-            if _WS.match(text, idx + 1).end() != len(text):  # type: ignore[union-attr]
-                raise ValueError("trailing data")
-            return out
-        raise ValueError("expected ',' or '}'")
 
 
 def replace_json_model(body: bytes, model: str) -> bytes:
@@ -132,10 +97,8 @@ def replace_json_model(body: bytes, model: str) -> bytes:
     """
     text = body.decode("utf-8", "strict") if body else ""
     try:
-        members = _members(text) if text else None
-    except (ValueError, IndexError):
-        return body
-    if members is None:
+        members = top_level_members(text)
+    except ValueError:
         return body
     encoded = json.dumps(model, ensure_ascii=False)
     if "model" in members:

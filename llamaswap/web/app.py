@@ -27,12 +27,9 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from llamaswap import __version__
 from llamaswap.config import Config
 from llamaswap.config.peers import PeerTarget
-from llamaswap.observe.activity import (
-    activity_page_json,
-    narrow_accept_encoding,
-    parse_activity_query,
-)
+from llamaswap.observe.bodies import narrow_accept_encoding
 from llamaswap.observe.inflight import InflightEntry, InflightTracker
+from llamaswap.observe.queries import activity_page_json, parse_activity_query
 from llamaswap.observe.recording import ActivityRecorder, Recording
 from llamaswap.scheduling import ShuttingDown, Ticket, UnknownModel
 from llamaswap.supervision.process import ProcessState

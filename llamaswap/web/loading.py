@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from llamaswap.observe.usage import upstream_error_text
 from llamaswap.web.errors import json_envelope, write_error
 
 log = Logger()
@@ -432,21 +433,16 @@ def relay_body_only(request: Any) -> CommittedResponse:
 
 
 def _error_message(body: bytes, status: int) -> str:
-    """The message of an upstream error body (an OpenAI-style envelope, a
-    ``{"error": "..."}`` object, or plain text)."""
+    """The message of an upstream error body: what `upstream_error_text`
+    finds in a JSON body, else the body as plain text."""
     text = body.decode("utf-8", "replace").strip()
     try:
         parsed = json.loads(text)
     except ValueError:
         parsed = None
-    if isinstance(parsed, dict):
-        error = parsed.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]  # type: ignore[no-any-return]
-        if isinstance(error, str):
-            return error
-        if isinstance(parsed.get("message"), str):
-            return parsed["message"]  # type: ignore[no-any-return]
+    message = upstream_error_text(parsed)
+    if message is not None:
+        return message
     if text.startswith("llama-swap: "):
         text = text[len("llama-swap: ") :]
     return text or f"upstream answered with status {status}"

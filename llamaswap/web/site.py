@@ -3,57 +3,49 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from io import BytesIO
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
-from llamaswap.observe.logs import request_access_line
+from llamaswap.core.twistedweb import after_flush
+from llamaswap.observe.logformat import request_access_line
 
 log = Logger()
 
 
 class LlamaSwapRequest(Request):
-    """A request whose body is always buffered in memory, and never parsed
-    as a form by Twisted: llamaswap finds the model itself, without parsing
-    anything on the hot path that it does not need (Twisted would run an
-    email-header parser on every POST's ``Content-Type``).
+    """A request whose body is always buffered in memory.
 
     Twisted spools bodies over 100 kB to a temporary file; we need every body
     in memory anyway (the model name is inside it) and file I/O would block
     the reactor.
     """
 
-    _parsePOSTFormSubmission = False
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.received_at = time.monotonic()
 
     def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
-
-
-def after_flush(reactor: Any, fn: Callable[..., object], *args: Any) -> None:
-    """Run ``fn(*args)`` once the reactor has written out what is buffered.
-
-    Responses are written to sockets in the reactor's next I/O pass, which
-    comes *after* the delayed calls due now; one call scheduled from another
-    runs after that pass.  Bookkeeping done this way (access log, activity
-    rows) no longer delays the bytes the client is waiting for."""
-    reactor.callLater(0, reactor.callLater, 0, fn, *args)
+        # Twisted declares ``content = None`` on the class; it holds the body.
+        self.content = BytesIO()  # type: ignore[assignment]
 
 
 class LlamaSwapSite(Site):
-    """Serves llamaswap with llama-swap's access-log line format."""
+    """Serves llamaswap with llama-swap's access-log line format.
+
+    Request bodies are never parsed as forms by Twisted: llamaswap finds the
+    model itself, without parsing anything on the hot path that it does not
+    need (Twisted would run an email-header parser on every POST's
+    ``Content-Type``, and decode every urlencoded or multipart body).
+    """
 
     requestFactory = LlamaSwapRequest
     displayTracebacks = False
 
     def __init__(self, resource: Any, reactor: Any = None, **kwargs: Any) -> None:
-        super().__init__(resource, **kwargs)
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 

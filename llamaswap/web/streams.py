@@ -6,8 +6,8 @@ subscription queues up to its bound and then drops (log streams mark the gap,
 the event stream logs a WARN).  A stream ends, and unsubscribes, when the
 client goes away or :meth:`StreamsResource.close_all` is called at shutdown.
 
-Behaviour follows reference §3.5 (logs), §3.9 (events) and §3.10 (cancel);
-``/api/events`` additionally sends a ``:keepalive`` comment every
+The endpoints answer as llama-swap's do (the UI is shared); ``/api/events``
+additionally sends a ``:keepalive`` comment every
 ``KEEPALIVE_INTERVAL`` seconds so idle streams survive proxies.
 """
 
@@ -26,6 +26,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from llamaswap.core.text import as_text
+from llamaswap.core.twistedweb import disconnected, transport_paused
 from llamaswap.observe.events import (
     INFLIGHT,
     LOG_DATA,
@@ -77,14 +79,13 @@ class _Stream:
         self.events = events
         self.subscription: Subscription | None = None
         self.closed = False
-        if getattr(request, "_disconnected", False):
+        if disconnected(request):
             self.closed = True  # gone before we started: notifyFinish would never fire
             self.paused = False
             return
         # Twisted does not pause a producer registered while the transport
         # is already full, so start from the channel's state.
-        channel = getattr(request, "channel", None)
-        self.paused = bool(getattr(channel, "_waitingForTransport", False))
+        self.paused = transport_paused(request)
         owner._opened(self)
         request.registerProducer(self, True)
         request.notifyFinish().addBoth(self._request_done)
@@ -127,7 +128,7 @@ class _Stream:
         request = self.request
         if getattr(request, "channel", None) is not None and request.producer is self:
             request.unregisterProducer()
-        if finish and not request.finished and not request._disconnected:
+        if finish and not request.finished and not disconnected(request):
             request.finish()
 
     def _request_done(self, result: object) -> None:
@@ -283,8 +284,8 @@ class StreamsResource(Resource):
     def _initial_events(self) -> list[Event]:
         """proxy history, upstream history, models, UI config, profile, in-flight."""
         return [
-            Event.of(LOG_DATA, log_data_payload("proxy", _text(self._hub.proxy.history()))),
-            Event.of(LOG_DATA, log_data_payload("upstream", _text(self._hub.upstream.history()))),
+            Event.of(LOG_DATA, log_data_payload("proxy", as_text(self._hub.proxy.history()))),
+            Event.of(LOG_DATA, log_data_payload("upstream", as_text(self._hub.upstream.history()))),
             Event.of(MODEL_STATUS, self._model_status()),
             Event.of(UI_CONFIG, dict(self._ui_config())),
             Event.of(PROFILE_CHANGED, {"active": self._active_profile()}),
@@ -332,10 +333,6 @@ def _has_query_key(uri: bytes, key: bytes) -> bool:
         unquote_to_bytes(item.partition(b"=")[0].replace(b"+", b" ")) == key
         for item in query.split(b"&")
     )
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
 
 
 def streams_resource(

@@ -1,0 +1,16 @@
+"""Text from values that arrive as either ``str`` or ``bytes``.
+
+Twisted hands header names and values, query arguments and paths over as
+``bytes``, while fakes, mappings and our own callers often pass ``str``.
+Where such a value is only shown (a row, a capture, an event), it is decoded
+as UTF-8 with undecodable bytes replaced: showing must never fail.
+"""
+
+from __future__ import annotations
+
+__all__ = ["as_text"]
+
+
+def as_text(value: str | bytes) -> str:
+    """``value`` as ``str``: bytes decoded as UTF-8 (invalid bytes replaced), str as is."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

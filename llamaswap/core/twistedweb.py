@@ -1,0 +1,66 @@
+"""The few Twisted internals llamaswap relies on, in one place, each with its reason.
+
+Everything else uses Twisted's public, documented API.  What is here has no
+public equivalent (checked against Twisted 25.5 to 26.10); if Twisted grows
+one, this is the only module to change.
+
+* `disconnected`: ``Request._disconnected``.  The public way to learn that a
+  client went away is the errback of ``notifyFinish()``, which only helps
+  code that subscribed before it happened; a response that is about to start
+  streaming (or to write an error) needs to *ask*.
+* `transport_paused`: ``HTTPChannel._waitingForTransport``.  A push producer
+  registered while the socket buffer is already full is not paused by
+  Twisted, so a new stream has to start from the channel's state.
+* `quiet_http_client_factories`: ``twisted.web.client._HTTP11ClientFactory``
+  logs "Starting factory"/"Stopping factory" for every pooled upstream
+  connection; the class is private, so silencing it touches a private name.
+* `after_flush`: not a private name but an under-documented ordering of the
+  reactor (see its docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+__all__ = ["after_flush", "disconnected", "quiet_http_client_factories", "transport_paused"]
+
+
+def disconnected(request: Any) -> bool:
+    """Whether the connection ``request`` arrived on has been lost.
+
+    ``twisted.web.http.Request`` sets ``_disconnected`` in ``connectionLost``;
+    an object without it (a test double, a wrapper) counts as connected.
+    """
+    return bool(getattr(request, "_disconnected", False))
+
+
+def transport_paused(request: Any) -> bool:
+    """Whether ``request``'s channel is waiting for its transport to drain.
+
+    A producer registered now would not be told to pause, so it must start
+    paused when this is true.  ``False`` without a channel (finished or lost).
+    """
+    channel = getattr(request, "channel", None)
+    return bool(getattr(channel, "_waitingForTransport", False))
+
+
+def quiet_http_client_factories() -> None:
+    """Stop Twisted's HTTP/1.1 client factories logging every connection's
+    start and stop (pure noise at a proxy's request rate)."""
+    from twisted.web import client
+
+    client._HTTP11ClientFactory.noisy = False
+
+
+def after_flush(reactor: IReactorTime, fn: Callable[..., object], *args: Any) -> None:
+    """Run ``fn(*args)`` once the reactor has written out what is buffered.
+
+    Responses are written to sockets in the reactor's next I/O pass, which
+    comes *after* the delayed calls due now; one call scheduled from another
+    runs after that pass.  Bookkeeping done this way (access log, activity
+    rows) no longer delays the bytes the client is waiting for.
+    """
+    reactor.callLater(0, reactor.callLater, 0, fn, *args)
