@@ -13,13 +13,16 @@ import os
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
 
 from llamaswap.config import load_config_text
 from llamaswap.service.tap import LlamaSwapService
 from llamaswap.upstream.client import forward_headers, forwarded_for
+from llamaswap.web.websockets import WebSocketRelay
 
 KEY = "sk-test"
 AUTH = {"authorization": [f"Bearer {KEY}"]}
@@ -237,3 +240,56 @@ class ForwardedForTests(SynchronousTestCase):
         self.assertEqual(forwarded_for(Headers(), "10.0.0.2"), b"10.0.0.2")
         out = forward_headers(headers, client_ip="10.0.0.3")
         self.assertEqual(out.getRawHeaders(b"x-forwarded-for"), [b"10.0.0.1, 10.0.0.3"])
+
+
+class _ReadyRouting:
+    """Routing where every model ignores websockets and is ready."""
+
+    class state:  # noqa: N801 - stands in for the attribute
+        ignore_websockets = frozenset({"a"})
+
+    def state_of(self, model_id: str) -> str:
+        return "ready"
+
+
+class _Router:
+    def upstream_of(self, model_id: str) -> bytes:
+        return b"http://127.0.0.1:1"
+
+
+class _RecordingRelay(WebSocketRelay):
+    """Records what would be spliced instead of connecting."""
+
+    spliced: list[tuple[bytes, bytes, Headers]]
+
+    async def _splice(
+        self, request: Any, upstream: bytes, target: bytes, headers: Headers, body: bytes
+    ) -> None:
+        self.spliced.append((upstream, target, headers))
+
+
+class WebSocketHeaderTests(SynchronousTestCase):
+    def test_upgrade_headers(self) -> None:
+        """An upgrade keeps its hop-by-hop headers, loses the header that
+        carried our key and extends X-Forwarded-For."""
+        relay = _RecordingRelay(_ReadyRouting(), _Router(), MemoryReactorClock())  # type: ignore[arg-type]
+        relay.spliced = []
+        request = DummyRequest([b"ws"])
+        request.client = IPv4Address("TCP", "10.0.0.9", 5000)
+        request.requestHeaders = Headers(
+            {
+                b"connection": [b"Upgrade"],
+                b"upgrade": [b"websocket"],
+                b"x-api-key": [KEY],
+                b"x-forwarded-for": [b"10.0.0.1"],
+            }
+        )
+        request.llamaswap_credential_header = b"x-api-key"
+        relay.upgrade(request, "a", b"/ws", b"")
+        [(upstream, target, headers)] = relay.spliced
+        self.assertEqual((upstream, target), (b"http://127.0.0.1:1", b"/ws"))
+        self.assertEqual(headers.getRawHeaders(b"connection"), [b"Upgrade"])
+        self.assertEqual(headers.getRawHeaders(b"upgrade"), [b"websocket"])
+        self.assertFalse(headers.hasHeader(b"x-api-key"))
+        self.assertEqual(headers.getRawHeaders(b"x-forwarded-for"), [b"10.0.0.1, 10.0.0.9"])
+        self.assertEqual(request.requestHeaders.getRawHeaders(b"x-api-key"), [KEY.encode()])
