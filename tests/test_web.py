@@ -22,6 +22,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from llamaswap.config import load_config_text
 from llamaswap.service.tap import LlamaSwapService
 from llamaswap.upstream.client import forward_headers, forwarded_for
+from llamaswap.web.auth import ApiKeys
 from llamaswap.web.websockets import WebSocketRelay
 
 KEY = "sk-test"
@@ -293,3 +294,28 @@ class WebSocketHeaderTests(SynchronousTestCase):
         self.assertFalse(headers.hasHeader(b"x-api-key"))
         self.assertEqual(headers.getRawHeaders(b"x-forwarded-for"), [b"10.0.0.1, 10.0.0.9"])
         self.assertEqual(request.requestHeaders.getRawHeaders(b"x-api-key"), [KEY.encode()])
+
+
+class AuthorizeTests(SynchronousTestCase):
+    def request(self, method: bytes, path: bytes, headers: dict[bytes, list[bytes]]) -> Any:
+        request = DummyRequest([])
+        request.method = method
+        request.path = path
+        request.requestHeaders = Headers(headers)
+        return request
+
+    def test_keys(self) -> None:
+        """Without keys everything passes; with keys, open paths pass on
+        GET/HEAD only, and a key's header and index are remembered."""
+        self.assertTrue(ApiKeys(()).authorize(self.request(b"POST", b"/v1/x", {})))
+        keys = ApiKeys(("other", KEY))
+        self.assertTrue(keys.authorize(self.request(b"HEAD", b"/health", {})))
+        self.assertFalse(keys.authorize(self.request(b"POST", b"/health", {})))
+        self.assertFalse(keys.authorize(self.request(b"GET", b"/running", {})))
+        wrong = self.request(b"GET", b"/running", {b"x-api-key": [b"nope"]})
+        self.assertFalse(keys.authorize(wrong))
+        self.assertFalse(hasattr(wrong, "llamaswap_api_key_index"))
+        right = self.request(b"GET", b"/running", {b"authorization": [f"Bearer {KEY}".encode()]})
+        self.assertTrue(keys.authorize(right))
+        self.assertEqual(right.llamaswap_credential_header, b"authorization")
+        self.assertEqual(right.llamaswap_api_key_index, 1)

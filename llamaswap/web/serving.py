@@ -98,13 +98,12 @@ class RequestServer:
     ) -> object:
         """Serve ``request`` with ``body``; a POST to ``recorded_path`` (one of
         the recorded paths) becomes an activity row with ``metadata``."""
+        name = destination.name
         recording = None
         if recorded_path is not None:
-            recording = self._begin_recording(
-                request, destination.name, recorded_path, body, metadata
-            )
+            recording = self._begin_recording(request, name, recorded_path, body, metadata)
         entry = self._inflight.add(
-            destination.name,
+            name,
             request.path,
             request.method,
             request.requestHeaders,
