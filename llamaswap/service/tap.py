@@ -188,18 +188,25 @@ class LlamaSwapService(service.Service):
             self._watch(process)
         self.client = UpstreamClient(reactor)
         self.recorder = build_recorder(config, reactor, self.metrics, self.bus)
-        self.app = LlamaSwapApp(config, self.router, self.client, self.recorder, reactor)
-        self.app.on_profile_changed = self._profile_changed
-        self.app.inflight = self.inflight
-        self.app.streams = streams_resource(
+        self.streams = streams_resource(
             self.logs,
             self.bus,
             model_status=self.model_status,
             inflight=self.inflight,
             ui_config=lambda: ui_config_payload(self.config),
-            active_profile=lambda: self.app.profile_state.active,
+            active_profile=lambda: self.app.active_profile,
             resolve_model=lambda name: self.config.resolve(name),
             clock=reactor,
+        )
+        self.app = LlamaSwapApp(
+            config,
+            router=self.router,
+            client=self.client,
+            recorder=self.recorder,
+            inflight=self.inflight,
+            streams=self.streams,
+            reactor=reactor,
+            on_profile_changed=self._profile_changed,
         )
         self._reloading: defer.Deferred[None] | None = None
         self._reload_again = False
@@ -349,7 +356,7 @@ class LlamaSwapService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         # Long-lived streams first, so nothing waits on them (as llama-swap).
-        self.app.streams.close_all()
+        self.streams.close_all()
         self.inflight.close()
         if self._progress.running:
             self._progress.stop()

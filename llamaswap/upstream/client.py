@@ -96,10 +96,15 @@ def forward_headers(
         if name.lower() not in dropped:
             out.setRawHeaders(name, values)
     if client_ip:
-        prior = source.getRawHeaders(b"x-forwarded-for")
-        chain = b", ".join([*prior, client_ip.encode()]) if prior else client_ip.encode()
-        out.setRawHeaders(b"x-forwarded-for", [chain])
+        out.setRawHeaders(b"x-forwarded-for", [forwarded_for(source, client_ip)])
     return out
+
+
+def forwarded_for(source: Headers, client_ip: str) -> bytes:
+    """The ``X-Forwarded-For`` value to send on: the chain ``source`` carries,
+    if any, with ``client_ip`` appended."""
+    prior = source.getRawHeaders(b"x-forwarded-for")
+    return b", ".join([*prior, client_ip.encode()]) if prior else client_ip.encode()
 
 
 def copy_response_headers(response: IResponse, request: Any) -> None:

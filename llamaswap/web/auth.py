@@ -122,6 +122,11 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
+#: Paths answered without an API key (GET/HEAD only), as in llama-swap.
+OPEN_PATHS = frozenset({b"/health", b"/wol-health", b"/", b"/upstream", b"/favicon.ico"})
+_OPEN_METHODS = frozenset({b"GET", b"HEAD"})
+
+
 class ApiKeys:
     """The configured ``apiKeys``; an empty set means no authentication.
 
@@ -156,6 +161,27 @@ class ApiKeys:
     def check(self, candidate: str | None) -> bool:
         """True when ``candidate`` is one of the configured keys."""
         return self.match(candidate) is not None
+
+    def authorize(self, request: Any) -> bool:
+        """Whether ``request`` may proceed: no keys are configured, it is a
+        GET/HEAD of an open path, or it presents a configured key.
+
+        Remembers on ``request`` which header carried the key (it is ours, so
+        it is not forwarded to local upstreams) and the key's index (for the
+        activity log)."""
+        if not self._digests:
+            return True
+        if request.method in _OPEN_METHODS and request.path in OPEN_PATHS:
+            return True
+        credential = find_credential(request.requestHeaders)
+        if credential is None:
+            return False
+        index = self.match(credential.key)
+        if index is None:
+            return False
+        request.llamaswap_credential_header = credential.source.header
+        request.llamaswap_api_key_index = index
+        return True
 
 
 def unauthorized(request: Any) -> bytes:

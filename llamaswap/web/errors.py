@@ -1,15 +1,19 @@
-"""Error responses in the format the client asked for (reference §10).
+"""Error responses in the format the client asked for, as llama-swap sends them.
 
 ``Accept`` containing ``text/plain`` gets ``llama-swap: <message>``,
 ``text/html`` a small HTML page, anything else the OpenAI-style JSON envelope
-``{"src":"llama-swap","error":{...}}``.
+``{"src":"llama-swap","error":{...}}``.  A wrong method gets the one plain
+``405`` of :func:`method_not_allowed`, whichever part of the server answers.
 """
 
 from __future__ import annotations
 
 import html
 import json
+from collections.abc import Iterable
 from typing import Any
+
+from llamaswap.web.requestinfo import client_gone
 
 _TYPES: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "bad_request"),
@@ -72,7 +76,7 @@ def render_error(request: Any, status: int, message: str, code: str | None = Non
 
 def write_error(request: Any, status: int, message: str, code: str | None = None) -> None:
     """Answer ``request`` with an error and finish it (if still open)."""
-    if request.finished or getattr(request, "_disconnected", False):
+    if client_gone(request):
         return
     body = render_error(request, status, message, code)
     request.setHeader(b"content-length", b"%d" % len(body))
@@ -81,7 +85,8 @@ def write_error(request: Any, status: int, message: str, code: str | None = None
 
 
 def write_too_many(request: Any) -> None:
-    if request.finished or getattr(request, "_disconnected", False):
+    """Answer ``request`` with llama-swap's 429 for a full concurrency budget."""
+    if client_gone(request):
         return
     request.setResponseCode(429)
     request.setHeader(b"content-type", b"application/json")
@@ -89,3 +94,12 @@ def write_too_many(request: Any) -> None:
     request.setHeader(b"content-length", b"%d" % len(TOO_MANY_REQUESTS))
     request.write(TOO_MANY_REQUESTS)
     request.finish()
+
+
+def method_not_allowed(request: Any, allowed: Iterable[bytes]) -> bytes:
+    """Set a ``405`` with ``Allow: <allowed, in the order given>`` on
+    ``request``; return the plain-text body."""
+    request.setResponseCode(405)
+    request.setHeader(b"allow", b", ".join(allowed))
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return b"Method Not Allowed\n"

@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 
 from llamaswap.observe.usage import upstream_error_text
 from llamaswap.web.errors import json_envelope, write_error
+from llamaswap.web.requestinfo import client_gone
 
 log = Logger()
 
@@ -337,8 +338,7 @@ class LoadingStream:
             ticker.stop()
 
     def _client_gone(self) -> bool:
-        request = self._request
-        return bool(request.finished or getattr(request, "_disconnected", False))
+        return client_gone(self._request)
 
     def _request_ended(self, result: object) -> None:
         """The request finished or the client went away: stop at once."""
@@ -380,7 +380,8 @@ class CommittedResponse:
 
     @property
     def _disconnected(self) -> bool:
-        return bool(getattr(self._request, "_disconnected", False))
+        # Read by client_gone() when this wrapper stands in for the request.
+        return client_gone(self._request)
 
     @property
     def startedWriting(self) -> bool:

@@ -42,7 +42,7 @@ from llamaswap.observe.events import (
 )
 from llamaswap.observe.inflight import InflightTracker
 from llamaswap.observe.logs import LogHub, LogMonitor, LogSubscription
-from llamaswap.web.errors import render_error
+from llamaswap.web.errors import method_not_allowed, render_error
 
 log = Logger()
 
@@ -214,10 +214,7 @@ class StreamsResource(Resource):
     def _allow(request: Any, methods: tuple[bytes, ...]) -> bytes | None:
         if request.method in methods:
             return None
-        request.setResponseCode(405)
-        request.setHeader(b"allow", b", ".join(methods))
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"Method Not Allowed\n"
+        return method_not_allowed(request, methods)
 
     @staticmethod
     def _json(request: Any, payload: object, status: int = 200) -> bytes:

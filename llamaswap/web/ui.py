@@ -1,4 +1,4 @@
-"""The web UI: static files under ``/ui/`` (reference §3.11).
+"""The web UI: static files under ``/ui/``.
 
 The files are small and few, so they are read once, at construction, into
 memory (with a gzip copy of the compressible ones and an ETag each): serving
@@ -17,11 +17,14 @@ from typing import Any
 
 from twisted.web.resource import Resource
 
+from llamaswap.web.errors import method_not_allowed
+
 #: Where the UI files live: ``llamaswap/ui/`` next to this package.
 UI_DIRECTORY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ui")
 
 #: URL prefix the resource is mounted at.
 PREFIX = b"/ui"
+_GET = (b"GET", b"HEAD")
 
 CONTENT_TYPES = {
     ".html": b"text/html; charset=utf-8",
@@ -122,11 +125,8 @@ class UIResource(Resource):
 
     def render(self, request: Any) -> bytes:
         path: bytes = request.path
-        if request.method not in (b"GET", b"HEAD"):
-            request.setResponseCode(405)
-            request.setHeader(b"allow", b"GET, HEAD")
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            return b"Method Not Allowed\n"
+        if request.method not in _GET:
+            return method_not_allowed(request, _GET)
         if path == b"/favicon.ico":
             found = self.files.get("favicon.ico")
         elif path == PREFIX:

@@ -1,0 +1,67 @@
+"""The one place that decides which part of llamaswap answers a request.
+
+In order: CORS preflight (any ``OPTIONS``, before authentication), the UI's
+static files (no key needed, so the UI can show its own login prompt; every
+API call it makes is authenticated), authentication, the model-dispatched
+inference paths (the hot path: one dict lookup, no Klein routing),
+``/upstream/...``, ``/comfyui...``, the log/event/in-flight streams, and
+finally the Klein admin API for everything else.  The dispatcher only
+chooses; each part does its own work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.resource import IResource, Resource
+
+from llamaswap.web.auth import unauthorized
+from llamaswap.web.cors import preflight
+from llamaswap.web.errors import method_not_allowed
+from llamaswap.web.inference import ModelRequests
+from llamaswap.web.paths import INFERENCE_ROUTES
+from llamaswap.web.routing import Routing
+from llamaswap.web.streams import StreamsResource
+
+
+class Dispatcher(Resource):
+    """llamaswap's root resource (a leaf: it reads ``request.path`` itself)."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        routing: Routing,
+        models: ModelRequests,
+        streams: StreamsResource,
+        ui: IResource,
+        admin: IResource,
+    ) -> None:
+        super().__init__()
+        self._routing = routing
+        self._models = models
+        self._streams = streams
+        self._ui = ui
+        self._admin = admin
+
+    def render(self, request: Any) -> object:
+        if request.method == b"OPTIONS":
+            return preflight(request)
+        path = request.path
+        if path in (b"/ui", b"/favicon.ico") or path.startswith(b"/ui/"):
+            return self._ui.render(request)
+        if not self._routing.state.api_keys.authorize(request):
+            return unauthorized(request)
+        route = INFERENCE_ROUTES.get(path)
+        if route is not None:
+            upstream_path, methods = route
+            if request.method not in methods:
+                return method_not_allowed(request, sorted(methods))
+            return self._models.inference(request, upstream_path)
+        if path.startswith(b"/upstream/"):
+            return self._models.upstream(request)
+        if path == b"/comfyui" or path.startswith(b"/comfyui/"):
+            return self._models.comfyui(request)
+        if self._streams.handles(path):
+            return self._streams.render(request)
+        return self._admin.render(request)

@@ -1,0 +1,193 @@
+"""Requests addressed to a model: which model (local or a peer's) serves them.
+
+Three entry points, each ending in :class:`RequestServer` (or the WebSocket
+relay) with a destination:
+
+* the model-dispatched inference paths (``/v1/chat/completions``...): the
+  model named in the body or query, resolved through the active profile,
+  selectors, local ids and aliases and the peers; filters and
+  ``useModelName`` applied to the body;
+* ``/upstream/<model>/<path>``: a raw passthrough, the longest model name
+  prefix winning;
+* ``/comfyui/...``: the ``comfyui_auto`` model's own UI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from llamaswap.config.entries import COMFYUI_MODEL_ID as COMFYUI_MODEL
+from llamaswap.config.peers import PeerTarget
+from llamaswap.supervision.selection import (
+    NoModelIdentified,
+    SelectorUnavailable,
+    resolve_request,
+    rewrite_upstream_path,
+)
+from llamaswap.upstream.client import forward_headers
+from llamaswap.upstream.extract import extract_model, replace_multipart_model
+from llamaswap.upstream.filters import apply_filters
+from llamaswap.upstream.peers import (
+    peer_url,
+    prepare_peer_request,
+    rewrite_request_model,
+)
+from llamaswap.upstream.websocket import is_upgrade
+from llamaswap.web.errors import render_error
+from llamaswap.web.requestinfo import query_of
+from llamaswap.web.routing import Routing
+from llamaswap.web.serving import LocalModel, PeerModel, RequestServer
+from llamaswap.web.websockets import WebSocketRelay
+
+
+def _redirect(request: Any, location: bytes) -> bytes:
+    """Add the missing slash: 301 for GET/HEAD, 308 (method kept) otherwise."""
+    request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
+    request.setHeader(b"location", location)
+    return b""
+
+
+class ModelRequests:
+    """Finds the destination of a request addressed to a model."""
+
+    def __init__(
+        self, routing: Routing, serving: RequestServer, websockets: WebSocketRelay
+    ) -> None:
+        self._routing = routing
+        self._serving = serving
+        self._websockets = websockets
+
+    def inference(self, request: Any, upstream_path: bytes) -> object:
+        """A model-dispatched path, sent upstream as ``upstream_path``."""
+        state = self._routing.state
+        body = request.content.read() if request.content is not None else b""
+        query = query_of(request.uri)
+        ctype = request.getHeader(b"content-type") or b""
+        extracted = extract_model(request.method, ctype, body, parse_qs(query) if query else {})
+        if not extracted.model:
+            return render_error(request, 404, "no model id could be identified")
+        try:
+            route = resolve_request(
+                extracted.model,
+                local=state.config.resolve,
+                peers=state.peers,
+                profile=state.profile_state,
+                selectors=state.selectors,
+                state_of=self._routing.state_of,
+            )
+        except NoModelIdentified as exc:
+            return render_error(request, 404, str(exc))
+        except SelectorUnavailable as exc:
+            return render_error(request, 503, str(exc))
+        if route.reservation is not None:
+            reservation = route.reservation
+            request.notifyFinish().addBoth(lambda _: reservation.release())
+        if route.requested != extracted.model:
+            body, query = rewrite_request_model(body, ctype, request.method, query, route.requested)
+        metadata = {"selector": route.selector} if route.selector else None
+        if route.peer is not None:
+            return self._to_peer(request, route.peer, upstream_path, body, query, metadata)
+        model_id = route.model_id
+        if model_id is None:
+            return render_error(request, 404, "no local server found for requested model")
+        model = state.config.models[model_id]
+        lowered = ctype.lower()
+        if b"application/json" in lowered:
+            try:
+                body = apply_filters(body, model.filters, route.requested, model.use_model_name)
+            except ValueError as exc:
+                return render_error(request, 500, str(exc))
+        elif model.use_model_name and b"multipart/form-data" in lowered:
+            body = replace_multipart_model(ctype, body, model.use_model_name)
+        target = upstream_path + (b"?" + query if query else b"")
+        local = LocalModel(model_id, target, streaming=extracted.streaming)
+        return self._serving.serve(request, local, body, request.path, metadata)
+
+    def _to_peer(
+        self,
+        request: Any,
+        target: PeerTarget,
+        path: bytes,
+        body: bytes,
+        query: bytes,
+        metadata: dict[str, str] | None = None,
+        *,
+        passthrough: bool = False,
+    ) -> object:
+        headers = forward_headers(request.requestHeaders, client_ip=None)
+        ctype = request.getHeader(b"content-type") or b""
+        try:
+            headers, body, query = prepare_peer_request(
+                target, headers, body, ctype, request.method, query, passthrough=passthrough
+            )
+        except ValueError as exc:
+            return render_error(request, 500, str(exc))
+        url = peer_url(target, path, query)
+        return self._serving.serve(request, PeerModel(target, url, headers), body, path, metadata)
+
+    def upstream(self, request: Any) -> object:
+        """``/upstream/<model>/<rest>``: raw passthrough to a model's server
+        (local or peer), the longest matching model name winning."""
+        state = self._routing.state
+        raw_path = request.uri.partition(b"?")[0]
+        query = query_of(request.uri)
+        rest = raw_path[len(b"/upstream/") :]
+        pinned = rewrite_upstream_path(rest, state.profile_state)
+        if pinned is not None:
+            rest = pinned
+        segments = rest.split(b"/")
+        match: tuple[int, str | None, PeerTarget | None] | None = None
+        for count in range(1, len(segments) + 1):
+            name = unquote(b"/".join(segments[:count]).decode("utf-8", "replace"))
+            if not name:
+                continue
+            model_id = state.config.resolve(name)
+            peer = None if model_id is not None else state.peers.resolve(name)
+            if model_id is not None or peer is not None:
+                match = (count, model_id, peer)
+        if match is None:
+            return render_error(request, 404, "model not found")
+        count, model_id, peer = match
+        remaining = b"/" + b"/".join(segments[count:])
+        if remaining == b"/" and not raw_path.endswith(b"/"):
+            location = b"/upstream/" + b"/".join(segments[:count]) + b"/"
+            return _redirect(request, location + (b"?" + query if query else b""))
+        body = request.content.read() if request.content is not None else b""
+        if peer is not None:
+            return self._to_peer(request, peer, remaining, body, query, passthrough=True)
+        assert model_id is not None
+        if self._routing.state_of(model_id) != "ready" and state.ignored(remaining):
+            return render_error(
+                request,
+                409,
+                f"model {model_id} is not loaded; path matches upstream.ignorePaths",
+            )
+        target = remaining + (b"?" + query if query else b"")
+        if is_upgrade(request.requestHeaders):
+            return self._websockets.upgrade(request, model_id, target, body)
+        streaming = parse_qs(query).get(b"stream") == [b"true"] if query else False
+        local = LocalModel(model_id, target, streaming=streaming)
+        return self._serving.serve(request, local, body, remaining)
+
+    def comfyui(self, request: Any) -> object:
+        """``/comfyui/...``: the ``comfyui_auto`` model's UI, as in llama-swap:
+        only ``/comfyui/`` itself may start the model."""
+        raw_path = request.uri.partition(b"?")[0]
+        query = query_of(request.uri)
+        if raw_path == b"/comfyui":
+            return _redirect(request, b"/comfyui/" + (b"?" + query if query else b""))
+        if COMFYUI_MODEL not in self._routing.state.config.models:
+            return render_error(request, 404, f"local model {COMFYUI_MODEL} not found")
+        remaining = raw_path[len(b"/comfyui") :]
+        if remaining != b"/" and self._routing.state_of(COMFYUI_MODEL) != "ready":
+            return render_error(
+                request,
+                409,
+                f"model {COMFYUI_MODEL} is not loaded; only /comfyui/ can start it",
+            )
+        body = request.content.read() if request.content is not None else b""
+        target = remaining + (b"?" + query if query else b"")
+        if is_upgrade(request.requestHeaders):
+            return self._websockets.upgrade(request, COMFYUI_MODEL, target, body)
+        return self._serving.serve(request, LocalModel(COMFYUI_MODEL, target), body)

@@ -1,0 +1,119 @@
+"""Where requests may go under the configuration being served.
+
+:func:`routing_state` turns one :class:`Config` into a frozen
+:class:`RoutingState` (API keys, peers, profiles, selectors, ignorePaths,
+websocket opt-outs, capability fields); :class:`Routing` holds the current one,
+swaps it whole on reload, and keeps one pooled HTTP client per peer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+
+from llamaswap.config import Config
+from llamaswap.config.peers import Peers
+from llamaswap.config.profiles import ProfilesConfig
+from llamaswap.supervision.router import Router
+from llamaswap.supervision.selection import ProfileState, SelectorRuntime
+from llamaswap.upstream.client import UpstreamClient
+from llamaswap.web.auth import ApiKeys
+from llamaswap.web.listings import capability_fields
+
+
+@dataclass(frozen=True)
+class RoutingState:
+    """What one configuration says about where requests go.
+
+    ``profile_state`` is the one mutable part (``PUT /api/profiles/active``);
+    a reload replaces it too, so a reload starts with no profile active, as
+    in llama-swap."""
+
+    config: Config
+    api_keys: ApiKeys
+    peers: Peers
+    profiles: ProfilesConfig
+    profile_state: ProfileState
+    selectors: SelectorRuntime
+    #: ``/upstream/<model>/<path>`` paths that never start a stopped model
+    ignore_paths: tuple[re.Pattern[str], ...]
+    #: models whose websocket upgrades neither start them nor count as in flight
+    ignore_websockets: frozenset[str]
+    #: model id -> (``/v1/models`` capability fields, context length)
+    capabilities: Mapping[str, tuple[dict[str, Any], int]]
+    #: ``includeAliasesInList``: aliases get their own ``/v1/models`` records
+    aliases_listed: bool
+
+    def ignored(self, path: bytes) -> bool:
+        """Whether ``path`` matches ``upstream.ignorePaths``."""
+        text = path.decode("utf-8", "replace")
+        return any(pattern.search(text) for pattern in self.ignore_paths)
+
+
+def routing_state(config: Config) -> RoutingState:
+    """The routing state of ``config``."""
+    return RoutingState(
+        config=config,
+        api_keys=ApiKeys(config.api_keys),
+        peers=config.peers,
+        profiles=config.profiles,
+        profile_state=ProfileState(config.profiles.profiles),
+        selectors=SelectorRuntime(config.profiles.selectors),
+        ignore_paths=config.ignore_paths,
+        ignore_websockets=frozenset(
+            model_id for model_id, model in config.models.items() if model.ignore_websockets
+        ),
+        capabilities={
+            model_id: capability_fields(model.capabilities)
+            for model_id, model in config.models.items()
+        },
+        aliases_listed=config.include_aliases_in_list,
+    )
+
+
+class Routing:
+    """The routing state being served and the peers' HTTP clients.
+
+    A peer's client (its connection pool) outlives reloads: it is created
+    the first time a configuration names the peer and closed by :meth:`close`.
+    """
+
+    def __init__(self, config: Config, router: Router, reactor: Any) -> None:
+        self._router = router
+        self._reactor = reactor
+        self._peer_clients: dict[str, UpstreamClient] = {}
+        self.state = self._build(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Serve ``config`` from the next request on."""
+        self.state = self._build(config)
+
+    def _build(self, config: Config) -> RoutingState:
+        state = routing_state(config)
+        for peer_id, peer in state.peers.peers.items():
+            if peer_id not in self._peer_clients:
+                self._peer_clients[peer_id] = UpstreamClient(
+                    self._reactor,
+                    connect_timeout=peer.timeouts.connect or 30,
+                    idle_timeout=peer.timeouts.idle_conn,
+                )
+        return state
+
+    def peer_client(self, peer_id: str) -> UpstreamClient:
+        """The client that sends requests to ``peer_id``."""
+        return self._peer_clients[peer_id]
+
+    def state_of(self, model_id: str) -> str:
+        """The state name of ``model_id``'s process (``"ready"``...); ``"stopped"``
+        when it has none."""
+        process = self._router.processes.get(model_id)
+        return process.state.value if process is not None else "stopped"
+
+    def close(self) -> defer.Deferred[None]:
+        """Close the peers' pooled connections."""
+        closing = [client.close() for client in self._peer_clients.values()]
+        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)

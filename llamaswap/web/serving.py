@@ -1,0 +1,313 @@
+"""Serving one request whose destination is known: admit, wait, relay, record.
+
+A request for a local model is admitted by the router (a full concurrency
+budget is a 429 at once), waits for its model (streaming chat completions
+watch a loading stream meanwhile), is relayed with the proxy client and
+released; one for a peer's model is relayed straight away.  Either way it is
+listed in flight while it runs and, for the recorded paths, becomes an
+activity row when it ends.  Cancelling it (the client went away,
+``POST /api/inflight/{id}/cancel``) withdraws it wherever it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.server import NOT_DONE_YET
+
+from llamaswap.config.peers import PeerTarget
+from llamaswap.observe.bodies import narrow_accept_encoding
+from llamaswap.observe.inflight import InflightEntry, InflightTracker
+from llamaswap.observe.recording import ActivityRecorder, Recording
+from llamaswap.scheduling import ShuttingDown, Ticket, UnknownModel
+from llamaswap.supervision.process import ProcessState
+from llamaswap.supervision.router import RequestFailed, Router, TooManyRequests
+from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forward_headers
+from llamaswap.web.errors import write_error, write_too_many
+from llamaswap.web.loading import LoadingStream, relay_body_only, wants_loading_stream
+from llamaswap.web.paths import RECORDED_PATHS
+from llamaswap.web.requestinfo import client_gone, client_ip
+from llamaswap.web.routing import Routing
+
+log = Logger()
+
+#: Sees the upstream response; may return an observer of its body chunks.
+ResponseHook = Callable[[Any], Callable[[bytes], None] | None]
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A request for a local model: wait for it, then relay to ``target``."""
+
+    model_id: str
+    #: path and query sent to the model's server
+    target: bytes
+    #: the client asked for a streamed answer (decides the loading stream)
+    streaming: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.model_id
+
+
+@dataclass(frozen=True)
+class PeerModel:
+    """A request for a peer's model, ready to send."""
+
+    target: PeerTarget
+    url: bytes
+    headers: Headers
+
+    @property
+    def name(self) -> str:
+        return self.target.fqn
+
+
+class RequestServer:
+    """Serves requests to their destination, one coroutine per request."""
+
+    def __init__(
+        self,
+        routing: Routing,
+        router: Router,
+        client: UpstreamClient,
+        recorder: ActivityRecorder,
+        inflight: InflightTracker,
+        reactor: Any,
+    ) -> None:
+        self._routing = routing
+        self._router = router
+        self._client = client
+        self._recorder = recorder
+        self._inflight = inflight
+        self._reactor = reactor
+
+    def serve(
+        self,
+        request: Any,
+        destination: LocalModel | PeerModel,
+        body: bytes,
+        recorded_path: bytes | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> object:
+        """Serve ``request`` with ``body``; a POST to ``recorded_path`` (one of
+        the recorded paths) becomes an activity row with ``metadata``."""
+        name = destination.name
+        recording = None
+        if recorded_path is not None:
+            recording = self._begin_recording(request, name, recorded_path, body, metadata)
+        entry = self._inflight.add(
+            name,
+            request.path,
+            request.method,
+            request.requestHeaders,
+            client_ip(request),
+        )
+        d = defer.Deferred.fromCoroutine(self._serve(request, destination, body, recording, entry))
+        entry.set_canceller(d.cancel)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addErrback(self._serve_failed, request)
+        return NOT_DONE_YET
+
+    def _begin_recording(
+        self,
+        request: Any,
+        name: str,
+        path: bytes,
+        body: bytes,
+        metadata: dict[str, str] | None,
+    ) -> Recording | None:
+        if request.method != b"POST":
+            return None
+        req_path = path.decode("utf-8", "replace")
+        if req_path not in RECORDED_PATHS:
+            return None
+        return self._recorder.begin(
+            model=name,
+            req_path=req_path,
+            req_headers=request.requestHeaders,
+            req_body=body,
+            api_key_index=getattr(request, "llamaswap_api_key_index", None),
+            metadata=metadata,
+        )
+
+    async def _serve(
+        self,
+        request: Any,
+        destination: LocalModel | PeerModel,
+        body: bytes,
+        recording: Recording | None,
+        entry: InflightEntry,
+    ) -> None:
+        error = "client disconnected"
+        hook = self._response_hook(recording, entry)
+        try:
+            if isinstance(destination, LocalModel):
+                error = await self._serve_local(request, destination, body, hook)
+            else:
+                client = self._routing.peer_client(destination.target.peer_id)
+                error = await self._relay(
+                    request,
+                    client,
+                    destination.url,
+                    destination.headers,
+                    body,
+                    hook,
+                    "peer proxy error",
+                )
+        finally:
+            if recording is not None:
+                recording.finish(status=request.code, error=error)
+            self._inflight.remove(entry)
+
+    def _response_hook(self, recording: Recording | None, entry: InflightEntry) -> ResponseHook:
+        """What sees the upstream response: the activity recording and the
+        in-flight list (response headers, byte counts)."""
+        inflight = self._inflight
+
+        def on_response(response: Any) -> Callable[[bytes], None]:
+            inflight.response_started(entry, response.headers)
+            observe = recording.on_response(response) if recording is not None else None
+
+            def chunk(data: bytes) -> None:
+                inflight.add_bytes(entry, len(data))
+                if observe is not None:
+                    observe(data)
+
+            return chunk
+
+        return on_response
+
+    async def _serve_local(
+        self, request: Any, local: LocalModel, body: bytes, on_response: ResponseHook
+    ) -> str:
+        """Admit, wait for the model, relay.  Returns the error text for the
+        activity row when no upstream response arrived ("" if one did)."""
+        try:
+            # Admission comes first: a 429 is never preceded by a loading stream.
+            ticket = self._router.admit(local.model_id)
+        except TooManyRequests:
+            write_too_many(request)
+            return "Too many requests"
+        except UnknownModel:
+            message = "no local server found for requested model"
+            write_error(request, 404, message)
+            return message
+        except ShuttingDown as exc:
+            message = f"unspecific error: {exc}"
+            write_error(request, 500, message)
+            return message
+        waiting = self._router.wait(ticket)
+        loading: LoadingStream | None = None
+        try:
+            if not waiting.called:
+                loading = self._loading_stream(request, local, ticket)
+                if loading is not None:
+                    loading.start()
+            lease = await waiting
+        except (RequestFailed, ShuttingDown) as exc:
+            message = f"unspecific error: {exc}"
+            if loading is not None:
+                await loading.fail(message)
+            else:
+                write_error(request, 500, message)
+            return message
+        except BaseException:
+            # Cancelled (client gone, /api/inflight cancel) or a bug: withdraw
+            # the ticket if still waiting and silence the loading stream.
+            if loading is not None:
+                loading.stop()
+            waiting.cancel()
+            raise
+        try:
+            carried = getattr(request, "llamaswap_credential_header", None)
+            headers = forward_headers(
+                request.requestHeaders,
+                client_ip=client_ip(request),
+                drop=(carried,) if carried else (),
+            )
+            target = request
+            if loading is not None:
+                await loading.finish()
+                # The upstream body is appended to our event stream as is: it
+                # must not be compressed, and its status/headers go nowhere.
+                headers.removeHeader(b"accept-encoding")
+                target = relay_body_only(request)
+            return await self._relay(
+                target,
+                self._client,
+                lease.upstream + local.target,
+                headers,
+                body,
+                on_response,
+                f"upstream {local.model_id} unavailable",
+            )
+        finally:
+            lease.release()
+
+    def _loading_stream(
+        self, request: Any, local: LocalModel, ticket: Ticket
+    ) -> LoadingStream | None:
+        """A loading stream for ``request`` when it asks for a streamed chat
+        completion of a model that loads with ``sendLoadingState``."""
+        config = self._routing.state.config
+        model = config.models.get(local.model_id)
+        if model is None:
+            return None
+        enabled = (
+            model.send_loading_state
+            if model.send_loading_state is not None
+            else config.send_loading_state
+        )
+        ready = self._routing.state_of(local.model_id) == ProcessState.READY.value
+        if not wants_loading_stream(local.streaming, enabled, local.target, ready):
+            return None
+        return LoadingStream(
+            request,
+            local.model_id,
+            self._reactor,
+            queue_position=lambda: self._router.queue_position_of(ticket),
+        )
+
+    async def _relay(
+        self,
+        request: Any,
+        client: UpstreamClient,
+        url: bytes,
+        headers: Headers,
+        body: bytes,
+        on_response: ResponseHook,
+        failure_prefix: str,
+    ) -> str:
+        if headers.hasHeader(b"accept-encoding"):
+            # Usage is read from the response body: only gzip/deflate can be decoded.
+            wanted = b", ".join(headers.getRawHeaders(b"accept-encoding", []))
+            headers.setRawHeaders(b"accept-encoding", [narrow_accept_encoding(wanted) or b""])
+        try:
+            await client.forward(request, url, headers=headers, body=body, on_response=on_response)
+        except UpstreamUnavailable as exc:
+            message = f"{failure_prefix}: {exc}"
+            log.warn("{message}", message=message)
+            write_error(request, 502, message)
+            return message
+        if not client_gone(request):
+            request.finish()
+        return ""
+
+    def _serve_failed(self, failure: Failure, request: Any) -> None:
+        if failure.check(defer.CancelledError):
+            # Cancelled while the client is still there: POST /api/inflight/{id}/cancel.
+            if not client_gone(request):
+                if request.startedWriting:
+                    request.loseConnection()  # the client sees a truncated response
+                else:
+                    write_error(request, 503, "request cancelled")
+            return
+        log.failure("error while serving {uri}", failure, uri=request.uri)
+        write_error(request, 500, f"unspecific error: {failure.getErrorMessage()}")
