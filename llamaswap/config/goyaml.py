@@ -66,9 +66,11 @@ class _YamlLoader(yaml.SafeLoader):
     def resolve(self, kind: type, value: str, implicit: tuple[bool, bool]) -> str:
         if kind is yaml.ScalarNode and implicit[0]:
             return _plain_tag(value)
-        return super().resolve(kind, value, implicit)
+        return str(super().resolve(kind, value, implicit))  # type: ignore[no-untyped-call]
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[str, Any]:
+    def construct_mapping(  # type: ignore[override]
+        self, node: yaml.MappingNode, deep: bool = False
+    ) -> dict[str, Any]:
         seen: dict[str, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == _MERGE:

@@ -251,7 +251,7 @@ def _names_in(document: Mapping[str, Any], key: str) -> list[str]:
 
 def _pin_names(document: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(profile, pin) for every pin written in the document."""
-    out = []
+    out: list[tuple[str, str]] = []
     profiles = document.get("profiles")
     if isinstance(profiles, Mapping):
         for profile, entry in profiles.items():

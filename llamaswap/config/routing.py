@@ -101,7 +101,7 @@ class _Reader:
         if value not in valid:
             self.error(path, f"unknown {kind} {describe(value)} (valid: {', '.join(valid)})")
             return valid[0]
-        return value
+        return str(value)
 
     def real_id(self, name: str) -> str | None:
         return name if name in self.models else self.aliases.get(name)

@@ -474,11 +474,11 @@ class DemoResource(Resource):
             }
         )
 
-        chat = {b"POST": self._chat}
-        completions = {b"POST": self._completions}
-        embeddings = {b"POST": self._embeddings}
-        health = {b"GET": self._health}
-        models = {b"GET": self._models}
+        chat: dict[bytes, Handler] = {b"POST": self._chat}
+        completions: dict[bytes, Handler] = {b"POST": self._completions}
+        embeddings: dict[bytes, Handler] = {b"POST": self._embeddings}
+        health: dict[bytes, Handler] = {b"GET": self._health}
+        models: dict[bytes, Handler] = {b"GET": self._models}
         self._routes: dict[bytes, dict[bytes, Handler]] = {
             b"/health": health,
             b"/v1/health": health,
@@ -900,7 +900,7 @@ class DemoSite(Site):
         self.model.stop_loading()
         super().stopFactory()
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Request) -> None:  # type: ignore[override]
         client = request.getClientAddress()
         log.info(
             "request: {method} {path} {client} {code}",
@@ -1018,13 +1018,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         version=__version__,
         model=settings.model,
     )
-    site = make_site(settings, reactor)  # type: ignore[arg-type]
+    site = make_site(settings, reactor)
     try:
-        listening = reactor.listenTCP(port, site, interface=host)  # type: ignore[attr-defined]
+        listening = reactor.listenTCP(port, site, interface=host)  # type: ignore[arg-type]
     except CannotListenError as error:
         log.error("couldn't bind HTTP server socket: {error}", error=error)
         return 1
-    bound = listening.getHost()
+    bound: Any = listening.getHost()
     log.info(
         "HTTP server is listening, hostname: {host}, port: {port}", host=bound.host, port=bound.port
     )
@@ -1037,6 +1037,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=bound.port,
         )
     )
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     log.info("server stopped")
     return 0

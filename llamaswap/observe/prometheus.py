@@ -71,7 +71,11 @@ def _positive(value: float) -> bool:
 class Metrics:
     """The request-path metrics of one llamaswap instance, and their text rendering."""
 
-    def __init__(self, system: bool = True, system_source: SystemSource = psutil) -> None:
+    def __init__(
+        self,
+        system: bool = True,
+        system_source: SystemSource = psutil,  # type: ignore[assignment]
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self._requests = Counter(
@@ -278,7 +282,7 @@ class SystemCollector(Collector):
     Cores are labelled by their position in psutil's per-CPU list.
     """
 
-    def __init__(self, source: SystemSource = psutil) -> None:
+    def __init__(self, source: SystemSource = psutil) -> None:  # type: ignore[assignment]
         self._source = source
         self._lock = threading.Lock()
         self._cpu = self._read_cpu()

@@ -215,7 +215,7 @@ class SystemdNotifyService(service.Service):
     the first to stop, sending ``STOPPING=1`` before anything else happens.
     """
 
-    name = "systemd-notify"
+    name = "systemd-notify"  # type: ignore[assignment]
 
     def __init__(
         self, notifier: Notifier, clock: IReactorTime, status_source: Callable[[], str]
@@ -333,7 +333,7 @@ class ShutdownGrace:
             count=count,
             detail=_detail(describe),
         )
-        done: Deferred[None] = Deferred(lambda _: self._end())
+        done: Deferred[None] = Deferred(lambda _: None if self._end() else None)
         poll = LoopingCall(self._poll)
         poll.clock = self._clock
         now = self._clock.seconds()
@@ -517,7 +517,7 @@ class DrainService(service.Service):
     (:func:`hurry_on_signals`).
     """
 
-    name = "drain"
+    name = "drain"  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -609,7 +609,9 @@ def is_journal_stream(stream: IO[Any], journal_stream: str | None) -> bool:
 def format_journal_event(event: Mapping[str, Any]) -> str | None:
     """One event as journal lines: each line prefixed with its syslog
     priority (``<6>``), no timestamp (journald adds its own), no colours."""
-    text = eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=False)
+    text = eventAsText(
+        dict(event), includeTraceback=True, includeTimestamp=False, includeSystem=False
+    )
     if not text:
         return None
     priority = _PRIORITIES.get(event.get("log_level", LogLevel.info), 6)

@@ -8,17 +8,20 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service, strports
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from llamaswap import __version__
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.loader import load_config_sources
 from llamaswap.config.merge import config_dir_files
+from llamaswap.observe.activity import ActivityEntry
 from llamaswap.observe.captures import CaptureCache
 from llamaswap.observe.events import (
     EventBus,
@@ -147,7 +150,13 @@ def build_recorder(
             store = open_store(config.store, reactor, captures.has)
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
-    on_entry = (lambda entry: bus.activity(entry.id)) if bus is not None else None
+    on_entry: Callable[[ActivityEntry], None] | None = None
+    if bus is not None:
+        events = bus
+
+        def on_entry(entry: ActivityEntry) -> None:
+            events.activity(entry.id)
+
     return ActivityRecorder(reactor, store, captures, metrics, on_entry)
 
 
@@ -175,7 +184,7 @@ class LlamaSwapService(service.Service):
         #: called for every state change of every process, current or future
         self.process_listeners: list[StateListener] = [
             lambda p, old, new: self.metrics.model_state(p.model_id, new.value),
-            lambda p, old, new: self.bus.model_status(self.model_status()),
+            lambda p, old, new: self._publish_status(),
             self._track_loading,
         ]
         #: model id -> when its current start began (for loading progress)
@@ -245,6 +254,9 @@ class LlamaSwapService(service.Service):
 
     def _profile_changed(self, active: str | None) -> None:
         self.bus.profile_changed(active)
+        self.bus.model_status(self.model_status())
+
+    def _publish_status(self) -> None:
         self.bus.model_status(self.model_status())
 
     def model_status(self) -> list[dict[str, Any]]:
@@ -379,6 +391,12 @@ class LlamaSwapService(service.Service):
         return result
 
 
+def _reload_failed(failure: Failure) -> None:
+    """A rejected config was already reported line by line; anything else is a bug."""
+    if not failure.check(ConfigError):
+        log.failure("reload failed", failure)
+
+
 class ReloadService(service.Service):
     """Reloads on SIGHUP and, with ``--watch-config``, when a source changes.
 
@@ -386,7 +404,7 @@ class ReloadService(service.Service):
     (from a thread: ``stat`` is file I/O); the first poll is the baseline.
     """
 
-    name = "reload"
+    name = "reload"  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -434,9 +452,7 @@ class ReloadService(service.Service):
             d = self._notify.reload(self._core.reload)
         else:
             d = self._core.reload()
-        return d.addErrback(lambda f: None if f.check(ConfigError) else f).addErrback(
-            lambda f: log.failure("reload failed", f)
-        )
+        return d.addErrback(_reload_failed)
 
     async def _poll(self) -> None:
         path, config_dir = self._core.sources
@@ -482,7 +498,7 @@ def makeService(options: Options) -> service.MultiService:
         ShutdownGrace(reactor),
         in_flight=lambda: sum(snapshot().reserved.values()),
         describe=lambda: ", ".join(f"{m}: {n}" for m, n in sorted(snapshot().reserved.items())),
-        reactor=reactor,
+        reactor=reactor,  # type: ignore[arg-type]
     ).setServiceParent(top)
     endpoint = options["endpoint"]
     if not is_loopback_only(endpoint) and not config.api_keys:

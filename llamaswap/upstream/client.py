@@ -155,7 +155,7 @@ class _Relay(Protocol):
     def _stop(self) -> None:
         self._client_gone = True
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         if not self._client_gone:
@@ -181,7 +181,7 @@ class UpstreamClient:
     ) -> None:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_per_host
-        self._pool.cachedConnectionTimeout = idle_timeout
+        self._pool.cachedConnectionTimeout = idle_timeout  # type: ignore[assignment]
         self._pool.retryAutomatically = True
         self._agent = Agent.usingEndpointFactory(
             reactor, UpstreamEndpoints(reactor, connect_timeout), pool=self._pool

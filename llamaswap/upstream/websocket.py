@@ -83,8 +83,9 @@ async def relay_upgrade(
     transport.protocol = client_side
     client_side.makeConnection(transport)
     transport.unregisterProducer()  # the HTTP server's own registration
-    transport.registerProducer(upstream_side.transport, True)
-    upstream_side.transport.registerProducer(transport, True)
+    upstream: Any = upstream_side.transport
+    transport.registerProducer(upstream, True)
+    upstream.registerProducer(transport, True)
     transport.resumeProducing()
-    upstream_side.transport.write(raw_request(request.method, target, headers, body))
+    upstream.write(raw_request(request.method, target, headers, body))
     await defer.DeferredList([client_closed, upstream_closed])

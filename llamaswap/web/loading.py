@@ -372,7 +372,7 @@ class CommittedResponse:
 
     @property
     def method(self) -> bytes:
-        return self._request.method  # type: ignore[no-any-return]
+        return bytes(self._request.method)
 
     @property
     def finished(self) -> bool:
@@ -389,7 +389,8 @@ class CommittedResponse:
 
     def getHeader(self, name: bytes) -> bytes | None:
         """A *request* header, as on :class:`twisted.web.server.Request`."""
-        return self._request.getHeader(name)  # type: ignore[no-any-return]
+        header: bytes | None = self._request.getHeader(name)
+        return header
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         self.code = code
