@@ -1,4 +1,4 @@
-"""Per-model request filters and ``useModelName`` (reference §4.6).
+"""Per-model request filters and ``useModelName`` (llama-swap §4.6 in docs/design.md).
 
 A model's (or peer's) ``filters`` mapping becomes a :class:`ModelFilters`
 value at config time, checked once; :mod:`llamaswap.upstream.filters`

@@ -1,4 +1,4 @@
-"""YAML text -> frozen, validated :class:`Config` (reference §2.1, §2.2, §2.7).
+"""YAML text -> frozen, validated :class:`Config` (llama-swap §2.1, §2.2, §2.7 in docs/design.md).
 
 Every section is parsed here, once, into the typed values ``Config`` holds
 (models, filters, apiKeys, peers, profiles and selectors, routing, the

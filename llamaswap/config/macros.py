@@ -1,4 +1,4 @@
-"""The macro engine, with llama-swap's exact semantics (reference §2.7).
+"""The macro engine, with llama-swap's exact semantics (llama-swap §2.7 in docs/design.md).
 
 Order of work, driven by :mod:`llamaswap.config.loader`:
 

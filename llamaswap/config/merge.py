@@ -1,4 +1,4 @@
-"""Merging ``--config`` and ``--config-dir`` documents (reference §1.2).
+"""Merging ``--config`` and ``--config-dir`` documents (llama-swap §1.2 in docs/design.md).
 
 Each source is parsed on its own (``${env.X}`` substituted first); the parsed
 documents are merged here, in order, into one document that then goes through

@@ -1,4 +1,4 @@
-"""``peers:``: other OpenAI-style servers reached by name (reference §2.3).
+"""``peers:``: other OpenAI-style servers reached by name (llama-swap §2.3 in docs/design.md).
 
 ``peers.<peerID>`` lists the models a remote server provides.  A peer model
 is addressed by its fully qualified name (FQN) ``<peerID>/<model>`` or, when

@@ -1,5 +1,5 @@
 """``profiles:`` and ``selectors:``: names that stand for other names
-(reference §2.5, §2.6).
+(llama-swap §2.5, §2.6 in docs/design.md).
 
 A *profile* is a set of pins, ``pin name -> target``; while it is active a
 request for a pin is rewritten to its target (an empty target disables the

@@ -1,5 +1,5 @@
 """``routing:`` (and the legacy top-level ``groups:``/``matrix:``) -> a swap
-planner, queue priorities and ``maxWait`` (reference §2.4).
+planner, queue priorities and ``maxWait`` (llama-swap §2.4 in docs/design.md).
 
 Reading and validating are one pass (:func:`read_routing`), so the two never
 disagree; the loader keeps the result as ``Config.routing``.  Every problem

@@ -1,4 +1,4 @@
-"""The group swap planner (reference §6.2).
+"""The group swap planner (llama-swap §6.2 in docs/design.md).
 
 Models are partitioned into named groups.  Loading a target from group G
 evicts, among the other running models:

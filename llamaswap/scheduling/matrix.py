@@ -1,5 +1,5 @@
 """The swap matrix: a small set-expression DSL and the planner solving it
-(reference §2.4, §6.3).
+(llama-swap §2.4, §6.3 in docs/design.md).
 
 Each named set is an expression over models::
 

@@ -1,6 +1,6 @@
 """The request scheduler: admission, queueing, collation and swap decisions.
 
-A pure state machine (reference §6.4–§6.9).  It owns reservations, in-flight
+A pure state machine (llama-swap §6.4–§6.9 in docs/design.md).  It owns reservations, in-flight
 counts, the priority queue and the set of active swaps; it reads process state
 live through ``state_of`` and acts only through :class:`IEffects`.  It does no
 I/O, imports no reactor and logs nothing.
@@ -405,7 +405,7 @@ class Scheduler:
     def _held_back(self, ticket: Ticket) -> bool:
         """Whether ``ticket`` must not take the fast path because a request
         for another model, queued before it, has waited ``max_wait``
-        (fairness, SPEC decision 3).  "Queued before" (not "ahead in the
+        (fairness, docs/design.md, difference 3).  "Queued before" (not "ahead in the
         queue"): a higher-priority request must not overtake an expired one,
         and of two expired requests the older is never held by the newer."""
         if self._max_wait is None or self._clock is None:

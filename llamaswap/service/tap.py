@@ -311,7 +311,7 @@ class LlamaSwapService(service.Service):
             lease.release()
 
     def reload(self) -> defer.Deferred[None]:
-        """Re-read the config sources and apply them (SPEC decision 4).
+        """Re-read the config sources and apply them (docs/design.md, difference 4).
 
         A reload requested while one runs is not dropped: one more reload
         follows, so the last change always wins."""

@@ -1,4 +1,4 @@
-"""Profiles and selectors at run time (reference §3.8, §4.2–§4.4).
+"""Profiles and selectors at run time (llama-swap §3.8, §4.2 in docs/design.md–§4.4).
 
 Their configuration is :mod:`llamaswap.config.profiles` (``Config.profiles``).
 The runtime pieces are small: :class:`ProfileState` (which profile is

@@ -1,4 +1,4 @@
-"""Applying a model's (or peer's) request filters to a JSON body (reference §4.6).
+"""Applying a model's (or peer's) request filters to a JSON body (llama-swap §4.6 in docs/design.md).
 
 The filters were parsed and checked at load (:mod:`llamaswap.config.filters`);
 here they rewrite one request body, in llama-swap's order, editing the bytes

@@ -1,4 +1,4 @@
-"""Sending a request to a remote peer (reference §4.7).
+"""Sending a request to a remote peer (llama-swap §4.7 in docs/design.md).
 
 The peers themselves are configuration (:mod:`llamaswap.config.peers`,
 ``Config.peers``).  A request for a peer model is rewritten by

@@ -1,4 +1,4 @@
-"""API-key authentication (reference §3.1, SPEC decision 5).
+"""API-key authentication (llama-swap §3.1 in docs/design.md, docs/design.md, difference 5).
 
 The key is read from ``Authorization: Basic`` (the password; the username is
 ignored), else ``Authorization: Bearer``, else ``x-api-key``.  Unlike

@@ -1,4 +1,4 @@
-"""CORS preflight answers (reference §3.1).
+"""CORS preflight answers (llama-swap §3.1 in docs/design.md).
 
 Every ``OPTIONS`` request, on any path and without authentication, is
 answered ``204`` with permissive CORS headers.  The requested headers are

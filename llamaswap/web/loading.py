@@ -1,4 +1,4 @@
-"""The loading-state stream (``sendLoadingState``, reference §7).
+"""The loading-state stream (``sendLoadingState``, llama-swap §7).
 
 While a streaming chat completion waits for its model to load, the client
 gets a ``200 text/event-stream`` at once and watches the load "typed" into
@@ -6,7 +6,7 @@ gets a ``200 text/event-stream`` at once and watches the load "typed" into
 position or a friendly remark.  Once the model is granted, :meth:`finish`
 writes the ``Done!`` lines and fences the loader off, so the upstream's
 answer can be appended to the same stream.  :meth:`fail` ends the stream with
-one SSE error event (SPEC decision 6).
+one SSE error event (docs/design.md, difference 6).
 
 Headers are committed before the upstream answers, so the proxy must not set
 status or headers later: :func:`relay_body_only` wraps the request for that.
@@ -360,7 +360,7 @@ class CommittedResponse:
     (``code`` keeps the upstream status, for the activity row); body bytes
     go straight to the client.  An error status (>= 400, not an event
     stream) has its body kept, up to :data:`ERROR_BODY_CAP`, and turned into
-    one SSE error event plus ``[DONE]`` on :meth:`finish` (SPEC decision 6)."""
+    one SSE error event plus ``[DONE]`` on :meth:`finish` (docs/design.md, difference 6)."""
 
     def __init__(self, request: Any) -> None:
         self._request = request
