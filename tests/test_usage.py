@@ -21,6 +21,7 @@ from llamaswap.observe.bodies import (
 )
 from llamaswap.observe.usage import TokenMetrics, Usage, last_object_for
 from llamaswap.observe.usageparser import UsageParser
+from tests.test_activity import tokens
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "activity")
 SSE = "text/event-stream"
@@ -48,26 +49,6 @@ def parse(
 def raw_deflate(data: bytes) -> bytes:
     compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
     return compressor.compress(data) + compressor.flush()
-
-
-def tokens(
-    input_tokens: int,
-    output_tokens: int,
-    cache: int = -1,
-    prompt_speed: float = -1.0,
-    gen_speed: float = -1.0,
-    draft: int = -1,
-    accepted: int = -1,
-) -> TokenMetrics:
-    return TokenMetrics(
-        cache_tokens=cache,
-        draft_tokens=draft,
-        draft_acc_tokens=accepted,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        prompt_per_second=prompt_speed,
-        tokens_per_second=gen_speed,
-    )
 
 
 class ApiStyleTests(SynchronousTestCase):
