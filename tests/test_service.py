@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from llamaswap.config import load_config_text
-from llamaswap.service.tap import LlamaSwapService
+from llamaswap.service.wiring import build_service
 from llamaswap.supervision.process import ProcessState
 from llamaswap.web.errors import TOO_MANY_REQUESTS
 from llamaswap.web.site import LlamaSwapSite
@@ -48,7 +48,7 @@ class ServiceTestCase(TestCase):
     async def start(self, models: dict[str, Any], **globals_: Any) -> None:
         document = {"healthCheckTimeout": 15, **globals_, "models": models}
         self.config = load_config_text(json.dumps(document), environ=dict(os.environ))
-        self.service = LlamaSwapService(self.config, reactor)
+        self.service = build_service(self.config, reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
         self.port = reactor.listenTCP(
@@ -723,6 +723,19 @@ class ActivityTests(ServiceTestCase):
         ]
         self.assertGreater(sum(spent), 0)
 
+    async def test_queue_wait_counts_requests_that_waited(self) -> None:
+        """A request that waited for its model to load is observed in the
+        queue-wait histogram; one granted at once is not."""
+        await self.start({"a": responder_model(free_port())})
+        registry = self.service.metrics.registry
+        await (await self.chat("a")).content()
+        labels = {"model": "a"}
+        self.assertEqual(registry.get_sample_value("llamaswap_queue_wait_seconds_count", labels), 1)
+        self.assertGreater(registry.get_sample_value("llamaswap_queue_wait_seconds_sum", labels), 0)
+        await (await self.chat("a")).content()
+        self.assertEqual(registry.get_sample_value("llamaswap_queue_wait_seconds_count", labels), 1)
+        await self.settled()
+
 
 class ReloadTests(ServiceTestCase):
     async def start_from_file(self, models: dict[str, Any]) -> str:
@@ -1219,7 +1232,7 @@ class WatchConfigTests(TestCase):
         (the first poll is only a baseline)."""
         import tempfile
 
-        from llamaswap.service.tap import ReloadService
+        from llamaswap.service.reload import ReloadService
 
         handle, path = tempfile.mkstemp(suffix=".yaml")
         os.close(handle)
@@ -1227,7 +1240,7 @@ class WatchConfigTests(TestCase):
         with open(path, "w") as f:
             json.dump({"models": {"a": responder_model(free_port())}}, f)
         config = load_config_text(open(path).read(), environ=dict(os.environ))
-        core = LlamaSwapService(config, reactor, (path, None))
+        core = build_service(config, reactor, (path, None))
         core.startService()
         self.addCleanup(core.stopService)
         watcher = ReloadService(core, reactor, watch=True, interval=0.05)

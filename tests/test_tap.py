@@ -151,10 +151,10 @@ class ExampleConfigTests(TestCase):
         running service: routing, peers, profiles and selectors."""
         from llamaswap.config import load_config
         from llamaswap.scheduling.groups import GroupPlanner
-        from llamaswap.service.tap import LlamaSwapService
+        from llamaswap.service.wiring import build_service
 
         config = load_config(os.path.join(REPO, "etc", "config.example.yaml"))
-        core = LlamaSwapService(config, reactor)
+        core = build_service(config, reactor)
         self.assertIsInstance(core.router.planner, GroupPlanner)
         self.assertIn("gpu-box/llama-3.3-70b", core.app.peers.routable_names())
         self.assertIn("quick", core.app.profiles.profiles)

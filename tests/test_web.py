@@ -20,7 +20,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
 from llamaswap.config import load_config_text
-from llamaswap.service.tap import LlamaSwapService
+from llamaswap.service.service import LlamaSwapService
+from llamaswap.service.wiring import build_service
 from llamaswap.upstream.client import forward_headers, forwarded_for
 from llamaswap.web.auth import ApiKeys
 from llamaswap.web.websockets import WebSocketRelay
@@ -39,7 +40,7 @@ class WebTestCase(SynchronousTestCase):
     def build(self, models: dict[str, Any], **globals_: Any) -> LlamaSwapService:
         document = {**globals_, "models": models}
         config = load_config_text(json.dumps(document), environ=dict(os.environ))
-        self.service = LlamaSwapService(config, MemoryReactorClock())
+        self.service = build_service(config, MemoryReactorClock())
         self.stub = StubTreq(self.service.app.resource())
         return self.service
 
@@ -231,6 +232,18 @@ class ReconfigureTests(WebTestCase):
         self.assertEqual(list(self.service.app.profiles.profiles), ["home"])
         ids = [record["id"] for record in self.service.app.model_records()]
         self.assertEqual(ids, ["b"])
+
+    def test_reload_forgets_removed_models_state(self) -> None:
+        """A model removed by a reload leaves the state gauge; the others stay."""
+        self.build({"a": _model(), "b": _model()})
+        registry = self.service.metrics.registry
+        stopped = {"model": "b", "state": "stopped"}
+        self.assertEqual(registry.get_sample_value("llamaswap_model_state", stopped), 1)
+        document = {"models": {"a": _model()}}
+        self.service.apply(load_config_text(json.dumps(document), environ=dict(os.environ)))
+        self.assertIsNone(registry.get_sample_value("llamaswap_model_state", stopped))
+        kept = {"model": "a", "state": "stopped"}
+        self.assertEqual(registry.get_sample_value("llamaswap_model_state", kept), 1)
 
 
 class ForwardedForTests(SynchronousTestCase):

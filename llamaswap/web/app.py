@@ -21,6 +21,7 @@ from llamaswap.config import Config
 from llamaswap.config.peers import Peers
 from llamaswap.config.profiles import ProfilesConfig
 from llamaswap.observe.inflight import InflightTracker
+from llamaswap.observe.prometheus import Metrics
 from llamaswap.observe.recording import ActivityRecorder
 from llamaswap.supervision.router import Router
 from llamaswap.upstream.client import UpstreamClient
@@ -50,13 +51,14 @@ class LlamaSwapApp:
         client: UpstreamClient,
         recorder: ActivityRecorder,
         inflight: InflightTracker,
+        metrics: Metrics,
         streams: StreamsResource,
         reactor: Any,
         on_profile_changed: Callable[[str | None], None],
     ) -> None:
         self._routing = Routing(config, router, reactor)
         self._streams = streams
-        serving = RequestServer(self._routing, router, client, recorder, inflight, reactor)
+        serving = RequestServer(self._routing, router, client, recorder, inflight, metrics, reactor)
         websockets = WebSocketRelay(self._routing, router, reactor)
         self._models = ModelRequests(self._routing, serving, websockets)
         self._admin = AdminApi(self._routing, router, recorder, on_profile_changed)

@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 from llamaswap.config.peers import PeerTarget
 from llamaswap.observe.bodies import narrow_accept_encoding
 from llamaswap.observe.inflight import InflightEntry, InflightTracker
+from llamaswap.observe.prometheus import Metrics
 from llamaswap.observe.recording import ActivityRecorder, Recording
 from llamaswap.scheduling import ShuttingDown, Ticket, UnknownModel
 from llamaswap.supervision.process import ProcessState
@@ -79,6 +80,7 @@ class RequestServer:
         client: UpstreamClient,
         recorder: ActivityRecorder,
         inflight: InflightTracker,
+        metrics: Metrics,
         reactor: Any,
     ) -> None:
         self._routing = routing
@@ -86,6 +88,7 @@ class RequestServer:
         self._client = client
         self._recorder = recorder
         self._inflight = inflight
+        self._metrics = metrics
         self._reactor = reactor
 
     def serve(
@@ -205,8 +208,12 @@ class RequestServer:
             return message
         waiting = self._router.wait(ticket)
         loading: LoadingStream | None = None
+        waited_since: float | None = None
         try:
             if not waiting.called:
+                # Only a request that waits reads the clock (twice) and is
+                # counted in the queue-wait histogram.
+                waited_since = self._reactor.seconds()
                 loading = self._loading_stream(request, local, ticket)
                 if loading is not None:
                     loading.start()
@@ -226,6 +233,8 @@ class RequestServer:
             waiting.cancel()
             raise
         try:
+            if waited_since is not None:
+                self._metrics.queue_wait(local.model_id, self._reactor.seconds() - waited_since)
             carried = getattr(request, "llamaswap_credential_header", None)
             headers = forward_headers(
                 request.requestHeaders,

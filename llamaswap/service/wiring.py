@@ -1,0 +1,124 @@
+"""Builds the service: every collaborator made once, here, and passed on.
+
+The order follows what each part needs: logs and the event bus first, then
+metrics, the model processes and their router, the proxy client and the
+activity recorder, the live streams, the web app, and finally the service
+that owns them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llamaswap.config import Config, ConfigError
+from llamaswap.observe.activity import ActivityEntry
+from llamaswap.observe.captures import CaptureCache
+from llamaswap.observe.events import EventBus, bridge_logs, ui_config_payload
+from llamaswap.observe.inflight import InflightTracker
+from llamaswap.observe.logs import LogHub
+from llamaswap.observe.prometheus import Metrics
+from llamaswap.observe.recording import ActivityRecorder
+from llamaswap.observe.store import open_store
+from llamaswap.service.processes import build_processes, process_factory
+from llamaswap.service.progress import LoadingProgress
+from llamaswap.service.reload import Sources
+from llamaswap.service.service import LlamaSwapService
+from llamaswap.supervision.router import ProcessFactory, Router
+from llamaswap.upstream.client import UpstreamClient
+from llamaswap.web.app import LlamaSwapApp
+from llamaswap.web.streams import streams_resource
+
+
+def build_recorder(
+    config: Config, reactor: Any, metrics: Metrics, bus: EventBus
+) -> ActivityRecorder:
+    """The activity store (``store.path`` SQLite file, else the in-memory ring
+    of ``metricsMaxInMemory`` rows) and capture cache (``captureBuffer`` MiB
+    of compressed captures; 0 disables); every stored row is announced on
+    ``bus``."""
+    captures = None
+    if config.capture_buffer_mib > 0:
+        captures = CaptureCache(config.capture_buffer_mib * 1024 * 1024)
+    try:
+        if captures is None:
+            store = open_store(config.store, reactor)
+        else:
+            store = open_store(config.store, reactor, captures.has)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+
+    def on_entry(entry: ActivityEntry) -> None:
+        bus.activity(entry.id)
+
+    return ActivityRecorder(reactor, store, captures, metrics, on_entry)
+
+
+def build_service(
+    config: Config, reactor: Any, sources: Sources = (None, None)
+) -> LlamaSwapService:
+    """The service for ``config``.
+
+    ``reactor`` provides time, processes and TCP (children, health checks,
+    upstream and peer connections); ``sources`` (config file, config dir)
+    are what a reload re-reads."""
+    logs = LogHub(config.log_to_stdout, None, config.log_time_format)
+    bus = EventBus()
+    unbridge = bridge_logs(logs, bus)
+    inflight = InflightTracker(reactor, bus)
+    metrics = Metrics(system=not config.performance_disabled)
+    router = Router(
+        config,
+        build_processes(config, reactor, logs=logs),
+        clock=reactor,
+        on_evicted=metrics.evicted,
+    )
+
+    def processes_of(reloaded: Config) -> ProcessFactory:
+        return process_factory(reloaded, reactor, logs=logs)
+
+    client = UpstreamClient(reactor)
+    recorder = build_recorder(config, reactor, metrics, bus)
+    # The streams ask the app and the service (below) only while serving a
+    # request; both exist by then, and the service's config is the current one.
+    app: LlamaSwapApp
+    core: LlamaSwapService
+    streams = streams_resource(
+        logs,
+        bus,
+        model_status=lambda: core.model_status(),
+        inflight=inflight,
+        ui_config=lambda: ui_config_payload(core.config),
+        active_profile=lambda: app.active_profile,
+        resolve_model=lambda name: core.config.resolve(name),
+        clock=reactor,
+    )
+    app = LlamaSwapApp(
+        config,
+        router=router,
+        client=client,
+        recorder=recorder,
+        inflight=inflight,
+        metrics=metrics,
+        streams=streams,
+        reactor=reactor,
+        on_profile_changed=lambda active: core.profile_changed(active),
+    )
+    core = LlamaSwapService(
+        config,
+        reactor=reactor,
+        sources=sources,
+        logs=logs,
+        bus=bus,
+        inflight=inflight,
+        metrics=metrics,
+        router=router,
+        process_factory=processes_of,
+        client=client,
+        recorder=recorder,
+        streams=streams,
+        app=app,
+        loading=LoadingProgress(reactor, router, bus, metrics),
+        log_observer=logs.proxy_observer(config.log_level),
+        unbridge=unbridge,
+    )
+    return core
