@@ -23,15 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llamaswap.scheduling.matrix import (  # noqa: E402
-    AllOf,
-    AnyOf,
-    Ident,
-    MatrixPlanner,
-    Node,
-    SetRef,
-    compile_matrix,
-)
+from llamaswap.scheduling.matrix import MatrixPlanner, compile_matrix  # noqa: E402
+from llamaswap.scheduling.matrix_dsl import AllOf, AnyOf, Ident, Node, SetRef  # noqa: E402
 
 
 def expression(rng: random.Random, models: list[str], refs: list[str], depth: int) -> str:

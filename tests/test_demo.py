@@ -26,15 +26,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface.verify import verifyObject
 
-from llamaswap.demo.server import (
-    BATCH_TOKENS,
-    DemoModel,
-    DemoSettings,
-    TokenStream,
-    make_site,
-    parse_settings,
-    pseudo_embedding,
-)
+from llamaswap.demo.model import DemoModel, DemoSettings, pseudo_embedding
+from llamaswap.demo.resource import make_site
+from llamaswap.demo.server import parse_settings
+from llamaswap.demo.stream import BATCH_TOKENS, TokenStream
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,18 +16,20 @@ from llamaswap.config import ConfigError, load_config_text
 from llamaswap.config.routing import DEFAULT_MAX_WAIT, RoutingConfig, read_routing
 from llamaswap.scheduling.groups import DEFAULT_GROUP, Group, GroupPlanner
 from llamaswap.scheduling.matrix import (
+    MatrixDecision,
+    MatrixPlanner,
+    MatrixProgram,
+    compile_matrix,
+)
+from llamaswap.scheduling.matrix_dsl import (
     AllOf,
     AnyOf,
     DslError,
     Ident,
     MatrixCompileError,
-    MatrixDecision,
-    MatrixPlanner,
-    MatrixProgram,
     Node,
     SetRef,
     TokenKind,
-    compile_matrix,
     parse,
     render,
     tokenize,

@@ -15,9 +15,8 @@ from zope.interface.verify import verifyObject
 
 from llamaswap.config import ConfigError, load_config_text
 from llamaswap.observe.activity import ActivityEntry
-from llamaswap.observe.queries import SORT_COLUMNS, ActivityLog, ActivityQuery
+from llamaswap.observe.queries import SORT_COLUMNS, ActivityLog, ActivityQuery, HasCapture
 from llamaswap.observe.store import (
-    HasCapture,
     IActivityStore,
     MemoryActivityStore,
     SqliteActivityStore,

@@ -28,18 +28,19 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from llamaswap.config.model import Config
-from llamaswap.service.systemd import (
-    DEFAULT_GRACE_SECONDS,
-    DrainService,
+from llamaswap.service.journal import format_journal_event, journald_observer
+from llamaswap.service.notify import (
     Notifier,
-    SequentialMultiService,
-    ShutdownGrace,
     SystemdNotifyService,
-    format_journal_event,
-    hurry_on_signals,
-    journald_observer,
     running_models_status,
     watchdog_interval,
+)
+from llamaswap.service.shutdown import (
+    DEFAULT_GRACE_SECONDS,
+    DrainService,
+    SequentialMultiService,
+    ShutdownGrace,
+    hurry_on_signals,
 )
 from tests.support import PYTHON, REPO, free_port, poll_until
 
@@ -978,7 +979,7 @@ class TextFormatTests(SynchronousTestCase):
 
         from twisted.logger import LogLevel, formatEventAsClassicLogText
 
-        from llamaswap.service.systemd import format_text_event
+        from llamaswap.service.journal import format_text_event
 
         now = _time.time()
         events = [

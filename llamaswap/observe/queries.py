@@ -273,7 +273,12 @@ class ActivityStats:
         }
 
 
-def _never_captured(_id: int) -> bool:
+#: Whether the row with this id has a capture (e.g. ``CaptureCache.has``).
+HasCapture = Callable[[int], bool]
+
+
+def never_captured(_id: int) -> bool:
+    """``has_capture`` when nothing is captured."""
     return False
 
 
@@ -284,9 +289,7 @@ class ActivityLog:
     read, so a row whose capture was evicted reads ``has_capture: false``.
     """
 
-    def __init__(
-        self, max_rows: int = 1000, has_capture: Callable[[int], bool] = _never_captured
-    ) -> None:
+    def __init__(self, max_rows: int = 1000, has_capture: HasCapture = never_captured) -> None:
         if max_rows <= 0:
             max_rows = 1000
         self._rows: deque[ActivityEntry] = deque(maxlen=max_rows)

@@ -36,7 +36,13 @@ from llamaswap.observe.activitysql import (
     recent_entries,
     select_entries,
 )
-from llamaswap.observe.queries import ActivityLog, ActivityQuery, ActivityStats
+from llamaswap.observe.queries import (
+    ActivityLog,
+    ActivityQuery,
+    ActivityStats,
+    HasCapture,
+    never_captured,
+)
 from llamaswap.observe.usage import Usage
 
 __all__ = [
@@ -48,13 +54,7 @@ __all__ = [
     "validate_store_path",
 ]
 
-HasCapture = Callable[[int], bool]
-
 log = Logger()
-
-
-def _never_captured(_id: int) -> bool:
-    return False
 
 
 class StoreClosed(Exception):
@@ -191,7 +191,7 @@ class SqliteActivityStore:
         self,
         path: str,
         reactor: IReactorCore,
-        has_capture: HasCapture = _never_captured,
+        has_capture: HasCapture = never_captured,
         recent_limit: int = DEFAULT_MAX_IN_MEMORY,
     ) -> None:
         self.path = path
@@ -335,7 +335,7 @@ def validate_store_path(path: str) -> str:
 def open_store(
     store: StoreConfig,
     reactor: IReactorCore,
-    has_capture: HasCapture = _never_captured,
+    has_capture: HasCapture = never_captured,
 ) -> IActivityStore:
     """The activity store the configuration asks for.
 

@@ -8,10 +8,9 @@ from llamaswap.scheduling.scheduler import (
     Scheduler,
     SchedulerSnapshot,
     ShuttingDown,
-    Ticket,
-    TicketStage,
     UnknownModel,
 )
+from llamaswap.scheduling.tickets import Ticket, TicketStage
 
 __all__ = [
     "IEffects",

@@ -14,45 +14,28 @@ state change.  Queries and :meth:`Scheduler.admit` answer immediately.
 
 from __future__ import annotations
 
-import enum
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from zope.interface import Interface
 
 from llamaswap.scheduling.planner import ISwapPlanner
+from llamaswap.scheduling.tickets import Ticket, TicketQueue, TicketStage
+
+__all__ = [
+    "IEffects",
+    "Scheduler",
+    "SchedulerSnapshot",
+    "ShuttingDown",
+    "Ticket",
+    "TicketStage",
+    "UnknownModel",
+]
 
 #: process states in which a model occupies nothing and need not be evicted.
 _IDLE_STATES = frozenset({"stopped", "shutdown"})
-
-
-class TicketStage(enum.Enum):
-    """Where an admitted request is in its life."""
-
-    ADMITTED = "admitted"  # reservation held, not submitted yet
-    QUEUED = "queued"
-    WAITING = "waiting"  # waiting on an active swap for its model
-    GRANTED = "granted"  # being served; ends with serve_done
-    DONE = "done"  # served, failed, refused or cancelled; reservation released
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One admitted request.  Identity semantics: two tickets for the same
-    model are different requests."""
-
-    model: str
-    priority: int
-    _stage: TicketStage = field(default=TicketStage.ADMITTED, init=False)
-    _reserved: bool = field(default=True, init=False, repr=False)
-    _position: int = field(default=0, init=False, repr=False)
-    _queued_at: float | None = field(default=None, init=False, repr=False)
-
-    @property
-    def stage(self) -> TicketStage:
-        return self._stage
 
 
 class IEffects(Interface):
@@ -112,6 +95,27 @@ class SchedulerSnapshot:
     reserved: Mapping[str, int]
 
 
+class _Steps:
+    """The scheduler's run queue: a step requested while another runs is
+    performed after it, in call order, so no step sees a half-applied one."""
+
+    def __init__(self) -> None:
+        self._steps: deque[Callable[[], None]] = deque()
+        self._stepping = False
+
+    def __call__(self, step: Callable[[], None]) -> None:
+        """Perform ``step`` now, or after the running step if re-entered."""
+        self._steps.append(step)
+        if self._stepping:
+            return
+        self._stepping = True
+        try:
+            while self._steps:
+                self._steps.popleft()()
+        finally:
+            self._stepping = False
+
+
 class Scheduler:
     """FIFO scheduler with priorities, collation and parallel disjoint swaps.
 
@@ -144,18 +148,13 @@ class Scheduler:
         self._limits = MappingProxyType(dict(limits))
         self._priorities = MappingProxyType(dict(priorities or {}))
         self.name = name
-        self._max_wait = max_wait
-        self._clock = clock
         self._reserved: Counter[str] = Counter()
         self._in_flight: Counter[str] = Counter()
         self._swaps: dict[str, _Swap] = {}
         # targets of forgotten swaps whose swap_done is still to come
         self._stale: Counter[str] = Counter()
-        self._queue: list[Ticket] = []
-        #: during a drain, the tickets not yet re-routed
-        self._draining: list[Ticket] = []
-        self._steps: deque[Callable[[], None]] = deque()
-        self._stepping = False
+        self._queue = TicketQueue(effects.queue_position, max_wait=max_wait, clock=clock)
+        self._run = _Steps()
         self._closing = False
 
     # -- requests -----------------------------------------------------------
@@ -230,13 +229,7 @@ class Scheduler:
         message = f"{self.name}: model removed by a configuration reload"
         for target in sorted(removed & self._swaps.keys()):
             self._forget_swap(target, message)
-        kept = []
-        for ticket in self._queue:
-            if ticket.model in removed:
-                self._fail(ticket, message)
-            else:
-                kept.append(ticket)
-        self._queue = kept
+        self._queue.discard(removed, lambda ticket: self._fail(ticket, message))
         self._limits = MappingProxyType(dict(limits))
         if priorities is not None:
             self._priorities = MappingProxyType(dict(priorities))
@@ -275,18 +268,6 @@ class Scheduler:
     def _shutdown_message(self) -> str:
         return f"{self.name} is shutting down"
 
-    def _run(self, step: Callable[[], None]) -> None:
-        """Perform ``step`` now, or after the running step if re-entered."""
-        self._steps.append(step)
-        if self._stepping:
-            return
-        self._stepping = True
-        try:
-            while self._steps:
-                self._steps.popleft()()
-        finally:
-            self._stepping = False
-
     def _on_submit(self, ticket: Ticket) -> None:
         if ticket._stage is TicketStage.DONE:
             return
@@ -294,7 +275,7 @@ class Scheduler:
         if self._closing:
             self._fail(ticket, self._shutdown_message)
         elif not self._route(ticket):
-            self._enqueue(ticket)
+            self._queue.push(ticket)
 
     def _on_cancel(self, ticket: Ticket) -> None:
         stage = ticket._stage
@@ -339,13 +320,7 @@ class Scheduler:
         message = f"{self.name}: model unloaded"
         for target in sorted(targets & self._swaps.keys()):
             self._forget_swap(target, message)
-        kept = []
-        for ticket in self._queue:
-            if ticket.model in targets:
-                self._fail(ticket, message)
-            else:
-                kept.append(ticket)
-        self._queue = kept
+        self._queue.discard(targets, lambda ticket: self._fail(ticket, message))
         if targets:
             self._effects.stop_models(targets)
         self._drain()
@@ -353,8 +328,7 @@ class Scheduler:
     def _on_shutdown(self) -> None:
         for target in list(self._swaps):
             self._forget_swap(target, self._shutdown_message)
-        queued, self._queue = self._queue, []
-        for ticket in queued:
+        for ticket in self._queue.take_all():
             self._fail(ticket, self._shutdown_message)
 
     # -- decisions ------------------------------------------------------------
@@ -372,7 +346,7 @@ class Scheduler:
         if self._collides(model, evict):
             return False
         if not evict and self._state_of(model) == "ready":
-            if self._held_back(ticket):
+            if self._queue.held_back(ticket):
                 return False
             self._grant(ticket)
             return True
@@ -402,53 +376,9 @@ class Scheduler:
             if other != target
         )
 
-    def _held_back(self, ticket: Ticket) -> bool:
-        """Whether ``ticket`` must not take the fast path because a request
-        for another model, queued before it, has waited ``max_wait``
-        (fairness, docs/design.md, difference 3).  "Queued before" (not "ahead in the
-        queue"): a higher-priority request must not overtake an expired one,
-        and of two expired requests the older is never held by the newer."""
-        if self._max_wait is None or self._clock is None:
-            return False
-        now = self._clock()
-        deadline = now - self._max_wait
-        since = ticket._queued_at if ticket._queued_at is not None else now
-        return any(
-            other.model != ticket.model
-            and other._queued_at is not None
-            and other._queued_at <= deadline
-            and other._queued_at < since
-            for other in (*self._queue, *self._draining)
-        )
-
     def _drain(self) -> None:
         """Re-route queued tickets in order; blocked ones keep their order."""
-        pending, self._queue = self._queue, []
-        for index, ticket in enumerate(pending):
-            # what is still queued behind this ticket, for _held_back
-            self._draining = pending[index + 1 :]
-            if not self._route(ticket):
-                self._queue.append(ticket)
-        self._draining = []
-        self._publish_positions()
-
-    def _enqueue(self, ticket: Ticket) -> None:
-        """Queue before the first ticket of strictly lower priority."""
-        index = next(
-            (i for i, queued in enumerate(self._queue) if queued.priority < ticket.priority),
-            len(self._queue),
-        )
-        self._queue.insert(index, ticket)
-        ticket._stage = TicketStage.QUEUED
-        if self._clock is not None:
-            ticket._queued_at = self._clock()
-        self._publish_positions()
-
-    def _publish_positions(self) -> None:
-        for position, ticket in enumerate(self._queue, 1):
-            if ticket._position != position:
-                ticket._position = position
-                self._effects.queue_position(ticket, position)
+        self._queue.drain(self._route)
 
     # -- ticket endings -------------------------------------------------------
 
