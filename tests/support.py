@@ -52,9 +52,12 @@ async def poll_until(
 class ServiceProcess:
     """llamaswap run as users run it, as a child process of the test:
     ``argv`` follows the Python interpreter, ``--listen`` is added on
-    loopback.  Output is collected; ``ended`` fires with the exit code."""
+    loopback, ``env`` is added to the environment.  Output is collected;
+    ``ended`` fires with the exit code."""
 
-    def __init__(self, argv: list[str], listen_port: int) -> None:
+    def __init__(
+        self, argv: list[str], listen_port: int, env: dict[str, str] | None = None
+    ) -> None:
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.output: list[bytes] = []
         running = self
@@ -72,7 +75,7 @@ class ServiceProcess:
             Watch(),
             PYTHON,
             [PYTHON, *argv, "--listen", f"127.0.0.1:{listen_port}"],
-            env={**os.environ, "PYTHONPATH": REPO},
+            env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
             path=REPO,
         )
         self.url = f"http://127.0.0.1:{listen_port}"

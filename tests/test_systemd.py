@@ -22,6 +22,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -223,11 +224,41 @@ class FakeProcess:
 class NotifyServiceTests(SynchronousTestCase):
     def make(
         self, *, watchdog: float | None = None, status: Callable[[], str] = lambda: "idle"
-    ) -> tuple[SystemdNotifyService, DatagramSink, Clock]:
+    ) -> tuple[SystemdNotifyService, DatagramSink, MemoryReactorClock]:
         sink, path = sink_in(self)
-        clock = Clock()
+        clock = MemoryReactorClock()
+        clock.running = True
         notifier = notifier_for(self, path, watchdog_interval=watchdog)
         return SystemdNotifyService(notifier, clock, status), sink, clock
+
+    def test_ready_waits_for_the_reactor_to_run(self) -> None:
+        """Started before the reactor runs (as twistd does), the service
+        sends READY=1 and starts the watchdog only once the reactor runs, when
+        its signal handlers are in place; status lines wait too."""
+        sink, path = sink_in(self)
+        reactor = MemoryReactorClock()
+        notifier = notifier_for(self, path, watchdog_interval=1.0)
+        notify = SystemdNotifyService(notifier, reactor, lambda: "idle")
+        notify.startService()
+        notify.update_status()
+        self.assertEqual(sink.messages(), [])
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        reactor.run()
+        self.assertEqual(sink.messages(), ["READY=1\nSTATUS=idle"])
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        notify.stopService()
+        self.assertEqual(sink.messages(), ["STOPPING=1\nSTATUS=stopping"])
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_stopped_before_the_reactor_ran(self) -> None:
+        """A service stopped before the reactor ran never says READY=1."""
+        sink, path = sink_in(self)
+        reactor = MemoryReactorClock()
+        notify = SystemdNotifyService(notifier_for(self, path), reactor, lambda: "idle")
+        notify.startService()
+        notify.stopService()
+        reactor.run()
+        self.assertEqual(sink.messages(), ["STOPPING=1\nSTATUS=stopping"])
 
     def test_watchdog_pings_every_interval(self) -> None:
         """With a watchdog interval, WATCHDOG=1 goes out once per interval
@@ -361,6 +392,8 @@ class NotifyThroughReactorTests(TestCase):
         notify = SystemdNotifyService(notifier, reactor, status)
         notify.setServiceParent(top)
         top.startService()
+        # READY=1 goes out once the reactor runs (at once when it already does).
+        await poll_until(lambda: len(collector.messages) >= 1, timeout=5)
         notify.update_status()
         await notify.reload(lambda: None)
         await top.stopService()

@@ -5,9 +5,9 @@ notifications to systemd.
   ``KEY=VALUE`` lines to the AF_UNIX socket named by ``NOTIFY_SOCKET``
   (``@name`` is an abstract socket), sent without blocking.  Without that
   variable every call does nothing.
-* :class:`SystemdNotifyService` sends ``READY=1`` when the service tree has
-  started, ``STATUS=`` lines when told, ``WATCHDOG=1`` pings and
-  ``STOPPING=1``.
+* :class:`SystemdNotifyService` sends ``READY=1`` once the service tree has
+  started and the reactor runs, ``STATUS=`` lines when told, ``WATCHDOG=1``
+  pings and ``STOPPING=1``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 
@@ -185,6 +184,19 @@ def running_models_status(processes: Mapping[str, _HasState]) -> str:
     return "running " + ", ".join(active) if active else "no model running"
 
 
+class NotifyReactor(Protocol):
+    """What :class:`SystemdNotifyService` needs of the reactor: time (the
+    watchdog) and a call once it runs."""
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
+    ) -> Any: ...
+
+    def seconds(self) -> float: ...
+
+    def callWhenRunning(self, callable: Callable[..., Any], *args: Any, **kw: Any) -> Any: ...
+
+
 class SystemdNotifyService(service.Service):
     """Tells systemd about the service tree's life.
 
@@ -192,33 +204,48 @@ class SystemdNotifyService(service.Service):
     once we listen (endpoint services listen synchronously for tcp, unix and
     systemd endpoints); in a :class:`SequentialMultiService` it is then also
     the first to stop, sending ``STOPPING=1`` before anything else happens.
+
+    twistd starts the service tree before the reactor runs, and the reactor
+    installs its SIGTERM/SIGINT handlers only as it starts running: a
+    ``READY=1`` sent from ``startService`` would let systemd stop us while a
+    SIGTERM still kills the process outright (no ``STOPPING=1``, children
+    left behind).  So ``READY=1`` waits for ``callWhenRunning``, which runs
+    after the handlers are installed.
     """
 
     name = "systemd-notify"  # type: ignore[assignment]
 
     def __init__(
-        self, notifier: Notifier, clock: IReactorTime, status_source: Callable[[], str]
+        self, notifier: Notifier, reactor: NotifyReactor, status_source: Callable[[], str]
     ) -> None:
         self._notifier = notifier
-        self._clock = clock
+        self._reactor = reactor
         self._status_source = status_source
         self._watchdog: LoopingCall | None = None
+        self._announced = False
 
     def startService(self) -> None:
         super().startService()
+        self._reactor.callWhenRunning(self._announce_ready)
+
+    def _announce_ready(self) -> None:
+        """The reactor runs, with its signal handlers: tell systemd we are up."""
+        if not self.running or self._announced:
+            return  # stopped before the reactor ran, or a restart's second call
+        self._announced = True
         self._notifier.ready(self._status())
         interval = self._notifier.watchdog_interval
         if interval:
             log.info("pinging the systemd watchdog every {interval}s", interval=interval)
             self._watchdog = LoopingCall(self._notifier.watchdog)
-            self._watchdog.clock = self._clock
+            self._watchdog.clock = self._reactor  # type: ignore[assignment]  # an IReactorTime
             self._watchdog.start(interval, now=False).addErrback(
                 lambda failure: log.failure("systemd watchdog pings stopped", failure)
             )
 
     def update_status(self) -> None:
         """Send a fresh ``STATUS=`` line (call it when the status changes)."""
-        if self.running and self._notifier.enabled:
+        if self._announced and self._notifier.enabled:
             self._notifier.status(self._status())
 
     def reload(self, operation: Callable[[], Awaitable[object] | object]) -> Deferred[None]:
@@ -238,6 +265,7 @@ class SystemdNotifyService(service.Service):
 
     def stopService(self) -> None:
         super().stopService()
+        self._announced = False
         if self._watchdog is not None:
             if self._watchdog.running:
                 self._watchdog.stop()

@@ -45,7 +45,11 @@ async def read_sources(sources: Sources) -> Config:
 
 class Coalescing:
     """Runs ``work`` when called; a call while it runs asks for one more run
-    after it, and shares the running Deferred."""
+    after it, and shares the running Deferred.
+
+    A run that fails does not drop the one asked for meanwhile (a broken
+    config file, then the fixed one: the fixed one is applied); the shared
+    Deferred has the outcome of the last run."""
 
     def __init__(self, work: Callable[[], Awaitable[None]]) -> None:
         self._work = work
@@ -63,7 +67,13 @@ class Coalescing:
         try:
             while True:
                 self._again = False
-                await self._work()
+                try:
+                    await self._work()
+                except Exception:
+                    if not self._again:
+                        raise
+                    # Superseded by the run asked for meanwhile: report it here.
+                    _reload_failed(Failure())
                 if not self._again:
                     return
         finally:
