@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from typing import Any
+
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.config import ConfigError
 from llamaswap.service.reload import Coalescing
+from llamaswap.supervision.process import ProcessState
+from tests.support import free_port, poll_until
+from tests.test_service import ServiceTestCase, responder_model
 
 
 class ScriptedWork:
@@ -66,3 +74,39 @@ class CoalescingTests(SynchronousTestCase):
         self.assertEqual(len(work.runs), 2)
         work.runs[1].callback(None)
         self.successResultOf(again)
+
+
+class ReloadWhileStartingTests(ServiceTestCase):
+    async def start_from_file(self, models: dict[str, Any]) -> str:
+        handle, path = tempfile.mkstemp(suffix=".yaml")
+        os.close(handle)
+        self.addCleanup(os.unlink, path)
+        self.write(path, models)
+        await self.start(models)
+        self.service.sources = (path, None)
+        return path
+
+    def write(self, path: str, models: dict[str, Any]) -> None:
+        with open(path, "w") as f:
+            json.dump({"healthCheckTimeout": 15, "models": models}, f)
+
+    async def test_waiters_of_a_changed_starting_model_get_the_new_process(self) -> None:
+        """A reload that changes a model while it is starting lets the
+        requests waiting for it wait for the new process: they are answered
+        by it, not failed with the aborted start."""
+        port = free_port()
+        path = await self.start_from_file({"a": responder_model(port, "--startup-delay", "1")})
+        waiting = defer.ensureDeferred(self.chat("a"))
+        await poll_until(lambda: self.state("a") is ProcessState.STARTING)
+        old = self.router.processes["a"]
+        self.write(path, {"a": responder_model(port, "--print", "second-config")})
+        await self.service.reload()
+        response = await waiting
+        body = await response.json()
+        self.assertEqual(response.code, 200, body)
+        new = self.router.processes["a"]
+        self.assertIsNot(new, old)
+        self.assertEqual(body["pid"], new.pid)
+        self.assertEqual(old.state, ProcessState.STOPPED)
+        self.assertIn(b"second-config", self.service.logs.model("a").history())
+        await self.settled()

@@ -220,25 +220,38 @@ class Router:
                 await defer.gatherResults(
                     [self.processes[m].stop(timeout) for m in sorted(evict)], consumeErrors=True
                 )
-            if not self.scheduler.is_swapping(target):
-                # Unloaded while its evictions ran: the scheduler has already
-                # answered its waiters; do not start a model nobody wants.
-                raise StartError(f"{self.scheduler.name}: model unloaded")
-            retiring = self._retiring.get(target)
-            if retiring is not None:
-                # A reload replaced this model: the old server still drains
-                # and holds the port; start the new one once it is gone.
-                await defer.Deferred.fromCoroutine(_quietly(retiring))
-            try:
-                await self.processes[target].make_ready()
-            except StartError as exc:
-                if not exc.died:
-                    raise
-                # A server that died while starting gets one fresh start
-                # before its waiting requests see the error, so that a single
-                # transient crash at load time does not fail them.
-                log.warn("{model} died while starting; trying once more", model=target)
-                await self.processes[target].make_ready()
+            retried = False
+            while True:
+                if not self.scheduler.is_swapping(target):
+                    # Unloaded (or removed) meanwhile: the scheduler has already
+                    # answered its waiters; do not start a model nobody wants.
+                    raise StartError(f"{self.scheduler.name}: model unloaded")
+                retiring = self._retiring.get(target)
+                if retiring is not None:
+                    # A reload replaced this model: the old server still drains
+                    # and holds the port; start the new one once it is gone.
+                    await defer.Deferred.fromCoroutine(_quietly(retiring))
+                process = self.processes[target]
+                try:
+                    await process.make_ready()
+                except StartError as exc:
+                    if self.processes.get(target) is not process:
+                        # A reload changed the model while it was starting: its
+                        # waiters wait for the new configuration's process.
+                        log.info("{model}: changed by a reload while starting", model=target)
+                        continue
+                    if not exc.died or retried:
+                        raise
+                    # A server that died while starting gets one fresh start
+                    # before its waiting requests see the error, so that a
+                    # single transient crash at load time does not fail them.
+                    log.warn("{model} died while starting; trying once more", model=target)
+                    retried = True
+                    continue
+                if self.processes.get(target) is process:
+                    break
+                # Replaced by a reload just as it became ready: that process
+                # is retiring; the waiters get the new one.
         except StartError as exc:
             error = str(exc)
         except Exception as exc:  # a bug, not a start failure: still answer every waiter
