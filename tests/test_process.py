@@ -1027,3 +1027,60 @@ class RealChildTests(TestCase):
         await within(done, 10)
         self.assertTrue(is_gone(pid))
         self.assertEqual(process.state, S.SHUTDOWN)
+
+
+class EvictionListenerTests(ProcessTestCase):
+    def evictions_of(self, process: ModelProcess) -> list[str]:
+        heard: list[str] = []
+        process.add_eviction_listener(lambda p, reason: heard.append(reason))
+        return heard
+
+    def test_each_end_of_a_live_child_is_heard_once_with_its_reason(self) -> None:
+        """stop() passes its reason on (default unload), a TTL expiry is
+        ``ttl``, a ready child's death is ``crash``; stopping a process that
+        is stopped or already stopping evicts nothing more."""
+        process, child = self.ready(ttl=10)
+        heard = self.evictions_of(process)
+        process.stop(reason="swap")
+        process.stop(reason="reload")
+        child.exit(0)
+        process.stop()
+        self.assertEqual(heard, ["swap"])
+        self.successResultOf(process.make_ready())
+        self.clock.advance(10)
+        self.launcher.children[-1].exit(0)
+        self.successResultOf(process.make_ready())
+        self.launcher.children[-1].exit(134)
+        self.successResultOf(process.make_ready())
+        process.stop()
+        self.launcher.children[-1].exit(0)
+        self.assertEqual(heard, ["swap", "ttl", "crash", "unload"])
+        self.assert_no_timers()
+
+    def test_stopping_a_start_is_an_eviction_a_failed_start_is_not(self) -> None:
+        """A start aborted by stop() is evicted with the stop's reason; a
+        start that fails on its own (the child died, the health check timed
+        out) and a shutdown evict nothing."""
+        process = self.make(health_check_timeout=1)
+        heard = self.evictions_of(process)
+        self.probe.answer = ConnectionRefusedError()
+        waiter = process.make_ready()
+        process.stop(reason="reload")
+        self.failureResultOf(waiter, StartError)
+        self.launcher.children[-1].exit(0)
+        self.assertEqual(heard, ["reload"])
+        waiter = process.make_ready()
+        self.launcher.children[-1].exit(3)
+        self.failureResultOf(waiter, StartError)
+        waiter = process.make_ready()
+        self.clock.pump([0.25] * 8)
+        self.failureResultOf(waiter, StartError)
+        self.launcher.children[-1].exit(0)
+        self.assertEqual(process.state, S.STOPPED)
+        self.probe.answer = 200
+        self.successResultOf(process.make_ready())
+        process.shutdown(5)
+        self.launcher.children[-1].exit(0)
+        self.assertEqual(process.state, S.SHUTDOWN)
+        self.assertEqual(heard, ["reload"])
+        self.assert_no_timers()

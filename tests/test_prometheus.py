@@ -326,3 +326,43 @@ class SystemFiguresTests(SynchronousTestCase):
         self.assertEqual(families["llamaswap_cpu_util_percent"], "gauge")
         self.assertEqual(families["llamaswap_memory_total_bytes"], "gauge")
         self.assertEqual(families["llamaswap_network_bytes"], "counter")
+
+
+class RemovedModelTests(SynchronousTestCase):
+    """Series of models that left the configuration."""
+
+    def test_forgotten_model_leaves_no_series_and_stays_gone(self) -> None:
+        """A model no longer configured loses every series labelled with it,
+        and late figures for it (its retired process stopping, a last
+        request) are ignored; other models and peers' models are kept; a
+        model configured again is counted afresh."""
+        metrics = Metrics(system=False)
+        metrics.retain_models(["llama", "other"])
+        exercise(metrics)
+        metrics.evicted("other", "swap")
+        metrics.request_finished("peer/m", "/v1/embeddings", 200, None)
+        metrics.retain_models(["other"])
+        self.assertEqual([s for s in samples(metrics) if s.labels.get("model") == "llama"], [])
+        exercise(metrics)
+        self.assertEqual([s for s in samples(metrics) if s.labels.get("model") == "llama"], [])
+        self.assertEqual(
+            value(metrics, "llamaswap_evictions_total", model="other", reason="swap"), 1
+        )
+        self.assertEqual(
+            value(
+                metrics,
+                "llamaswap_requests_total",
+                model="peer/m",
+                path="/v1/embeddings",
+                status="200",
+            ),
+            1,
+        )
+        metrics.retain_models(["other", "llama"])
+        metrics.evicted("llama", "reload")
+        self.assertEqual(
+            value(metrics, "llamaswap_evictions_total", model="llama", reason="ttl"), None
+        )
+        self.assertEqual(
+            value(metrics, "llamaswap_evictions_total", model="llama", reason="reload"), 1
+        )

@@ -3,9 +3,10 @@
 `Metrics` owns a dedicated ``CollectorRegistry`` (never the process-global
 one, so several app instances or tests never share series).  The app calls
 its methods as things happen: a request finished, a request waited in the
-queue, a model loaded, swapped, was evicted or changed state.  API keys are
-exported only by name (``key-<index>`` from `api_key_label`), never the
-secret; a name of any other shape is refused.
+queue, a model loaded, swapped, was evicted (by reason) or changed state.
+A local model that a reload removes loses every series labelled with it.
+API keys are exported only by name (``key-<index>`` from `api_key_label`),
+never the secret; a name of any other shape is refused.
 
 `SystemCollector` exports llama-swap's system figures, read through psutil at
 scrape time (a handful of tiny procfs reads on Linux; no sampling loop).  CPU
@@ -20,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,7 +93,7 @@ class Metrics:
         )
         self._ttfb = Histogram(
             "llamaswap_time_to_first_byte_seconds",
-            "Time from request arrival to the first response body byte",
+            "Time from request arrival to the first body byte of the model's response",
             ["model"],
             buckets=TTFB_BUCKETS,
             registry=registry,
@@ -126,7 +127,7 @@ class Metrics:
         )
         self._evictions = Counter(
             "llamaswap_evictions",
-            "Model stops by reason",
+            "Stops of a starting or running model by reason (swap, ttl, reload, unload, crash)",
             ["model", "reason"],
             registry=registry,
         )
@@ -144,6 +145,22 @@ class Metrics:
         )
         #: model -> the states it has series for (a dict keeps their order).
         self._states: dict[str, dict[str, None]] = {}
+        #: every metric with a ``model`` label: a removed model's series go.
+        self._per_model: tuple[Counter | Gauge | Histogram, ...] = (
+            self._requests,
+            self._tokens,
+            self._ttfb,
+            self._speed,
+            self._queue_wait,
+            self._load,
+            self._swaps,
+            self._evictions,
+            self._state,
+        )
+        #: the local models of the current configuration (`retain_models`)
+        self._configured: frozenset[str] = frozenset()
+        #: local models a reload removed: late figures for them are ignored
+        self._forgotten: set[str] = set()
         self._refused_key_name = False
         if system:
             registry.register(SystemCollector(system_source))
@@ -166,6 +183,8 @@ class Metrics:
         zero or negative (llama-swap's −1, "not reported") are not observed.
         ``api_key_name`` must come from `api_key_label`.
         """
+        if model in self._forgotten:
+            return
         self._requests.labels(model, path.split("?", 1)[0], str(int(status))).inc()
         counts = _token_counts(usage_tokens)
         for kind, count in counts:
@@ -189,32 +208,59 @@ class Metrics:
 
     def queue_wait(self, model: str, seconds: float) -> None:
         """A request for ``model`` was forwarded after waiting ``seconds``."""
+        if model in self._forgotten:
+            return
         self._queue_wait.labels(model).observe(max(seconds, 0.0))
 
     def model_loaded(self, model: str, seconds: float) -> None:
         """``model`` became ready ``seconds`` after its process was started."""
+        if model in self._forgotten:
+            return
         self._load.labels(model).observe(max(seconds, 0.0))
 
     def swap(self, model: str) -> None:
         """``model`` was started to serve a request."""
+        if model in self._forgotten:
+            return
         self._swaps.labels(model).inc()
 
     def evicted(self, model: str, reason: str) -> None:
-        """``model`` was stopped; ``reason`` is e.g. swap, ttl, unload, reload, shutdown."""
+        """``model`` (starting or running) was stopped; ``reason`` is swap, ttl,
+        reload, unload or crash (the set is open: more may come)."""
+        if model in self._forgotten:
+            return
         self._evictions.labels(model, reason).inc()
 
     def model_state(self, model: str, state: str) -> None:
         """``model`` is now in ``state`` (a `ProcessState` value)."""
+        if model in self._forgotten:
+            return
         state = str(state)
         known = self._states.setdefault(model, dict.fromkeys(MODEL_STATES))
         known.setdefault(state)
         for each in known:
             self._state.labels(model, each).set(1 if each == state else 0)
 
+    def retain_models(self, models: Collection[str]) -> None:
+        """``models`` are the local models configured now (at start and after
+        each reload).  Earlier ones that are not among them are forgotten; a
+        model configured again is counted afresh.  Other names (peers'
+        models) are never forgotten."""
+        models = frozenset(models)
+        self._forgotten -= models
+        for model in self._configured - models:
+            self.forget_model(model)
+        self._configured = models
+
     def forget_model(self, model: str) -> None:
-        """Drop ``model``'s state series (it left the configuration); counters stay."""
-        for state in self._states.pop(model, ()):
-            self._state.remove(model, state)
+        """``model`` left the configuration: every series labelled with it goes
+        from ``/metrics``, and later figures for it (its retired process
+        stopping, a last request finishing) are ignored until
+        `retain_models` names it again."""
+        self._forgotten.add(model)
+        self._states.pop(model, None)
+        for metric in self._per_model:
+            metric.remove_by_labels({"model": model})
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every metric, and its content type."""

@@ -66,7 +66,6 @@ class Recording:
     def on_response(self, response: IResponse) -> Callable[[bytes], None]:
         """Hook for :meth:`UpstreamClient.forward`: returns the body observer."""
         self.status = response.code
-        self.first_byte = self._recorder._clock.seconds()
         self._resp_headers = response.headers
         self._content_type = _header(response.headers, b"content-type")
         if self._recorder.captures is not None and response.code == 200:
@@ -78,7 +77,16 @@ class Recording:
             _header(response.headers, b"content-encoding"),
             decoded_sink=self._buffer.write if self._buffer is not None else None,
         )
-        return self._parser.feed
+        feed = self._parser.feed
+        clock = self._recorder._clock
+
+        def observe(data: bytes) -> None:
+            # Time to first byte ends at the first *body* byte, not the headers.
+            if self.first_byte is None and data:
+                self.first_byte = clock.seconds()
+            feed(data)
+
+        return observe
 
     def finish(self, *, status: int | None = None, error: str = "") -> None:
         """Record the request once; ``status``/``error`` describe a request

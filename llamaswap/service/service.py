@@ -78,6 +78,7 @@ class LlamaSwapService(service.Service):
         self._stdout_subscription: Any = None
         #: called for every state change of every process, current or future
         self.process_listeners: list[StateListener] = [self._state_metric, loading.changed]
+        metrics.retain_models(config.models)
         for process in router.processes.values():
             self._watch(process)
         self._reloads = Coalescing(self._reload_once)
@@ -106,12 +107,10 @@ class LlamaSwapService(service.Service):
             listener(process, old, new)
 
     def _state_metric(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
-        """The state gauge follows configured models; a removed model's series
-        goes once its retired process has stopped."""
+        """The state gauge follows configured models (a removed model's series
+        went with the reload that removed it)."""
         if process.model_id in self.config.models:
             self.metrics.model_state(process.model_id, new.value)
-        elif new is ProcessState.STOPPED:
-            self.metrics.forget_model(process.model_id)
 
     def startService(self) -> None:
         super().startService()
@@ -161,6 +160,7 @@ class LlamaSwapService(service.Service):
         for warning in config.warnings:
             log.warn("config: {warning}", warning=warning)
         created = self.router.reconfigure(config, self._process_factory(config))
+        self.metrics.retain_models(config.models)
         for process in created:
             self._watch(process)
         self.app.reconfigure(config)
@@ -174,10 +174,7 @@ class LlamaSwapService(service.Service):
             kept=len(kept),
             changed=", ".join(p.model_id for p in created) or "none",
         )
-        removed = set(self.config.models) - set(config.models)
         self.config = config
-        for model_id in removed:
-            self.metrics.forget_model(model_id)
         self.bus.model_status(self.model_status())
         self.preload()
 

@@ -173,6 +173,9 @@ class LifecycleCore:
         self.reaper = Reaper(config.id, clock, launcher, config.cmd_stop, self.environment, output)
         #: callers of make_ready waiting for the next start to settle.
         self.ready: Waiters[None] = Waiters()
+        #: why the live child is being ended (``stop``'s caller, ``ttl``,
+        #: ``crash``); read and cleared as the process leaves starting/ready.
+        self.stop_reason: str | None = None
         self.idle = IdleClock(clock, config.ttl)
         #: the state listeners will have been told of once the queue has run.
         self._label = ProcessState.STOPPED

@@ -265,6 +265,7 @@ def _build() -> TypeMachine[Lifecycle, LifecycleCore]:
 
     @go(ready, Lifecycle._exited, reaping)
     def crashed(machine: Lifecycle, core: LifecycleCore, now: _Ready, status: ExitStatus) -> None:
+        core.stop_reason = "crash"
         core.idle.disarm()
         lines = now.run.tail_lines()
         core.reap(machine, now.run, 0)
@@ -277,6 +278,7 @@ def _build() -> TypeMachine[Lifecycle, LifecycleCore]:
 
     @go(ready, Lifecycle._ttl_expired, stopping)
     def idle_too_long(machine: Lifecycle, core: LifecycleCore, now: _Ready) -> None:
+        core.stop_reason = "ttl"
         core.idle.disarm()
         log.info(
             "{model} Unloading model, TTL of {ttl}s reached",

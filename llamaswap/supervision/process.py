@@ -24,11 +24,25 @@ from llamaswap.supervision.launcher import IProcessLauncher
 from llamaswap.supervision.lifecycle import LifecycleCore, ProcessState, StartError
 from llamaswap.supervision.machine import LifecycleMachine
 
-__all__ = ["ModelProcess", "ProcessState", "StartError", "StateListener"]
+__all__ = [
+    "EvictionListener",
+    "ModelProcess",
+    "ProcessState",
+    "StartError",
+    "StateListener",
+]
 
 log = Logger()
 
 StateListener = Callable[["ModelProcess", ProcessState, ProcessState], None]
+#: ``fn(process, reason)``: a starting or ready child is being ended.
+EvictionListener = Callable[["ModelProcess", str], None]
+
+#: The states a child occupies resources in, and the states it leaves them for.
+_LIVE = frozenset({ProcessState.STARTING, ProcessState.READY})
+_ENDING = frozenset({ProcessState.STOPPING, ProcessState.STOPPED})
+#: A stop for good is no eviction (the service is going away).
+_SHUTDOWN = "shutdown"
 
 
 class ModelProcess:
@@ -54,6 +68,7 @@ class ModelProcess:
         self.output = output
         self._state = ProcessState.STOPPED
         self._listeners: list[StateListener] = []
+        self._eviction_listeners: list[EvictionListener] = []
         self._core = LifecycleCore(
             config,
             clock=clock,
@@ -86,6 +101,13 @@ class ModelProcess:
         """Call ``fn(process, old, new)`` on every state change."""
         self._listeners.append(fn)
 
+    def add_eviction_listener(self, fn: EvictionListener) -> None:
+        """Call ``fn(process, reason)`` each time a starting or ready child is
+        ended: by :meth:`stop` (its ``reason``), by its TTL (``ttl``) or by
+        dying while ready (``crash``).  A start that fails on its own and
+        :meth:`shutdown` are not evictions."""
+        self._eviction_listeners.append(fn)
+
     # -- requests ---------------------------------------------------------
 
     def make_ready(self) -> Deferred[None]:
@@ -97,21 +119,24 @@ class ModelProcess:
         ready: Deferred[None] = self._core.drive(self._machine.make_ready)
         return ready
 
-    def stop(self, timeout: float | None = None) -> Deferred[None]:
+    def stop(self, timeout: float | None = None, *, reason: str = "unload") -> Deferred[None]:
         """Stop the child (graceful for ``timeout`` s, then SIGKILL); idempotent.
 
         ``timeout`` defaults to the model's ``unloadTimeout``.  Aborts a start
         in progress and fails its waiters with ``aborted``.  Fires when the
         child's whole process group is gone; cancelling the result only
-        detaches this caller.
+        detaches this caller.  ``reason`` (``unload``, ``swap``, ``reload``,
+        …) is what eviction listeners hear if this ends a live child.
         """
         if timeout is None:
             timeout = self.config.unload_timeout
+        self._core.stop_reason = reason
         stopped: Deferred[None] = self._core.drive(self._machine.stop, timeout)
         return stopped
 
     def shutdown(self, timeout: float) -> Deferred[None]:
         """Stop for good: fires when the child is gone and the state is SHUTDOWN."""
+        self._core.stop_reason = _SHUTDOWN
         done: Deferred[None] = self._core.drive(self._machine.shutdown, timeout)
         return done
 
@@ -127,8 +152,20 @@ class ModelProcess:
     def _publish(self, old: ProcessState, new: ProcessState) -> None:
         self._state = new
         log.debug("{model} state {old} -> {new}", model=self.model_id, old=old.value, new=new.value)
+        evicted = None
+        if new is ProcessState.STARTING:
+            self._core.stop_reason = None  # a new life: earlier stops ended nothing
+        elif old in _LIVE and new in _ENDING:
+            # No reason: the start failed on its own, which evicts nothing.
+            evicted, self._core.stop_reason = self._core.stop_reason, None
         for listener in tuple(self._listeners):
             try:
                 listener(self, old, new)
             except Exception:
                 log.failure("{model} state listener failed", model=self.model_id)
+        if evicted is not None and evicted != _SHUTDOWN:
+            for evict_listener in tuple(self._eviction_listeners):
+                try:
+                    evict_listener(self, evicted)
+                except Exception:
+                    log.failure("{model} eviction listener failed", model=self.model_id)

@@ -73,8 +73,13 @@ class Lease:
 
 #: Makes the process of one model (used again for models a reload changes).
 ProcessFactory = Callable[[ModelConfig], ModelProcess]
-#: ``on_evicted(model, reason)``: a running model was stopped by the scheduler.
+#: ``on_evicted(model, reason)``: a starting or running model was stopped;
+#: ``reason`` is one of `EVICTION_REASONS` (more may come: keep it open).
 EvictionListener = Callable[[str, str], None]
+
+#: Why a model is stopped: the scheduler swapped it out, its TTL expired, a
+#: reload replaced or removed it, it was unloaded, it died while ready.
+EVICTION_REASONS = ("swap", "ttl", "reload", "unload", "crash")
 
 
 def _ignore_eviction(model: str, reason: str) -> None:
@@ -86,8 +91,8 @@ class Router:
     """Routes admitted requests to ready model processes.
 
     ``clock`` times ``maxWait`` fairness and the drain of replaced processes;
-    ``on_evicted`` hears of every running model the scheduler stops (e.g.
-    to count it)."""
+    ``on_evicted`` hears of every starting or running model that is stopped,
+    with the reason (e.g. to count it)."""
 
     def __init__(
         self,
@@ -122,7 +127,7 @@ class Router:
             clock=clock.seconds,
         )
         for process in self.processes.values():
-            process.add_state_listener(self._on_state)
+            self._follow(process)
 
     # -- requests -----------------------------------------------------------
 
@@ -196,14 +201,8 @@ class Router:
             log.info("{decision}", decision=explain(target, running - {target}).describe())
         defer.Deferred.fromCoroutine(self._swap(target, evict))
 
-    def _count_eviction(self, model: str, reason: str) -> None:
-        if self.processes[model].state is not ProcessState.STOPPED:
-            self._on_evicted(model, reason)
-
     def stop_models(self, models: frozenset[str]) -> None:
-        for model in models:
-            self._count_eviction(model, "unload")
-        stops = [self.processes[m].stop() for m in sorted(models)]
+        stops = [self.processes[m].stop(reason="unload") for m in sorted(models)]
         if self._collected_stops is not None:
             self._collected_stops.extend(stops)
 
@@ -218,7 +217,8 @@ class Router:
                 )
                 timeout = self.config.health_check_timeout
                 await defer.gatherResults(
-                    [self.processes[m].stop(timeout) for m in sorted(evict)], consumeErrors=True
+                    [self.processes[m].stop(timeout, reason="swap") for m in sorted(evict)],
+                    consumeErrors=True,
                 )
             retried = False
             while True:
@@ -275,7 +275,7 @@ class Router:
                 processes[model_id] = current
             else:
                 processes[model_id] = build(model)
-                processes[model_id].add_state_listener(self._on_state)
+                self._follow(processes[model_id])
                 created.append(processes[model_id])
         retired = [p for m, p in self.processes.items() if processes.get(m) is not p]
         self.config = config
@@ -308,7 +308,7 @@ class Router:
             deadline = clock.seconds() + timeout
             while process.in_flight and clock.seconds() < deadline:
                 await task.deferLater(clock, RETIRE_POLL, lambda: None)
-        await process.stop(timeout)
+        await process.stop(timeout, reason="reload")
 
     def _retired(self, result: object, process: ModelProcess, done: defer.Deferred[None]) -> None:
         if self._retiring.get(process.model_id) is done:
@@ -342,6 +342,13 @@ class Router:
             consumeErrors=True,
         )
         return d.addCallback(lambda _: None)
+
+    def _follow(self, process: ModelProcess) -> None:
+        process.add_state_listener(self._on_state)
+        process.add_eviction_listener(self._evicted)
+
+    def _evicted(self, process: ModelProcess, reason: str) -> None:
+        self._on_evicted(process.model_id, reason)
 
     def _on_state(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
         log.debug("{model} {old} -> {new}", model=process.model_id, old=old.value, new=new.value)
