@@ -107,7 +107,8 @@ class Metrics:
         )
         self._queue_wait = Histogram(
             "llamaswap_queue_wait_seconds",
-            "Time a request waited before being forwarded (queue and model load)",
+            "Time a request that could not be served at once waited before being forwarded"
+            " (queue and model load)",
             ["model"],
             buckets=QUEUE_WAIT_BUCKETS,
             registry=registry,

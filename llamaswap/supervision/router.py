@@ -73,13 +73,11 @@ class Lease:
 
 #: Makes the process of one model (used again for models a reload changes).
 ProcessFactory = Callable[[ModelConfig], ModelProcess]
-#: ``on_evicted(model, reason)``: a starting or running model was stopped;
-#: ``reason`` is one of `EVICTION_REASONS` (more may come: keep it open).
+#: ``on_evicted(model, reason)``: a starting or running model was stopped.
+#: ``reason``: ``swap`` (the scheduler made room), ``ttl``, ``reload``
+#: (replaced or removed), ``unload``, ``crash`` (died while ready); the set is
+#: open (``memory`` is to come).
 EvictionListener = Callable[[str, str], None]
-
-#: Why a model is stopped: the scheduler swapped it out, its TTL expired, a
-#: reload replaced or removed it, it was unloaded, it died while ready.
-EVICTION_REASONS = ("swap", "ttl", "reload", "unload", "crash")
 
 
 def _ignore_eviction(model: str, reason: str) -> None:
