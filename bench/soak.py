@@ -240,6 +240,9 @@ async def run(args: argparse.Namespace) -> int:
         "fds_first_minute": round(mean([s[2] for s in first]), 1),
         "fds_last_minute": round(mean([s[2] for s in last]), 1),
         "fds_peak": max((s[2] for s in samples), default=0),
+        "rss_mib_each_minute": [
+            round(s[1] / 2**20, 1) for s in samples if int(s[0]) % 60 == 0 and s[0] >= 1
+        ],
     }
     for key, value in report.items():
         print(f"{key:22} {value}")
