@@ -62,7 +62,7 @@ class WebTestCase(SynchronousTestCase):
 
 
 class MethodNotAllowedTests(WebTestCase):
-    """Every 405 reads the same: status, ``Allow``, a plain-text body."""
+    """Every 405 reads the same: status, ``Allow``, the JSON error envelope."""
 
     def setUp(self) -> None:
         self.build({"a": _model()}, apiKeys=[KEY])
@@ -75,8 +75,10 @@ class MethodNotAllowedTests(WebTestCase):
             # Klein (werkzeug) collects the methods in a set.
             allowed = [b", ".join(sorted(allowed[0].split(b", ")))] if allowed else allowed
         self.assertEqual(allowed, [allow])
-        self.assertEqual(self.header(response, b"content-type"), [b"text/plain; charset=utf-8"])
-        self.assertEqual(body, b"Method Not Allowed\n")
+        self.assertEqual(self.header(response, b"content-type"), [b"application/json"])
+        error = json.loads(body)["error"]
+        self.assertEqual(error["code"], "method_not_allowed")
+        self.assertIn(f"method {method} not allowed", error["message"])
 
     def test_inference_path(self) -> None:
         """A model-dispatched path allows its own methods, sorted."""
@@ -100,7 +102,7 @@ class MethodNotAllowedTests(WebTestCase):
         response, body = self.fetch("PUT", "/ui/")
         self.assertEqual(response.code, 405)
         self.assertEqual(self.header(response, b"allow"), [b"GET, HEAD"])
-        self.assertEqual(body, b"Method Not Allowed\n")
+        self.assertEqual(json.loads(body)["error"]["code"], "method_not_allowed")
 
 
 class DispatchTests(WebTestCase):

@@ -12,12 +12,13 @@ chooses; each part does its own work.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.resource import IResource, Resource
 
 from llamaswap.web.auth import unauthorized
 from llamaswap.web.cors import preflight
-from llamaswap.web.errors import method_not_allowed
+from llamaswap.web.errors import method_not_allowed, render_error
 from llamaswap.web.inference import ModelRequests
 from llamaswap.web.paths import INFERENCE_ROUTES
 from llamaswap.web.routing import Routing
@@ -64,4 +65,15 @@ class Dispatcher(Resource):
             return self._models.comfyui(request)
         if self._streams.handles(path):
             return self._streams.render(request)
+        if not _utf8(path):
+            # Klein would answer this with a bare text/html 400.
+            return render_error(request, 400, "the request path is not UTF-8 once percent-decoded")
         return self._admin.render(request)
+
+
+def _utf8(path: bytes) -> bool:
+    try:
+        unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -2,8 +2,9 @@
 
 ``Accept`` containing ``text/plain`` gets ``llama-swap: <message>``,
 ``text/html`` a small HTML page, anything else the OpenAI-style JSON envelope
-``{"src":"llama-swap","error":{...}}``.  A wrong method gets the one plain
-``405`` of :func:`method_not_allowed`, whichever part of the server answers.
+``{"src":"llama-swap","error":{...}}``.  A wrong method gets the one ``405``
+of :func:`method_not_allowed` (the same negotiated error, with ``Allow``),
+whichever part of the server answers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from llamaswap.core.text import as_text
 from llamaswap.web.requestinfo import client_gone
 
 _TYPES: dict[int, tuple[str, str]] = {
@@ -98,8 +100,9 @@ def write_too_many(request: Any) -> None:
 
 def method_not_allowed(request: Any, allowed: Iterable[bytes]) -> bytes:
     """Set a ``405`` with ``Allow: <allowed, in the order given>`` on
-    ``request``; return the plain-text body."""
-    request.setResponseCode(405)
-    request.setHeader(b"allow", b", ".join(allowed))
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    return b"Method Not Allowed\n"
+    ``request``; return the error body (JSON unless ``Accept`` asks for
+    text): an API client never gets an error it cannot parse."""
+    allow = b", ".join(allowed)
+    request.setHeader(b"allow", allow)
+    message = f"method {as_text(request.method)} not allowed here; allowed: {as_text(allow)}"
+    return render_error(request, 405, message, "method_not_allowed")
