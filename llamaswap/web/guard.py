@@ -120,14 +120,14 @@ class BrowserGuard:
         shown = _shown(raw)
         if self.loopback_only:
             why = (
-                "llamaswap listens on loopback only and accepts loopback names "
-                "(localhost, 127.0.0.1, [::1]) and the names in allowedHosts"
+                "llamaswap listens on loopback only, where it accepts loopback names "
+                "and the names in allowedHosts"
             )
         else:
             why = "it is not a loopback name and not in allowedHosts"
         message = (
-            f'host "{shown}" is not allowed: {why}; if you reach llamaswap by this '
-            "name, add it to allowedHosts in the config"
+            f'host "{shown}" is not allowed: {why}; to reach llamaswap by this name, '
+            "add the name to allowedHosts in the config"
         )
         return render_error(request, 403, message, "host_not_allowed")
 
