@@ -15,6 +15,8 @@ from base64 import b64encode
 from typing import Any
 
 import treq
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -516,6 +518,25 @@ class ParsingTests(SynchronousTestCase):
         for bad in ("null", "app.example.com", "https://a/b", "https://u@a", "https://"):
             with self.subTest(bad=bad):
                 self.assertIsNone(origin_key(bad))
+
+    @given(st.text(max_size=40))
+    def test_origin_key_is_canonical(self, text: str) -> None:
+        """A canonical origin is its own canonical form, and it names a
+        well-formed host: what the guard compares is always comparable."""
+        key = origin_key(text)
+        if key is not None:
+            self.assertEqual(origin_key(key), key)
+            self.assertIsNotNone(split_authority(key.partition("://")[2]))
+
+    @given(st.text(max_size=40))
+    def test_split_authority_is_stable(self, text: str) -> None:
+        """Splitting what was split (IPv6 re-bracketed) gives the same parts."""
+        parts = split_authority(text)
+        if parts is not None:
+            host, port = parts
+            shown = f"[{host}]" if ":" in host else host
+            again = split_authority(shown if port is None else f"{shown}:{port}")
+            self.assertEqual(again, parts)
 
     def test_changes_state(self) -> None:
         """The state-changing management calls, and what is not one."""
