@@ -2,12 +2,12 @@
 
 In order: the ``Host`` check against DNS rebinding (every request, see
 :mod:`~llamaswap.web.guard`), CORS preflight (any ``OPTIONS``, before
-authentication), the UI's
-static files (no key needed, so the UI can show its own login prompt; every
-API call it makes is authenticated), authentication, the model-dispatched
-inference paths (the hot path: one dict lookup, no Klein routing), the
-cross-site check of state-changing management calls, ``/upstream/...``, ``/comfyui...``, the log/event/in-flight streams, and
-finally the Klein admin API for everything else.  The dispatcher only
+authentication), the UI's static files (no key needed, so the UI can show
+its own login prompt; every API call it makes is authenticated),
+authentication, the model-dispatched inference paths (the hot path: one dict
+lookup, no Klein routing), the cross-site check of state-changing management
+calls, ``/upstream/...``, ``/comfyui...``, the log/event/in-flight streams,
+and finally the Klein admin API for everything else.  The dispatcher only
 chooses; each part does its own work.
 """
 
