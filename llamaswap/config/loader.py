@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from llamaswap.config.browser import read_allowed_hosts, read_allowed_origins
 from llamaswap.config.entries import (
     MODEL_KEYS,
     ModelDefaults,
@@ -90,6 +91,8 @@ TOP_LEVEL_KEYS = frozenset(
         "unloadTimeout",
         "macros",
         "apiKeys",
+        "allowedHosts",
+        "allowedOrigins",
         "upstream",
         "hooks",
         "profiles",
@@ -226,6 +229,10 @@ def _build(raw: dict[str, Any]) -> Config:
 
     models, aliases = register_aliases(models, models_doc, report)
     report.errors.extend(validate_api_keys(expanded.get("apiKeys")))
+    allowed_hosts, problems = read_allowed_hosts(expanded)
+    report.errors.extend(problems)
+    allowed_origins, problems = read_allowed_origins(expanded)
+    report.errors.extend(problems)
     sections = _read_sections(expanded, models, aliases, report)
     if report.errors:
         raise ConfigError(report.errors)
@@ -253,6 +260,8 @@ def _build(raw: dict[str, Any]) -> Config:
         ignore_paths=sections.ignore_paths,
         preload=sections.preload,
         ui_session_headers=read_session_headers(expanded),
+        allowed_hosts=allowed_hosts,
+        allowed_origins=allowed_origins,
         _document=MappingProxyType(expanded),
     )
 

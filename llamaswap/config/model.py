@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from llamaswap.config.browser import AllowedHosts, AllowedOrigins
 from llamaswap.config.filters import ModelFilters
 from llamaswap.config.peers import Peers
 from llamaswap.config.profiles import ProfilesConfig
@@ -129,6 +130,10 @@ class Config:
     preload: tuple[str, ...] = ()
     #: ``ui.activity.session_id``: request headers the UI groups activity by.
     ui_session_headers: tuple[str, ...] = DEFAULT_SESSION_HEADERS
+    #: ``allowedHosts``: Host names accepted besides loopback (docs/security.md).
+    allowed_hosts: AllowedHosts = field(default_factory=AllowedHosts)
+    #: ``allowedOrigins``: other sites whose pages may call management endpoints.
+    allowed_origins: AllowedOrigins = field(default_factory=AllowedOrigins)
     #: the fully macro-expanded document, only for :meth:`resolved_yaml`.
     _document: Mapping[str, Any] = field(default_factory=_frozen_map, repr=False)
 

@@ -117,7 +117,12 @@ def makeService(options: Options) -> service.MultiService:
     # Stops run last-added first, one at a time: STOPPING=1, stop listening,
     # wait for in-flight requests (bounded), then stop every model process.
     top = SequentialMultiService()
-    core = build_service(config, reactor, (options["config"], options["config-dir"]))
+    core = build_service(
+        config,
+        reactor,
+        (options["config"], options["config-dir"]),
+        loopback_only=is_loopback_only(options["endpoint"]),
+    )
     core.setServiceParent(top)
     snapshot = core.router.scheduler.snapshot
     DrainService(

@@ -54,13 +54,19 @@ def build_recorder(
 
 
 def build_service(
-    config: Config, reactor: Any, sources: Sources = (None, None)
+    config: Config,
+    reactor: Any,
+    sources: Sources = (None, None),
+    *,
+    loopback_only: bool = False,
 ) -> LlamaSwapService:
     """The service for ``config``.
 
     ``reactor`` provides time, processes and TCP (children, health checks,
     upstream and peer connections); ``sources`` (config file, config dir)
-    are what a reload re-reads."""
+    are what a reload re-reads; ``loopback_only`` says that the server
+    listens on loopback addresses only (the DNS-rebinding guard then
+    accepts only loopback names and ``allowedHosts`` in ``Host``)."""
     logs = LogHub(config.log_to_stdout, None, config.log_time_format)
     bus = EventBus()
     unbridge = bridge_logs(logs, bus)
@@ -102,6 +108,7 @@ def build_service(
         streams=streams,
         reactor=reactor,
         on_profile_changed=lambda active: core.profile_changed(active),
+        loopback_only=loopback_only,
     )
     core = LlamaSwapService(
         config,

@@ -94,6 +94,8 @@ class AdminApi:
         origin = request.getHeader(b"origin")
         if origin:
             request.setHeader(b"access-control-allow-origin", origin)
+        # The answer depends on Origin (echoed or not): caches must not share it.
+        request.setHeader(b"vary", b"Origin")
         records = model_records(self._routing.state, self._routing.state_of)
         return _json(request, {"object": "list", "data": records})
 

@@ -27,6 +27,7 @@ from llamaswap.supervision.router import Router
 from llamaswap.upstream.client import UpstreamClient
 from llamaswap.web.admin import AdminApi
 from llamaswap.web.dispatch import Dispatcher
+from llamaswap.web.guard import BrowserGuard
 from llamaswap.web.inference import ModelRequests
 from llamaswap.web.listings import model_records
 from llamaswap.web.routing import Routing
@@ -41,7 +42,9 @@ class LlamaSwapApp:
 
     ``reactor`` times loading streams and connects to peers and websocket
     upstreams; ``on_profile_changed`` is called with the new active profile
-    name whenever ``PUT /api/profiles/active`` changes it."""
+    name whenever ``PUT /api/profiles/active`` changes it; ``loopback_only``
+    says whether the server listens on loopback addresses only (then only
+    loopback names and ``allowedHosts`` are accepted in ``Host``)."""
 
     def __init__(
         self,
@@ -55,6 +58,7 @@ class LlamaSwapApp:
         streams: StreamsResource,
         reactor: Any,
         on_profile_changed: Callable[[str | None], None],
+        loopback_only: bool,
     ) -> None:
         self._routing = Routing(config, router, reactor)
         self._streams = streams
@@ -62,11 +66,17 @@ class LlamaSwapApp:
         websockets = WebSocketRelay(self._routing, router, reactor)
         self._models = ModelRequests(self._routing, serving, websockets)
         self._admin = AdminApi(self._routing, router, recorder, on_profile_changed)
+        self._guard = BrowserGuard(loopback_only=loopback_only)
 
     def resource(self) -> Resource:
         """A root resource serving every path."""
         return Dispatcher(
-            self._routing, self._models, self._streams, UIResource(), self._admin.resource()
+            self._routing,
+            self._models,
+            self._streams,
+            UIResource(),
+            self._admin.resource(),
+            self._guard,
         )
 
     def reconfigure(self, config: Config) -> None:

@@ -180,6 +180,9 @@ class ApiKeys:
         if index is None:
             return False
         request.llamaswap_credential_header = credential.source.header
+        # web/guard.py: a key the browser adds by itself (Basic) is no
+        # proof that the page making the request was given it.
+        request.llamaswap_credential_source = credential.source
         request.llamaswap_api_key_index = index
         return True
 

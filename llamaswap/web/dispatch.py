@@ -1,11 +1,13 @@
 """The one place that decides which part of llamaswap answers a request.
 
-In order: CORS preflight (any ``OPTIONS``, before authentication), the UI's
-static files (no key needed, so the UI can show its own login prompt; every
-API call it makes is authenticated), authentication, the model-dispatched
-inference paths (the hot path: one dict lookup, no Klein routing),
-``/upstream/...``, ``/comfyui...``, the log/event/in-flight streams, and
-finally the Klein admin API for everything else.  The dispatcher only
+In order: the ``Host`` check against DNS rebinding (every request, see
+:mod:`~llamaswap.web.guard`), CORS preflight (any ``OPTIONS``, before
+authentication), the UI's static files (no key needed, so the UI can show
+its own login prompt; every API call it makes is authenticated),
+authentication, the model-dispatched inference paths (the hot path: one dict
+lookup, no Klein routing), the cross-site check of state-changing management
+calls, ``/upstream/...``, ``/comfyui...``, the log/event/in-flight streams,
+and finally the Klein admin API for everything else.  The dispatcher only
 chooses; each part does its own work.
 """
 
@@ -19,6 +21,7 @@ from twisted.web.resource import IResource, Resource
 from llamaswap.web.auth import unauthorized
 from llamaswap.web.cors import preflight
 from llamaswap.web.errors import method_not_allowed, render_error
+from llamaswap.web.guard import BrowserGuard, changes_state
 from llamaswap.web.inference import ModelRequests
 from llamaswap.web.paths import INFERENCE_ROUTES
 from llamaswap.web.routing import Routing
@@ -37,6 +40,7 @@ class Dispatcher(Resource):
         streams: StreamsResource,
         ui: IResource,
         admin: IResource,
+        guard: BrowserGuard,
     ) -> None:
         super().__init__()
         self._routing = routing
@@ -44,8 +48,12 @@ class Dispatcher(Resource):
         self._streams = streams
         self._ui = ui
         self._admin = admin
+        self._guard = guard
 
     def render(self, request: Any) -> object:
+        refused = self._guard.refuse_host(request, self._routing.state.config)
+        if refused is not None:
+            return refused
         if request.method == b"OPTIONS":
             return preflight(request)
         path = request.path
@@ -59,6 +67,10 @@ class Dispatcher(Resource):
             if request.method not in methods:
                 return method_not_allowed(request, sorted(methods))
             return self._models.inference(request, upstream_path)
+        if changes_state(request.method, path):
+            refused = self._guard.refuse_cross_site(request, self._routing.state.config)
+            if refused is not None:
+                return refused
         if path.startswith(b"/upstream/"):
             return self._models.upstream(request)
         if path == b"/comfyui" or path.startswith(b"/comfyui/"):
