@@ -58,6 +58,7 @@ from llamaswap.config.settings import (
     read_include_aliases,
     read_log_time_format,
     read_log_to_stdout,
+    read_max_request_body_size,
     read_performance_disabled,
     read_preload,
     read_session_headers,
@@ -80,6 +81,7 @@ TOP_LEVEL_KEYS = frozenset(
         "logRequests",
         "metricsMaxInMemory",
         "captureBuffer",
+        "maxRequestBodySize",
         "store",
         "ui",
         "performance",
@@ -227,6 +229,8 @@ def _build(raw: dict[str, Any]) -> Config:
     models, aliases = register_aliases(models, models_doc, report)
     report.errors.extend(validate_api_keys(expanded.get("apiKeys")))
     sections = _read_sections(expanded, models, aliases, report)
+    max_request_body_size, problems = read_max_request_body_size(expanded)
+    report.errors.extend(problems)
     if report.errors:
         raise ConfigError(report.errors)
     return Config(
@@ -247,6 +251,7 @@ def _build(raw: dict[str, Any]) -> Config:
         log_to_stdout=read_log_to_stdout(expanded),
         log_time_format=read_log_time_format(expanded),
         capture_buffer_mib=read_capture_buffer(expanded),
+        max_request_body_size=max_request_body_size,
         store=sections.store,
         performance_disabled=read_performance_disabled(expanded),
         include_aliases_in_list=read_include_aliases(expanded),
