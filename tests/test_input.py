@@ -217,15 +217,12 @@ class UpstreamPathTests(ServiceTestCase):
         upstream = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(upstream.stopListening)
         port = upstream.getHost().port
-        await self.start(
-            {
-                "m": {
-                    "cmd": f'{PYTHON} -c "import time; time.sleep(600)"',
-                    "proxy": f"http://127.0.0.1:{port}",
-                    "checkEndpoint": "none",
-                }
-            }
-        )
+        sleeper = {
+            "cmd": f'{PYTHON} -c "import time; time.sleep(600)"',
+            "proxy": f"http://127.0.0.1:{port}",
+            "checkEndpoint": "none",
+        }
+        await self.start({"m": sleeper, "comfyui_auto": sleeper})
 
     async def raw(self, target: bytes) -> tuple[int, bytes]:
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
@@ -272,6 +269,20 @@ class UpstreamPathTests(ServiceTestCase):
         for uri in self.recorder.uris:
             path = uri.partition(b"?")[0]
             self.assertFalse(any(is_dot_segment(s) for s in path.split(b"/")), uri)
+
+    async def test_comfyui_paths(self) -> None:
+        """``/comfyui/...`` resolves dot segments the same way, within ``/comfyui/``."""
+        status, _ = await self.raw(b"/comfyui/")
+        self.assertEqual(status, 200)
+        status, _ = await self.raw(b"/comfyui/a/%2e%2e/prompt")
+        self.assertEqual(status, 200)
+        self.assertEqual(self.recorder.uris, [b"/", b"/prompt"])
+        status, body = await self.raw(b"/comfyui/../api/models/unload")
+        self.assertEqual(status, 400)
+        self.assertEqual(
+            json.loads(body)["error"]["message"], "invalid path: '..' climbs above /comfyui/"
+        )
+        self.assertEqual(len(self.recorder.uris), 2)
 
     async def test_unknown_model_in_path(self) -> None:
         """An ``/upstream`` path naming no model says which path and where
@@ -351,3 +362,25 @@ class BodyErrorTests(ServiceTestCase):
             'no local server found for requested model "lama-3"; '
             "GET /v1/models lists the available models",
         )
+
+
+class DisabledPinTests(ServiceTestCase):
+    async def test_disabled_pin_named(self) -> None:
+        """A model disabled by the active profile's pin says so, by name."""
+        await self.start(
+            {"a": responder_model(free_port())}, profiles={"quiet": {"pins": {"a": ""}}}
+        )
+        response = await treq.put(
+            self.url + "/api/profiles/active", data=b'{"name":"quiet"}', pool=self.pool
+        )
+        self.assertEqual(response.code, 200)
+        await response.content()
+        response = await treq.post(
+            self.url + "/v1/chat/completions",
+            data=b'{"model":"a"}',
+            headers={b"content-type": [b"application/json"]},
+            pool=self.pool,
+        )
+        self.assertEqual(response.code, 404)
+        payload = await response.json()
+        self.assertEqual(payload["error"]["message"], 'model "a" is disabled by the active profile')

@@ -228,15 +228,51 @@ class BodyLimitTests(TestCase):
         self.assertEqual(_parse(raw)[0], 200)
         many = b"".join(b"X-H%d: v\r\n" % n for n in range(MAX_HEADERS))
         raw = await self._exchange(b"GET /x HTTP/1.1\r\nHost: h\r\n" + many + b"\r\n")
-        self.assertEqual(_parse(raw)[0], 400)
+        self.assert_bad_request(raw)
 
     async def test_headers_too_large(self) -> None:
         """A head over ``TOTAL_HEADERS_SIZE`` bytes: 400 and closed."""
         lines = b"".join(b"X-Pad%d: %s\r\n" % (n, b"p" * 1000) for n in range(20))
         self.assertGreater(len(lines), TOTAL_HEADERS_SIZE)
         raw = await self._exchange(b"GET /x HTTP/1.1\r\nHost: h\r\n" + lines + b"\r\n")
-        self.assertEqual(_parse(raw)[0], 400)
+        self.assert_bad_request(raw)
         self.assertEqual(self.resource.sizes, [])
+
+    async def test_single_line_too_long(self) -> None:
+        """One header line over Twisted's line limit: the same JSON 400
+        (Twisted alone would close without a word)."""
+        raw = await self._exchange(
+            b"GET /x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n"
+        )
+        self.assert_bad_request(raw)
+
+    async def test_malformed_requests(self) -> None:
+        """Whatever Twisted's parser rejects is answered with a JSON 400."""
+        for raw in (
+            b"NONSENSE\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nNo colon here\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: ten\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ):
+            with self.subTest(raw=raw):
+                self.assert_bad_request(await self._exchange(raw))
+        self.assertEqual(self.resource.sizes, [])
+
+    def assert_bad_request(self, raw: bytes) -> None:
+        status, headers, body = _parse(raw)
+        self.assertEqual(status, 400)
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(
+            json.loads(body)["error"],
+            {
+                "message": "malformed HTTP request, or a request head over 100 headers "
+                "or 16384 bytes",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "bad_request",
+            },
+        )
 
 
 @implementer(IHalfCloseableProtocol)

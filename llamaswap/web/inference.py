@@ -94,8 +94,12 @@ class ModelRequests:
                 selectors=state.selectors,
                 state_of=self._routing.state_of,
             )
-        except NoModelIdentified as exc:
-            return render_error(request, 404, str(exc))
+        except NoModelIdentified:
+            return render_error(
+                request,
+                404,
+                f"model {json.dumps(extracted.model)} is disabled by the active profile",
+            )
         except SelectorUnavailable as exc:
             return render_error(request, 503, str(exc))
         if route.reservation is not None:

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
-from llamaswap.web.errors import error_body
+from llamaswap.web.errors import error_body, json_envelope
 
 log = Logger()
 
@@ -40,12 +40,34 @@ IDLE_TIMEOUT = 60
 LINGER = 2.0
 
 
+#: the message of the ``400`` for a request Twisted's parser rejects.
+BAD_REQUEST = (
+    f"malformed HTTP request, or a request head over {MAX_HEADERS} headers "
+    f"or {TOTAL_HEADERS_SIZE} bytes"
+)
+
+
+def _closing_response(status: bytes, ctype: bytes, body: bytes) -> bytes:
+    head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+    return head % (status, ctype, len(body)) + b"Connection: close\r\n\r\n" + body
+
+
 def bound_channel(protocol: Any) -> Any:
-    """Set the header limits on a protocol built by a Twisted ``Site``
-    (the HTTP/1.1 channel inside Twisted's protocol-negotiating wrapper)."""
+    """Set the header limits on a protocol built by a Twisted ``Site`` (the
+    HTTP/1.1 channel inside Twisted's protocol-negotiating wrapper), and
+    make the requests its parser rejects get a JSON ``400`` (Twisted sends
+    an empty one, or none for a line over its length limit)."""
     channel = getattr(protocol, "_channel", protocol)
     channel.maxHeaders = MAX_HEADERS
     channel.totalHeadersSize = TOTAL_HEADERS_SIZE
+
+    def bad_request(*_: object) -> None:
+        body = json_envelope(400, BAD_REQUEST)
+        channel.transport.write(_closing_response(b"400 Bad Request", b"application/json", body))
+        channel.loseConnection()
+
+    channel._respondToBadRequestAndDisconnect = bad_request
+    channel.lineLengthExceeded = bad_request
     return protocol
 
 
@@ -107,8 +129,7 @@ class BoundedRequest(Request):
         channel.persistent = False
         channel.dataReceived = _discard
         channel.rawDataReceived = _discard
-        head = b"HTTP/1.1 413 Content Too Large\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-        transport.write(head % (ctype, len(body)) + b"Connection: close\r\n\r\n" + body)
+        transport.write(_closing_response(b"413 Content Too Large", ctype, body))
         if not isinstance(transport, FileDescriptor):
             transport.loseConnection()
             return
