@@ -7,17 +7,23 @@ import json
 from typing import Any
 
 import treq
-from twisted.internet import defer, reactor
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from llamaswap.upstream.extract import extract_model
-from llamaswap.web.paths import BadPath, is_dot_segment, resolve_dot_segments
+from llamaswap.web.paths import (
+    BadPath,
+    hides_dot_segment,
+    is_dot_segment,
+    resolve_dot_segments,
+)
 from tests.support import PYTHON, free_port
+from tests.test_limits import _Client
 from tests.test_service import ServiceTestCase, responder_model
 
 JSON = b"application/json"
@@ -180,6 +186,28 @@ class DotSegmentTests(SynchronousTestCase):
                 self.assertEqual(str(raised.exception), message)
 
 
+_SEGMENTS = st.sampled_from(
+    [b".", b"..", b"%2e", b"%2E%2e", b".%2E", b"a", b"", b"v1", b"x.y", b"..b", b"a%2Fb", b"..%2f"]
+)
+
+
+class DotSegmentPropertyTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(_SEGMENTS, max_size=8))
+    def test_never_a_dot_segment(self, segments: list[bytes]) -> None:
+        """Whatever the segments, the result is refused or holds no dot
+        segment (plain, encoded or behind an encoded slash), and a path
+        without dot segments is kept as it is."""
+        try:
+            out = resolve_dot_segments(segments, "/upstream/m/")
+        except BadPath:
+            self.assertTrue(any(is_dot_segment(s) or hides_dot_segment(s) for s in segments))
+            return
+        self.assertFalse(any(is_dot_segment(s) or hides_dot_segment(s) for s in out))
+        if not any(is_dot_segment(s) for s in segments):
+            self.assertEqual(out, segments)
+
+
 class _Recorder(Resource):
     """An upstream that records the raw request target of every request."""
 
@@ -193,18 +221,6 @@ class _Recorder(Resource):
         self.uris.append(request.uri)
         request.setHeader(b"content-type", b"application/json")
         return b'{"ok":true}'
-
-
-class _Client(Protocol):
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.done.callback(bytes(self.received))
 
 
 class UpstreamPathTests(ServiceTestCase):
