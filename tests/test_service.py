@@ -294,7 +294,10 @@ class EndpointTests(ServiceTestCase):
         )
         self.assertEqual(response.code, 404)
         payload = await response.json()
-        self.assertEqual(payload["error"]["message"], "no model id could be identified")
+        self.assertEqual(
+            payload["error"]["message"],
+            'no model given: the JSON body\'s "model" is missing or empty',
+        )
         response = await treq.post(
             self.url + "/v1/chat/completions",
             data=b'{"model":"nope"}',
@@ -303,7 +306,9 @@ class EndpointTests(ServiceTestCase):
         )
         self.assertEqual(response.code, 404)
         self.assertEqual(
-            await response.text(), "llama-swap: no local server found for requested model"
+            await response.text(),
+            'llama-swap: no local server found for requested model "nope"; '
+            "GET /v1/models lists the available models",
         )
         response = await treq.get(self.url + "/v1/chat/completions", pool=self.pool)
         self.assertEqual(response.code, 405)

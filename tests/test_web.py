@@ -162,7 +162,11 @@ class DispatchTests(WebTestCase):
         """An inference request naming no model is a 404."""
         response, body = self.fetch("POST", "/v1/chat/completions", AUTH, b"{}")
         self.assertEqual(response.code, 404)
-        self.assertEqual(json.loads(body)["error"]["message"], "no model id could be identified")
+        self.assertEqual(
+            json.loads(body)["error"]["message"],
+            "the request body could not be read as JSON or a form (no Content-Type); "
+            'send a JSON body with a "model" member and Content-Type: application/json',
+        )
 
     def test_upstream_redirects(self) -> None:
         """/upstream/<model> without a slash redirects: 301 for GET, 308 otherwise."""

@@ -59,6 +59,7 @@ from llamaswap.config.settings import (
     read_include_aliases,
     read_log_time_format,
     read_log_to_stdout,
+    read_max_request_body_size,
     read_performance_disabled,
     read_preload,
     read_session_headers,
@@ -81,6 +82,7 @@ TOP_LEVEL_KEYS = frozenset(
         "logRequests",
         "metricsMaxInMemory",
         "captureBuffer",
+        "maxRequestBodySize",
         "store",
         "ui",
         "performance",
@@ -234,6 +236,8 @@ def _build(raw: dict[str, Any]) -> Config:
     allowed_origins, problems = read_allowed_origins(expanded)
     report.errors.extend(problems)
     sections = _read_sections(expanded, models, aliases, report)
+    max_request_body_size, problems = read_max_request_body_size(expanded)
+    report.errors.extend(problems)
     if report.errors:
         raise ConfigError(report.errors)
     return Config(
@@ -254,6 +258,7 @@ def _build(raw: dict[str, Any]) -> Config:
         log_to_stdout=read_log_to_stdout(expanded),
         log_time_format=read_log_time_format(expanded),
         capture_buffer_mib=read_capture_buffer(expanded),
+        max_request_body_size=max_request_body_size,
         store=sections.store,
         performance_disabled=read_performance_disabled(expanded),
         include_aliases_in_list=read_include_aliases(expanded),

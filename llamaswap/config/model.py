@@ -22,6 +22,7 @@ from llamaswap.config.profiles import ProfilesConfig
 from llamaswap.config.routing import RoutingConfig
 from llamaswap.config.settings import (
     DEFAULT_CAPTURE_BUFFER_MIB,
+    DEFAULT_MAX_REQUEST_BODY_SIZE,
     DEFAULT_SESSION_HEADERS,
     StoreConfig,
     default_ignore_paths,
@@ -118,6 +119,8 @@ class Config:
     log_time_format: str = ""
     #: ``captureBuffer`` in MiB of compressed captures; 0 disables captures.
     capture_buffer_mib: int = DEFAULT_CAPTURE_BUFFER_MIB
+    #: ``maxRequestBodySize`` in bytes: larger request bodies are refused (413).
+    max_request_body_size: int = DEFAULT_MAX_REQUEST_BODY_SIZE
     #: ``store`` and ``metricsMaxInMemory``.
     store: StoreConfig = field(default_factory=StoreConfig)
     #: ``performance.disabled``: no system metrics.

@@ -16,10 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llamaswap.config.problems import describe
+
 __all__ = [
     "DEFAULT_CAPTURE_BUFFER_MIB",
     "DEFAULT_IGNORE_PATHS",
     "DEFAULT_MAX_IN_MEMORY",
+    "DEFAULT_MAX_REQUEST_BODY_SIZE",
     "DEFAULT_SESSION_HEADERS",
     "StoreConfig",
     "default_ignore_paths",
@@ -28,16 +31,20 @@ __all__ = [
     "read_include_aliases",
     "read_log_time_format",
     "read_log_to_stdout",
+    "read_max_request_body_size",
     "read_performance_disabled",
     "read_preload",
     "read_session_headers",
     "read_store",
+    "parse_size",
 ]
 
 #: rows the in-memory activity ring keeps (``metricsMaxInMemory`` <= 0 or unset).
 DEFAULT_MAX_IN_MEMORY = 1000
 #: MiB of compressed request captures kept when ``captureBuffer`` is unset.
 DEFAULT_CAPTURE_BUFFER_MIB = 5
+#: bytes of one request body when ``maxRequestBodySize`` is unset (audio uploads are large).
+DEFAULT_MAX_REQUEST_BODY_SIZE = 64 * 1024 * 1024
 #: ``upstream.ignorePaths`` when unset or empty: static files are not model requests.
 DEFAULT_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 #: ``ui.activity.session_id`` when the config does not set it.
@@ -66,6 +73,50 @@ def read_capture_buffer(document: Mapping[str, Any]) -> int:
     disables captures."""
     budget = document.get("captureBuffer", DEFAULT_CAPTURE_BUFFER_MIB)
     return int(budget) if isinstance(budget, int) and budget > 0 else 0
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+
+
+def parse_size(value: Any) -> int | None:
+    """A size in bytes: an integer, or a number with a unit (``B``, ``KB``,
+    ``MB``, ``GB`` in powers of 1000, ``KiB``, ``MiB``, ``GiB`` in powers of
+    1024, any case); ``None`` when ``value`` is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        return None
+    found = _SIZE.fullmatch(value)
+    if found is None or found.group(2).lower() not in _SIZE_UNITS:
+        return None
+    return int(float(found.group(1)) * _SIZE_UNITS[found.group(2).lower()])
+
+
+def read_max_request_body_size(document: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """``maxRequestBodySize``: the most bytes one request body may have, and
+    the problems found."""
+    raw = document.get("maxRequestBodySize")
+    if raw is None:
+        return DEFAULT_MAX_REQUEST_BODY_SIZE, []
+    size = parse_size(raw)
+    if size is None or size <= 0:
+        return DEFAULT_MAX_REQUEST_BODY_SIZE, [
+            "maxRequestBodySize: must be a positive size in bytes or with a unit "
+            f"such as 1MiB or 64MB, got {describe(raw)}"
+        ]
+    return size, []
 
 
 def read_performance_disabled(document: Mapping[str, Any]) -> bool:

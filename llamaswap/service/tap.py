@@ -137,7 +137,11 @@ def makeService(options: Options) -> service.MultiService:
             "listening on {endpoint}: reachable from other hosts and no apiKeys are configured",
             endpoint=endpoint,
         )
-    site = LlamaSwapSite(core.app.resource(), reactor)
+    site = LlamaSwapSite(
+        core.app.resource(),
+        reactor,
+        max_request_body_size=lambda: core.config.max_request_body_size,
+    )
     web = strports.service(endpoint, site)
     web.setServiceParent(top)
     notify = SystemdNotifyService(

@@ -2,7 +2,10 @@
 
 Extraction follows llama-swap: ``GET`` reads the query, JSON bodies the
 top-level ``model`` member, multipart bodies the ``model`` form field,
-anything else an urlencoded body field, falling back to the query.  Rewrites edit only the bytes of the ``model`` value: a JSON rewrite
+anything else an urlencoded body field, falling back to the query.  A body
+declared multipart or urlencoded that does not parse is reported as
+``malformed``; when no model is found, ``missing`` says why in words a client
+can act on.  Rewrites edit only the bytes of the ``model`` value: a JSON rewrite
 never re-serialises the rest of the document (number formats, key order and
 escapes stay as the client sent them); JSON bodies are read with
 `llamaswap.core.jsonedit`, the scanner filters edit bodies with.
@@ -22,6 +25,40 @@ from llamaswap.core.jsonedit import top_level_members
 class Extracted:
     model: str
     streaming: bool
+    #: why ``model`` is empty, in words for the client ("" when a model was found).
+    missing: str = ""
+    #: the ``Content-Type`` says form or multipart and the body does not parse.
+    malformed: bool = False
+
+
+def _shown(content_type: bytes) -> str:
+    """``Content-Type: ...`` as an error message quotes it."""
+    if not content_type.strip():
+        return "no Content-Type"
+    text = content_type.decode("latin-1").strip()
+    return "Content-Type: " + (text if len(text) <= 100 else text[:100] + "...")
+
+
+def _unreadable(what: str, content_type: bytes, reason: str) -> str:
+    return f"the request body could not be read as {what} ({_shown(content_type)}): {reason}"
+
+
+def _json_problem(body: bytes) -> str:
+    """Why ``body`` is not a JSON object (the error path only)."""
+    if not body.strip():
+        return "the body is empty"
+    try:
+        value = json.loads(body)
+    except ValueError as exc:  # UnicodeDecodeError included
+        return str(exc)
+    if isinstance(value, dict):
+        return "the body is not a JSON object llamaswap can read"
+    kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return f"the body is {kinds.get(type(value), 'a number')}, not a JSON object"
+
+
+#: a ``%`` not followed by two hex digits: not urlencoded.
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 def _truthy(value: object) -> bool:
@@ -52,29 +89,64 @@ def _query_value(args: dict[bytes, list[bytes]], key: bytes) -> str:
 def extract_model(
     method: bytes, content_type: bytes, body: bytes, query: dict[bytes, list[bytes]]
 ) -> Extracted:
-    """The requested model name and streaming flag ("" when none)."""
+    """The requested model name and streaming flag; when there is no model,
+    ``missing`` says why (and ``malformed`` that a declared form does not
+    parse)."""
     if method == b"GET" or method == b"HEAD":
-        return Extracted(_query_value(query, b"model"), _query_value(query, b"stream") == "true")
+        model = _query_value(query, b"model")
+        missing = "" if model else 'no model given: the query has no "model" parameter'
+        return Extracted(model, _query_value(query, b"stream") == "true", missing)
     ctype = content_type.lower()
     if b"application/json" in ctype:
         top = json_top_level(body)
         if top is None:
-            return Extracted("", False)
+            return Extracted("", False, _unreadable("JSON", content_type, _json_problem(body)))
         member = top.get("model")
+        model = _scalar_text(member[0]) if member else ""
         return Extracted(
-            _scalar_text(member[0]) if member else "",
+            model,
             bool(top.get("stream")) and _truthy(top["stream"][0]),
+            "" if model else 'no model given: the JSON body\'s "model" is missing or empty',
         )
     if b"multipart/form-data" in ctype:
-        fields = multipart_fields(content_type, body, (b"model", b"stream"))
+        parts, problem = _scan(content_type, body)
+        if problem:
+            return Extracted(
+                "", False, _unreadable("multipart/form-data", content_type, problem), True
+            )
+        fields = _fields(parts, body, (b"model", b"stream"))
         model = fields.get(b"model", b"").decode("utf-8", "replace") or _query_value(
             query, b"model"
         )
-        return Extracted(model, fields.get(b"stream", b"") == b"true")
+        missing = (
+            ""
+            if model
+            else 'no model given: the multipart form has no "model" field '
+            'and the query no "model" parameter'
+        )
+        return Extracted(model, fields.get(b"stream", b"") == b"true", missing)
+    if b"application/x-www-form-urlencoded" in ctype:
+        bad = _BAD_ESCAPE.search(body)
+        if bad:
+            at = bad.start()
+            escape = json.dumps(body[at : at + 3].decode("latin-1"))
+            problem = f"invalid percent-escape {escape} at byte {at}"
+            return Extracted("", False, _unreadable("a form", content_type, problem), True)
     form = parse_qs(body, keep_blank_values=True) if body else {}
     model = _query_value(form, b"model") or _query_value(query, b"model")
     stream = (_query_value(form, b"stream") or _query_value(query, b"stream")) == "true"
-    return Extracted(model, stream)
+    if model:
+        missing = ""
+    elif b"application/x-www-form-urlencoded" in ctype:
+        missing = 'no model given: the form has no "model" field and the query no "model" parameter'
+    elif not body:
+        missing = 'no model given: the request has no body and the query no "model" parameter'
+    else:
+        missing = (
+            f"the request body could not be read as JSON or a form ({_shown(content_type)}); "
+            'send a JSON body with a "model" member and Content-Type: application/json'
+        )
+    return Extracted(model, stream, missing)
 
 
 def json_top_level(body: bytes) -> dict[str, tuple[object, int, int]] | None:
@@ -113,23 +185,27 @@ _BOUNDARY = re.compile(rb'boundary="?([^";]+)"?', re.IGNORECASE)
 _NAME = re.compile(rb'\bname="([^"]*)"', re.IGNORECASE)
 
 
-def _parts(content_type: bytes, body: bytes):
-    """Yield (name, content_start, content_end) for each multipart part."""
+def _scan(content_type: bytes, body: bytes) -> tuple[list[tuple[bytes, int, int]], str]:
+    """The parts of a multipart body as (name, content_start, content_end),
+    and why the body does not parse ("" when it does)."""
     found = _BOUNDARY.search(content_type)
     if not found:
-        return
+        return [], "the Content-Type has no boundary"
     delimiter = b"--" + found.group(1).strip()
+    parts: list[tuple[bytes, int, int]] = []
     pos = body.find(delimiter)
-    while pos != -1:
+    if pos == -1:
+        return [], "the body is empty" if not body else "the body does not contain the boundary"
+    while True:
         header_start = pos + len(delimiter)
         if body[header_start : header_start + 2] == b"--":
-            return
+            return parts, ""
         header_end = body.find(b"\r\n\r\n", header_start)
         if header_end == -1:
-            return
+            return parts, "a part's headers do not end"
         nxt = body.find(b"\r\n" + delimiter, header_end + 4)
         if nxt == -1:
-            return
+            return parts, "the body ends before the closing boundary"
         headers = body[header_start:header_end]
         disposition = next(
             (
@@ -141,19 +217,30 @@ def _parts(content_type: bytes, body: bytes):
         )
         name = _NAME.search(disposition)
         if name:
-            yield name.group(1), header_end + 4, nxt
+            parts.append((name.group(1), header_end + 4, nxt))
         pos = nxt + 2
+
+
+def _parts(content_type: bytes, body: bytes) -> list[tuple[bytes, int, int]]:
+    """The parts of a multipart body that could be read."""
+    return _scan(content_type, body)[0]
+
+
+def _fields(
+    parts: list[tuple[bytes, int, int]], body: bytes, names: tuple[bytes, ...]
+) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for name, start, end in parts:
+        if name in names and name not in out:
+            out[name] = body[start:end]
+    return out
 
 
 def multipart_fields(
     content_type: bytes, body: bytes, names: tuple[bytes, ...]
 ) -> dict[bytes, bytes]:
     """Values of the named (small, non-file) fields of a multipart body."""
-    out: dict[bytes, bytes] = {}
-    for name, start, end in _parts(content_type, body):
-        if name in names and name not in out:
-            out[name] = body[start:end]
-    return out
+    return _fields(_parts(content_type, body), body, names)
 
 
 def replace_multipart_model(content_type: bytes, body: bytes, model: str) -> bytes:

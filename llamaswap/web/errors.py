@@ -23,6 +23,7 @@ _TYPES: dict[int, tuple[str, str]] = {
     403: ("authentication_error", "forbidden"),
     404: ("invalid_request_error", "not_found"),
     409: ("invalid_request_error", "conflict"),
+    413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     502: ("server_error", "bad_gateway"),
     503: ("server_error", "service_unavailable"),
@@ -60,20 +61,25 @@ def json_envelope(status: int, message: str, code: str | None = None) -> bytes:
     ).encode()
 
 
+def error_body(
+    accept: bytes, status: int, message: str, code: str | None = None
+) -> tuple[bytes, bytes]:
+    """The ``Content-Type`` and body of an error for a client sending ``accept``."""
+    text = accept.decode("latin-1")
+    if "text/plain" in text:
+        return b"text/plain; charset=utf-8", f"llama-swap: {message}".encode()
+    if "text/html" in text:
+        page = "<html><body><h1>llama-swap</h1><p>" + html.escape(message) + "</p></body></html>"
+        return b"text/html; charset=utf-8", page.encode()
+    return b"application/json", json_envelope(status, message, code)
+
+
 def render_error(request: Any, status: int, message: str, code: str | None = None) -> bytes:
     """Set status and content type on ``request``; return the body bytes."""
-    accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+    ctype, body = error_body(request.getHeader(b"accept") or b"", status, message, code)
     request.setResponseCode(status)
-    if "text/plain" in accept:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return f"llama-swap: {message}".encode()
-    if "text/html" in accept:
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return (
-            "<html><body><h1>llama-swap</h1><p>" + html.escape(message) + "</p></body></html>"
-        ).encode()
-    request.setHeader(b"content-type", b"application/json")
-    return json_envelope(status, message, code)
+    request.setHeader(b"content-type", ctype)
+    return body
 
 
 def write_error(request: Any, status: int, message: str, code: str | None = None) -> None:

@@ -14,6 +14,7 @@ relay) with a destination:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -35,10 +36,25 @@ from llamaswap.upstream.peers import (
 )
 from llamaswap.upstream.websocket import is_upgrade
 from llamaswap.web.errors import render_error
+from llamaswap.web.paths import (
+    BadPath,
+    hides_dot_segment,
+    is_dot_segment,
+    resolve_dot_segments,
+)
 from llamaswap.web.requestinfo import query_of
 from llamaswap.web.routing import Routing
 from llamaswap.web.serving import LocalModel, PeerModel, RequestServer
 from llamaswap.web.websockets import WebSocketRelay
+
+
+def unknown_model(name: str) -> str:
+    """The 404 message for a model name nothing serves (llama-swap's words
+    first, then the name and where the names are)."""
+    return (
+        f"no local server found for requested model {json.dumps(name)}; "
+        "GET /v1/models lists the available models"
+    )
 
 
 def _redirect(request: Any, location: bytes) -> bytes:
@@ -65,8 +81,10 @@ class ModelRequests:
         query = query_of(request.uri)
         ctype = request.getHeader(b"content-type") or b""
         extracted = extract_model(request.method, ctype, body, parse_qs(query) if query else {})
+        if extracted.malformed:
+            return render_error(request, 400, extracted.missing)
         if not extracted.model:
-            return render_error(request, 404, "no model id could be identified")
+            return render_error(request, 404, extracted.missing)
         try:
             route = resolve_request(
                 extracted.model,
@@ -76,8 +94,12 @@ class ModelRequests:
                 selectors=state.selectors,
                 state_of=self._routing.state_of,
             )
-        except NoModelIdentified as exc:
-            return render_error(request, 404, str(exc))
+        except NoModelIdentified:
+            return render_error(
+                request,
+                404,
+                f"model {json.dumps(extracted.model)} is disabled by the active profile",
+            )
         except SelectorUnavailable as exc:
             return render_error(request, 503, str(exc))
         if route.reservation is not None:
@@ -90,7 +112,7 @@ class ModelRequests:
             return self._to_peer(request, route.peer, upstream_path, body, query, metadata)
         model_id = route.model_id
         if model_id is None:
-            return render_error(request, 404, "no local server found for requested model")
+            return render_error(request, 404, unknown_model(extracted.model))
         model = state.config.models[model_id]
         lowered = ctype.lower()
         if b"application/json" in lowered:
@@ -137,8 +159,15 @@ class ModelRequests:
         if pinned is not None:
             rest = pinned
         segments = rest.split(b"/")
+        # A model name never holds a dot segment: names end before the first.
+        named = next(
+            (i for i, seg in enumerate(segments) if is_dot_segment(seg) or hides_dot_segment(seg)),
+            len(segments),
+        )
+        if named == 0:
+            return render_error(request, 400, "invalid path: a dot segment in the model name")
         match: tuple[int, str | None, PeerTarget | None] | None = None
-        for count in range(1, len(segments) + 1):
+        for count in range(1, named + 1):
             name = unquote(b"/".join(segments[:count]).decode("utf-8", "replace"))
             if not name:
                 continue
@@ -147,9 +176,20 @@ class ModelRequests:
             if model_id is not None or peer is not None:
                 match = (count, model_id, peer)
         if match is None:
-            return render_error(request, 404, "model not found")
+            shown = json.dumps(raw_path.decode("latin-1"))
+            return render_error(
+                request,
+                404,
+                f"model not found: no model name starts the path {shown}; "
+                "GET /v1/models lists the available models",
+            )
         count, model_id, peer = match
-        remaining = b"/" + b"/".join(segments[count:])
+        root = b"/upstream/" + b"/".join(segments[:count]) + b"/"
+        try:
+            below = resolve_dot_segments(segments[count:], root.decode("latin-1"))
+        except BadPath as exc:
+            return render_error(request, 400, str(exc))
+        remaining = b"/" + b"/".join(below)
         if remaining == b"/" and not raw_path.endswith(b"/"):
             location = b"/upstream/" + b"/".join(segments[:count]) + b"/"
             return _redirect(request, location + (b"?" + query if query else b""))
@@ -179,7 +219,11 @@ class ModelRequests:
             return _redirect(request, b"/comfyui/" + (b"?" + query if query else b""))
         if COMFYUI_MODEL not in self._routing.state.config.models:
             return render_error(request, 404, f"local model {COMFYUI_MODEL} not found")
-        remaining = raw_path[len(b"/comfyui") :]
+        try:
+            below = resolve_dot_segments(raw_path[len(b"/comfyui/") :].split(b"/"), "/comfyui/")
+        except BadPath as exc:
+            return render_error(request, 400, str(exc))
+        remaining = b"/" + b"/".join(below)
         if remaining != b"/" and self._routing.state_of(COMFYUI_MODEL) != "ready":
             return render_error(
                 request,

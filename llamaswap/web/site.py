@@ -3,33 +3,27 @@
 from __future__ import annotations
 
 import time
-from io import BytesIO
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
+from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
 from llamaswap.core.twistedweb import after_flush
 from llamaswap.observe.logformat import request_access_line
+from llamaswap.web.limits import IDLE_TIMEOUT, BoundedRequest, bound_channel
 
 log = Logger()
 
 
-class LlamaSwapRequest(Request):
-    """A request whose body is always buffered in memory.
-
-    Twisted spools bodies over 100 kB to a temporary file; we need every body
-    in memory anyway (the model name is inside it) and file I/O would block
-    the reactor.
-    """
+class LlamaSwapRequest(BoundedRequest):
+    """A request whose body is always buffered in memory, up to
+    ``maxRequestBodySize`` (:class:`~llamaswap.web.limits.BoundedRequest`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.received_at = time.monotonic()
-
-    def gotLength(self, length: int | None) -> None:
-        # Twisted declares ``content = None`` on the class; it holds the body.
-        self.content = BytesIO()  # type: ignore[assignment]
 
 
 class LlamaSwapSite(Site):
@@ -44,13 +38,29 @@ class LlamaSwapSite(Site):
     requestFactory = LlamaSwapRequest
     displayTracebacks = False
 
-    def __init__(self, resource: Any, reactor: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        resource: Any,
+        reactor: Any = None,
+        max_request_body_size: Callable[[], int] = lambda: DEFAULT_MAX_REQUEST_BODY_SIZE,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("timeout", IDLE_TIMEOUT)
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self._reactor = reactor
+        self._max_request_body_size = max_request_body_size
+
+    @property
+    def max_request_body_size(self) -> int:
+        """``maxRequestBodySize`` of the config being served."""
+        return self._max_request_body_size()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return bound_channel(super().buildProtocol(addr))
 
     def log(self, request: Any) -> None:
         started = getattr(request, "received_at", None)

@@ -1,0 +1,138 @@
+"""What one client can make llamaswap hold: bounded before anything is buffered.
+
+The body limit (``maxRequestBodySize``) is checked as the headers arrive: a
+larger ``Content-Length`` is answered ``413`` at once, without reading the
+body; a chunked body is cut off as soon as it passes the limit.  Either way the
+response says ``Connection: close`` and the connection is closed after it:
+the write side at once, the read side after a short linger that discards what
+the client is still sending (closing a socket with unread data makes the
+kernel send a reset, and the client would lose the ``413``).
+
+Header count and size and the idle time-out are Twisted's own
+(``HTTPChannel.maxHeaders``, ``totalHeadersSize``, ``timeOut``), set here
+explicitly so that they stay bounded whatever Twisted's defaults become.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+from twisted.internet.abstract import FileDescriptor
+from twisted.logger import Logger
+from twisted.web.server import Request
+
+from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
+from llamaswap.web.errors import error_body, json_envelope
+
+log = Logger()
+
+#: headers one request may have (Twisted answers more with 400 and closes).
+MAX_HEADERS = 100
+#: bytes of request line plus headers (Twisted answers more with 400 and closes).
+TOTAL_HEADERS_SIZE = 16 * 1024
+#: seconds a connection may stay silent while no request is being served:
+#: between keep-alive requests, and between the bytes of a request's head
+#: and body (never while a response is being produced).
+IDLE_TIMEOUT = 60
+#: seconds a refused request's connection keeps discarding input after the
+#: ``413`` before it is closed.
+LINGER = 2.0
+
+
+#: the message of the ``400`` for a request Twisted's parser rejects.
+BAD_REQUEST = (
+    f"malformed HTTP request, or a request head over {MAX_HEADERS} headers "
+    f"or {TOTAL_HEADERS_SIZE} bytes"
+)
+
+
+def _closing_response(status: bytes, ctype: bytes, body: bytes) -> bytes:
+    head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+    return head % (status, ctype, len(body)) + b"Connection: close\r\n\r\n" + body
+
+
+def bound_channel(protocol: Any) -> Any:
+    """Set the header limits on a protocol built by a Twisted ``Site`` (the
+    HTTP/1.1 channel inside Twisted's protocol-negotiating wrapper), and
+    make the requests its parser rejects get a JSON ``400`` (Twisted sends
+    an empty one, or none for a line over its length limit)."""
+    channel = getattr(protocol, "_channel", protocol)
+    channel.maxHeaders = MAX_HEADERS
+    channel.totalHeadersSize = TOTAL_HEADERS_SIZE
+
+    def bad_request(*_: object) -> None:
+        body = json_envelope(400, BAD_REQUEST)
+        channel.transport.write(_closing_response(b"400 Bad Request", b"application/json", body))
+        channel.loseConnection()
+
+    channel._respondToBadRequestAndDisconnect = bad_request
+    channel.lineLengthExceeded = bad_request
+    return protocol
+
+
+def _discard(data: bytes) -> None:
+    """Input of a refused request: read and dropped, never held."""
+
+
+class BoundedRequest(Request):
+    """A request whose body is buffered in memory, up to the site's
+    ``max_request_body_size`` and never beyond.
+
+    Twisted spools bodies over 100 kB to a temporary file; we need every body
+    in memory anyway (the model name is inside it) and file I/O would block
+    the reactor.
+    """
+
+    _body_limit = DEFAULT_MAX_REQUEST_BODY_SIZE
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        # Twisted declares ``content = None`` on the class; it holds the body.
+        self.content = BytesIO()  # type: ignore[assignment]
+        site = getattr(self.channel, "site", None)
+        self._body_limit = getattr(site, "max_request_body_size", DEFAULT_MAX_REQUEST_BODY_SIZE)
+        if length is not None and length > self._body_limit:
+            self._refuse(f"request body of {length} bytes")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        assert self.content is not None
+        if self.content.tell() + len(data) > self._body_limit:
+            self._refuse("chunked request body")
+            return
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, what: str) -> None:
+        """Answer ``413`` now, drop the body and close the connection."""
+        self._refused = True
+        self.content = BytesIO()  # type: ignore[assignment]
+        channel: Any = self.channel
+        transport: Any = channel.transport
+        limit = self._body_limit
+        log.info(
+            "refused a request from {peer}: {what} exceeds maxRequestBodySize ({limit} bytes)",
+            peer=getattr(transport.getPeer(), "host", "?"),
+            what=what,
+            limit=limit,
+        )
+        accept = self.requestHeaders.getRawHeaders(b"accept", [b""])[0]
+        ctype, body = error_body(accept, 413, f"{what} exceeds maxRequestBodySize ({limit} bytes)")
+        # No "100 Continue" after this answer (Twisted sends it after gotLength).
+        self.requestHeaders.removeHeader(b"expect")
+        channel.persistent = False
+        channel.dataReceived = _discard
+        channel.rawDataReceived = _discard
+        transport.write(_closing_response(b"413 Content Too Large", ctype, body))
+        if not isinstance(transport, FileDescriptor):
+            transport.loseConnection()
+            return
+        transport.loseWriteConnection()
+        closing = channel.callLater(LINGER, transport.loseConnection)
+        self.notifyFinish().addBoth(lambda _: closing.cancel() if closing.active() else None)
