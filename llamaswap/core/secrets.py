@@ -98,13 +98,17 @@ def mask_env_pairs(env: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...
     return tuple((name, MASK if is_secret_name(name) else value) for name, value in env)
 
 
+#: What separates shell words (as :mod:`shlex` has it).
+_BLANKS = " \t\r\n"
+
+
 def _words(text: str) -> list[tuple[int, int]]:
     """The spans of ``text``'s shell words (POSIX quoting, no expansion); an
     unterminated quote runs to the end.  Never fails: only for showing."""
     spans = []
     i, n = 0, len(text)
     while i < n:
-        if text[i].isspace():
+        if text[i] in _BLANKS:
             i += 1
             continue
         start = i
@@ -121,7 +125,7 @@ def _words(text: str) -> list[tuple[int, int]]:
                     quote = ""
             elif c in "'\"":
                 quote = c
-            elif c.isspace() or (c == "\\" and i + 1 < n):
+            elif c in _BLANKS or (c == "\\" and i + 1 < n):
                 break
             i += 1
         if i > start:
@@ -148,7 +152,7 @@ def _chunks(cmd: str) -> list[str]:
     comment cannot swallow the next lines."""
     chunks: list[str] = []
     current: list[str] = []
-    for line in cmd.splitlines(keepends=True):
+    for line in re.split(r"(?<=\n)", cmd):
         if _is_comment(line):
             if current:
                 chunks.append("".join(current))
@@ -161,11 +165,11 @@ def _chunks(cmd: str) -> list[str]:
     return chunks
 
 
-def _mask_chunk(text: str) -> str:
+def _mask_chunk(text: str, spans: list[tuple[int, int]]) -> str:
     out = []
     last = 0
     mask_next = False
-    for start, end in _words(text):
+    for start, end in spans:
         word = text[start:end]
         plain = _unquoted(word)
         # an unterminated quote may have run over the end of its line
@@ -190,7 +194,15 @@ def mask_command(cmd: str) -> str:
     """``cmd`` (a possibly multi-line command string) with every secret value
     replaced by :data:`MASK`, its layout and quoting otherwise unchanged;
     commented-out lines are masked too."""
-    return "".join(_mask_chunk(chunk) for chunk in _chunks(cmd))
+    return "".join(
+        _mask_chunk(chunk, _comment_words(chunk) if _is_comment(chunk) else _words(chunk))
+        for chunk in _chunks(cmd)
+    )
+
+
+def _comment_words(line: str) -> list[tuple[int, int]]:
+    """A comment's words: prose, so quotes (``don't``) quote nothing."""
+    return [match.span() for match in re.finditer(r"[^ \t\r\n]+", line)]
 
 
 def mask_known(text: str, secrets: Iterable[str]) -> str:
