@@ -34,7 +34,8 @@ from llamaswap.core.secrets import (
     one_line_command,
     shown_command,
 )
-from tests import test_service
+from llamaswap.supervision.process import StartError
+from tests import test_process, test_service
 from tests.support import PYTHON, REPO, RESPONDER, base_url, free_port, listen, poll_until
 
 SECRETS = ("sk-global", "sk-local", "hf_xyz", "hf_env", "sk-peer", "sk-openai")
@@ -319,6 +320,42 @@ class CheckConfigCommandTests(TestCase):
         out, err, code = await self.run_cli("check-config", "--show-secrets")
         self.assertEqual(code, 2)
         self.assertIn("check-config [--show-secrets] CONFIG", err)
+
+
+class ProcessLogTests(test_process.ProcessTestCase):
+    """The supervisor's log lines and start errors, with fake children."""
+
+    ARGV = ("server", "--port", "5800", "--api-key", "sk-local", "HF_TOKEN=hf_env")
+
+    def test_start_line_masked(self) -> None:
+        """The 'started pid' line shows the command with its secrets masked."""
+        self.ready(argv=self.ARGV)
+        self.assertIn(
+            "m started pid 1001: server --port 5800 --api-key *** HF_TOKEN=***", self.logged()
+        )
+        self.assertNotIn("sk-local", self.logged())
+
+    def test_start_error_masked(self) -> None:
+        """A command that cannot be started is named with its secrets masked."""
+        self.launcher.missing.add("server")
+        failure = self.failureResultOf(self.make(argv=self.ARGV).make_ready(), StartError)
+        self.assertEqual(
+            failure.value.message,
+            "failed to start command 'server --port 5800 --api-key *** HF_TOKEN=***': "
+            "no such program server",
+        )
+
+    def test_cmd_stop_line_masked(self) -> None:
+        """The 'running cmdStop' line masks the stop command's secrets."""
+        process, child = self.ready(cmd_stop="stopper --token sk-stop ${PID}")
+        process.stop(2)
+        self.assertEqual(self.launcher.children[1].argv, ("stopper", "--token", "sk-stop", "1001"))
+        self.assertIn("m running cmdStop: stopper --token *** 1001", self.logged())
+        self.assertNotIn("sk-stop", self.logged())
+        self.launcher.children[1].exit(0)
+        child.exit(0)
+        self.clock.advance(1)
+        self.assert_no_timers()
 
 
 class _RecordingPeer(Resource):
