@@ -50,7 +50,7 @@ models:
       llama-server --port ${PORT}
         # old: --api-key sk-global
         --api-key sk-local \\
-        --hf-token=${HF_SECRET} -m model.gguf
+        --hf-token=${HF_SECRET} -m model.gguf -k sk-peer
     cmdStop: stopper --api-key sk-local ${PID}
     env:
       - HF_TOKEN=hf_env
@@ -172,8 +172,12 @@ class MaskCommandTests(SynchronousTestCase):
         self.assertEqual(mask_command(cmd), "s\n# don't: --api-key ***\n  --token *** -m x")
 
     def test_known_values(self) -> None:
-        """Known secret values are masked wherever they occur."""
-        self.assertEqual(mask_known("s -k sk-1 --x=sk-1b", ["sk-1", ""]), "s -k *** --x=***b")
+        """Known secret values are masked wherever they stand as a word, not
+        inside longer words."""
+        self.assertEqual(
+            mask_known("s -k sk-1 --x=sk-1 'sk-1' sk-1b a", ["sk-1", "", "a"]),
+            "s -k *** --x=*** '***' sk-1b ***",
+        )
 
     @settings(max_examples=200, deadline=None)
     @given(
@@ -221,10 +225,13 @@ class ConfigReprTests(SynchronousTestCase):
         """The reprs of the config, a model and the peers show no secret,
         while showing the rest (the masked option, other env entries)."""
         config = _config()
-        for shown in (repr(config), repr(config.models["a"]), repr(config.peers), str(config)):
+        for shown in (repr(config), repr(config.peers), str(config)):
             for secret in SECRETS:
                 self.assertNotIn(secret, shown)
         model = repr(config.models["a"])
+        # A model alone knows no key values: it masks by name (`-k sk-peer` stays).
+        for secret in ("sk-local", "hf_xyz", "hf_env", "sk-openai"):
+            self.assertNotIn(secret, model)
         self.assertIn("'--api-key', '***'", model)
         self.assertIn("('CUDA_VISIBLE_DEVICES', '0')", model)
         self.assertIn("('HF_TOKEN', '***')", model)
@@ -251,7 +258,7 @@ class ResolvedYamlTests(SynchronousTestCase):
             model["env"], ["HF_TOKEN=***", "OPENAI_API_KEY=***", "CUDA_VISIBLE_DEVICES=0"]
         )
         self.assertEqual(model["cmdStop"], "stopper --api-key *** ${PID}")
-        self.assertIn("--api-key *** \\\n  --hf-token=*** -m model.gguf", model["cmd"])
+        self.assertIn("--api-key *** \\\n  --hf-token=*** -m model.gguf -k ***", model["cmd"])
 
     def test_show_secrets(self) -> None:
         """With show_secrets every value is shown as resolved."""
@@ -301,7 +308,7 @@ class CheckConfigCommandTests(TestCase):
             "    cmd: |\n"
             "      llama-server --port 5800\n"
             "        --api-key *** \\\n"
-            "        --hf-token=*** -m model.gguf\n",
+            "        --hf-token=*** -m model.gguf -k ***\n",
             out,
         )
         self.assertIn("apiKey: '***'", out)

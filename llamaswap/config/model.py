@@ -104,9 +104,11 @@ class ModelConfig:
         return f"{type(self).__name__}({inner})"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Config:
-    """The whole resolved configuration."""
+    """The whole resolved configuration.  Its repr shows no secret: models
+    mask theirs, and the ``apiKeys``/peer ``apiKey`` values are masked
+    wherever else they appear (a command, a filter)."""
 
     #: model id -> config, iteration order sorted by id.
     models: Mapping[str, ModelConfig] = field(default_factory=_frozen_map)
@@ -150,6 +152,10 @@ class Config:
     ui_session_headers: tuple[str, ...] = DEFAULT_SESSION_HEADERS
     #: the fully macro-expanded document, only for :meth:`resolved_yaml`.
     _document: Mapping[str, Any] = field(default_factory=_frozen_map, repr=False)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return mask_known(f"{type(self).__name__}({inner})", self.known_secrets())
 
     def resolve(self, name: str) -> str | None:
         """Real model id for a model id or alias, or ``None``."""

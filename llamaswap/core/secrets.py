@@ -206,9 +206,10 @@ def _comment_words(line: str) -> list[tuple[int, int]]:
 
 
 def mask_known(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every occurrence of each non-empty known secret masked."""
+    """``text`` with each non-empty known secret masked where it stands as a
+    whole word (not inside a longer name: a short key must not mangle text)."""
     for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
+        text = re.sub(rf"(?<![\w-]){re.escape(secret)}(?![\w-])", MASK, text)
     return text
 
 

@@ -122,7 +122,9 @@ def strip_credentials(headers: Headers, source: CredentialSource) -> Headers:
 def carried_headers(request: Any) -> tuple[bytes, ...]:
     """The request headers that carried a llamaswap key (set by
     :meth:`ApiKeys.authorize`): never forwarded, to local upstreams or peers."""
-    return getattr(request, "llamaswap_credential_headers", ())
+    carried: tuple[bytes, ...] = getattr(request, "llamaswap_credential_headers", ())
+    first = getattr(request, "llamaswap_credential_header", None)
+    return carried if first is None or first in carried else (first, *carried)
 
 
 def _only(headers: Headers, name: bytes) -> Headers:
