@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--exit-after", type=float, default=None)
     parser.add_argument("--exit-code", type=int, default=0)
     parser.add_argument("--print", dest="texts", action="append", default=[])
+    # accepted and ignored, as an inference server's credentials would be
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--hf-token", default=None)
     parser.add_argument(
         "--crash-first-start",
         metavar="MARKER",

@@ -21,8 +21,8 @@ def load(text: str, **environ: str) -> Config:
 
 
 def resolved(config: Config) -> Any:
-    """The resolved document, as ``check-config`` prints it."""
-    return yaml.safe_load(config.resolved_yaml())
+    """The resolved document, as ``check-config --show-secrets`` prints it."""
+    return yaml.safe_load(config.resolved_yaml(show_secrets=True))
 
 
 class ConfigTestCase(SynchronousTestCase):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -26,6 +26,15 @@ from llamaswap.config.settings import (
     DEFAULT_SESSION_HEADERS,
     StoreConfig,
     default_ignore_paths,
+)
+from llamaswap.core.secrets import (
+    MASK,
+    is_secret_name,
+    mask_argv,
+    mask_command,
+    mask_env,
+    mask_env_pairs,
+    mask_known,
 )
 
 DEFAULT_CONCURRENCY_LIMIT = 10
@@ -44,9 +53,10 @@ def freeze(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ModelConfig:
-    """One entry under ``models:``, fully resolved."""
+    """One entry under ``models:``, fully resolved.  Its repr masks secrets in
+    the command and the environment (:mod:`llamaswap.core.secrets`)."""
 
     id: str
     #: argv after comment stripping, ``\\`` continuation and shell-word split.
@@ -86,10 +96,21 @@ class ModelConfig:
     #: true``, and always for ``comfyui_auto``); not compared on reload either.
     ignore_websockets: bool = field(default=False, compare=False)
 
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        shown["argv"] = tuple(mask_argv(self.argv))
+        shown["cmd"] = mask_command(self.cmd)
+        shown["cmd_stop"] = mask_command(self.cmd_stop)
+        shown["env"] = mask_env_pairs(self.env)
+        inner = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+        return f"{type(self).__name__}({inner})"
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, repr=False)
 class Config:
-    """The whole resolved configuration."""
+    """The whole resolved configuration.  Its repr shows no secret: models
+    mask theirs, and the ``apiKeys``/peer ``apiKey`` values are masked
+    wherever else they appear (a command, a filter)."""
 
     #: model id -> config, iteration order sorted by id.
     models: Mapping[str, ModelConfig] = field(default_factory=_frozen_map)
@@ -140,25 +161,105 @@ class Config:
     #: the fully macro-expanded document, only for :meth:`resolved_yaml`.
     _document: Mapping[str, Any] = field(default_factory=_frozen_map, repr=False)
 
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return mask_known(f"{type(self).__name__}({inner})", self.known_secrets())
+
     def resolve(self, name: str) -> str | None:
         """Real model id for a model id or alias, or ``None``."""
         if name in self.models:
             return name
         return self.aliases.get(name)
 
-    def resolved_yaml(self) -> str:
+    def known_secrets(self) -> tuple[str, ...]:
+        """The secret values the config holds: ``apiKeys`` and peers' ``apiKey``."""
+        peer_keys = (peer.api_key for peer in self.peers.peers.values() if peer.api_key)
+        return (*self.api_keys, *peer_keys)
+
+    def resolved_yaml(self, *, show_secrets: bool = False) -> str:
         """The resolved document as YAML (``check-config``): macros expanded,
-        ports assigned, defaults injected, keys in the order written."""
-        return yaml.safe_dump(_plain(self._document), sort_keys=False)
+        ports assigned, defaults injected, keys in the order written;
+        multi-line strings (commands) as ``|`` block scalars.  Secrets are
+        masked unless ``show_secrets``: see :func:`mask_document`."""
+        document = _plain(self._document)
+        if not show_secrets:
+            document = mask_document(document)
+        return yaml.dump(document, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True)
 
 
-def _plain(value: object) -> object:
+def _plain(value: object) -> Any:
     """Plain dicts and lists for the YAML dumper."""
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Writes multi-line strings as ``|`` block scalars."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if "\n" in value:
+        # YAML cannot keep trailing blanks on a line of a block scalar (the
+        # emitter would fall back to a quoted string); they carry no meaning
+        # in a command.
+        value = "\n".join(line.rstrip(" \t") for line in value.split("\n"))
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_str(value)
+
+
+_BlockDumper.add_representer(str, _represent_str)
+
+
+def mask_document(document: dict[str, Any]) -> dict[str, Any]:
+    """The plain resolved ``document`` with its secrets masked: ``apiKeys``
+    values, peers' ``apiKey``, secret options in ``cmd``/``cmdStop``, secret
+    ``env`` entries, and macros whose name says key/token/secret/password or
+    whose value is one of those keys (the keys are masked wherever else they
+    occur in a command, too)."""
+    out = dict(document)
+    known: list[str] = []
+    if isinstance(out.get("apiKeys"), list):
+        known += [str(key) for key in out["apiKeys"]]
+        out["apiKeys"] = [MASK for _ in out["apiKeys"]]
+    if isinstance(out.get("peers"), dict):
+        peers = {}
+        for peer_id, peer in out["peers"].items():
+            if isinstance(peer, dict) and peer.get("apiKey"):
+                known.append(str(peer["apiKey"]))
+                peer = dict(peer, apiKey=MASK)
+            peers[peer_id] = peer
+        out["peers"] = peers
+    out["macros"] = _mask_macros(out.get("macros"), known)
+    if isinstance(out.get("models"), dict):
+        models = {}
+        for model_id, model in out["models"].items():
+            if isinstance(model, dict):
+                model = dict(model)
+                for key in ("cmd", "cmdStop"):
+                    if isinstance(model.get(key), str):
+                        model[key] = mask_known(mask_command(model[key]), known)
+                if isinstance(model.get("env"), list):
+                    model["env"] = mask_env(str(entry) for entry in model["env"])
+                model["macros"] = _mask_macros(model.get("macros"), known)
+                if model["macros"] is None:
+                    del model["macros"]
+            models[model_id] = model
+        out["models"] = models
+    if out["macros"] is None:
+        del out["macros"]
+    return out
+
+
+def _mask_macros(macros: Any, known: list[str]) -> Any:
+    if not isinstance(macros, dict):
+        return macros
+    return {
+        name: MASK if is_secret_name(name) or str(value) in known else value
+        for name, value in macros.items()
+    }
 
 
 class ConfigError(Exception):

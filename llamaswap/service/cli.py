@@ -2,7 +2,7 @@
 
 ``llamaswap -c CONFIG [...]`` runs the twistd plugin in the foreground with
 no pidfile; ``llamaswap check-config CONFIG`` validates a config and prints
-it resolved.
+it resolved (secrets masked unless ``--show-secrets``).
 """
 
 from __future__ import annotations
@@ -10,21 +10,22 @@ from __future__ import annotations
 import sys
 
 
-def check_config(path: str) -> int:
+def check_config(path: str, *, show_secrets: bool = False) -> int:
     from llamaswap.service.tap import load_or_exit
 
     config = load_or_exit(path)
-    sys.stdout.write(config.resolved_yaml())
+    sys.stdout.write(config.resolved_yaml(show_secrets=show_secrets))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["check-config"]:
-        if len(args) != 2:
-            print("usage: llamaswap check-config CONFIG", file=sys.stderr)
+        rest = [arg for arg in args[1:] if arg != "--show-secrets"]
+        if len(rest) != 1:
+            print("usage: llamaswap check-config [--show-secrets] CONFIG", file=sys.stderr)
             return 2
-        return check_config(args[1])
+        return check_config(rest[0], show_secrets="--show-secrets" in args)
     from twisted.application import app
     from twisted.scripts.twistd import ServerOptions, _SomeApplicationRunner
 

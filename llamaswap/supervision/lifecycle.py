@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from llamaswap.config.model import ModelConfig
+from llamaswap.core.secrets import join_argv
 from llamaswap.supervision.child import ChildRun, OutputSink
 from llamaswap.supervision.health import Probe
 from llamaswap.supervision.launcher import ExitStatus, IProcessLauncher
@@ -255,7 +256,7 @@ class LifecycleCore:
                 self._launcher, argv, self.environment(), self._output, self.feed(machine._exited)
             )
         except OSError as e:
-            machine._launch_failed(StartError(f"failed to start command '{' '.join(argv)}': {e}"))
+            machine._launch_failed(StartError(f"failed to start command '{join_argv(argv)}': {e}"))
             return
         except Exception as e:
             log.failure("{model} start failed", model=self.model_id)
@@ -265,7 +266,7 @@ class LifecycleCore:
             "{model} started pid {pid}: {argv}",
             model=self.model_id,
             pid=run.pid,
-            argv=" ".join(argv),
+            argv=join_argv(argv),
         )
         machine._spawned(run)
 

@@ -18,6 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from llamaswap.config.commands import parse_command
+from llamaswap.core.secrets import join_argv
 from llamaswap.supervision.child import ChildRun, OutputSink
 from llamaswap.supervision.health import POLL_FIRST_DELAY, POLL_MAX_DELAY
 from llamaswap.supervision.launcher import ExitStatus, IProcessLauncher
@@ -157,5 +158,5 @@ class Reaper:
                 "{model} cmdStop failed, sending SIGTERM: {error}", model=self._model_id, error=e
             )
             return False
-        log.info("{model} running cmdStop: {argv}", model=self._model_id, argv=" ".join(argv))
+        log.info("{model} running cmdStop: {argv}", model=self._model_id, argv=join_argv(argv))
         return True

@@ -25,7 +25,7 @@ from llamaswap.supervision.selection import (
     profiles_json,
 )
 from llamaswap.web.errors import method_not_allowed, render_error
-from llamaswap.web.listings import model_records
+from llamaswap.web.listings import model_records, running_command
 from llamaswap.web.routing import Routing
 
 log = Logger()
@@ -166,7 +166,8 @@ class AdminApi:
 
     @app.route("/running", methods=["GET", "HEAD"])
     def running(self, request: Any) -> bytes:
-        models = self._routing.state.config.models
+        config = self._routing.state.config
+        models = config.models
         running = []
         for model_id, process in sorted(self._router.processes.items()):
             if process.state in (ProcessState.STOPPED, ProcessState.SHUTDOWN):
@@ -176,7 +177,7 @@ class AdminApi:
                 {
                     "model": model_id,
                     "state": process.state.value,
-                    "cmd": model.cmd,
+                    "cmd": running_command(config, model_id),
                     "proxy": model.proxy,
                     "ttl": model.ttl,
                     "name": model.name,

@@ -27,6 +27,7 @@ __all__ = [
     "Credential",
     "CredentialSource",
     "api_key_from_headers",
+    "carried_headers",
     "find_credential",
     "strip_credentials",
     "unauthorized",
@@ -118,6 +119,19 @@ def strip_credentials(headers: Headers, source: CredentialSource) -> Headers:
     return stripped
 
 
+def carried_headers(request: Any) -> tuple[bytes, ...]:
+    """The request headers that carried a llamaswap key (set by
+    :meth:`ApiKeys.authorize`): never forwarded, to local upstreams or peers."""
+    carried: tuple[bytes, ...] = getattr(request, "llamaswap_credential_headers", ())
+    first = getattr(request, "llamaswap_credential_header", None)
+    return carried if first is None or first in carried else (first, *carried)
+
+
+def _only(headers: Headers, name: bytes) -> Headers:
+    values = headers.getRawHeaders(name)
+    return Headers({name: values} if values else {})
+
+
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
@@ -184,6 +198,15 @@ class ApiKeys:
         # proof that the page making the request was given it.
         request.llamaswap_credential_source = credential.source
         request.llamaswap_api_key_index = index
+        # A client may send its key in both headers (some SDKs do): every
+        # header holding a configured key is ours.
+        carried = [credential.source.header]
+        for other in (b"authorization", b"x-api-key"):
+            if other not in carried:
+                found = find_credential(_only(request.requestHeaders, other))
+                if found is not None and self.match(found.key) is not None:
+                    carried.append(other)
+        request.llamaswap_credential_headers = tuple(carried)
         return True
 
 

@@ -35,6 +35,7 @@ from llamaswap.upstream.peers import (
     rewrite_request_model,
 )
 from llamaswap.upstream.websocket import is_upgrade
+from llamaswap.web.auth import carried_headers
 from llamaswap.web.errors import render_error
 from llamaswap.web.paths import (
     BadPath,
@@ -137,7 +138,10 @@ class ModelRequests:
         *,
         passthrough: bool = False,
     ) -> object:
-        headers = forward_headers(request.requestHeaders, client_ip=None)
+        # A peer gets its own apiKey or the client's other headers, never ours.
+        headers = forward_headers(
+            request.requestHeaders, client_ip=None, drop=carried_headers(request)
+        )
         ctype = request.getHeader(b"content-type") or b""
         try:
             headers, body, query = prepare_peer_request(

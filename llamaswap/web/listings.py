@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from llamaswap.config.model import Config
+from llamaswap.core.secrets import shown_command
 from llamaswap.supervision.process import ProcessState
 from llamaswap.supervision.selection import profile_model_records, selector_model_records
 from llamaswap.upstream.peers import peer_model_records
@@ -18,6 +20,11 @@ if TYPE_CHECKING:
 CAPABILITY_KEYS = ("architecture", "capabilities", "supported_parameters", "context_length")
 #: Process states listed as ``unloaded``.
 _UNLOADED = (ProcessState.STOPPED, ProcessState.SHUTDOWN)
+
+
+def running_command(config: Config, model_id: str) -> str:
+    """A model's ``cmd`` as ``/running`` shows it: one line, secrets masked."""
+    return shown_command(config.models[model_id].cmd, config.known_secrets())
 
 
 def capability_fields(raw: Any) -> tuple[dict[str, Any], int]:

@@ -30,6 +30,7 @@ from llamaswap.scheduling import ShuttingDown, Ticket, UnknownModel
 from llamaswap.supervision.process import ProcessState
 from llamaswap.supervision.router import RequestFailed, Router, TooManyRequests
 from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forward_headers
+from llamaswap.web.auth import carried_headers
 from llamaswap.web.errors import write_error, write_too_many
 from llamaswap.web.loading import LoadingStream, relay_body_only, wants_loading_stream
 from llamaswap.web.paths import RECORDED_PATHS
@@ -235,11 +236,10 @@ class RequestServer:
         try:
             if waited_since is not None:
                 self._metrics.queue_wait(local.model_id, self._reactor.seconds() - waited_since)
-            carried = getattr(request, "llamaswap_credential_header", None)
             headers = forward_headers(
                 request.requestHeaders,
                 client_ip=client_ip(request),
-                drop=(carried,) if carried else (),
+                drop=carried_headers(request),
             )
             target = request
             if loading is not None:

@@ -20,6 +20,7 @@ from llamaswap.scheduling import ShuttingDown, UnknownModel
 from llamaswap.supervision.router import RequestFailed, Router, TooManyRequests
 from llamaswap.upstream.client import forwarded_for
 from llamaswap.upstream.websocket import relay_upgrade
+from llamaswap.web.auth import carried_headers
 from llamaswap.web.errors import write_error, write_too_many
 from llamaswap.web.requestinfo import client_ip
 from llamaswap.web.routing import Routing
@@ -45,8 +46,7 @@ class WebSocketRelay:
         headers = request.requestHeaders.copy()
         # Every header crosses (Connection and Upgrade make the handshake),
         # except the one that carried our API key.
-        carried = getattr(request, "llamaswap_credential_header", None)
-        if carried:
+        for carried in carried_headers(request):
             headers.removeHeader(carried)
         address = client_ip(request)
         if address:
