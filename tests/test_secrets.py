@@ -69,6 +69,14 @@ def _config() -> Any:
 
 
 class SecretNameTests(SynchronousTestCase):
+    def test_words_not_substrings(self) -> None:
+        """A name is secret by a whole word: ``--tokens-per-second`` and
+        ``--max-tokens`` are not, ``--hf-token`` and ``--apikey`` are."""
+        self.assertEqual(
+            mask_argv(["srv", "--tokens-per-second", "40", "--max-tokens", "8", "--apikey", "s"]),
+            ["srv", "--tokens-per-second", "40", "--max-tokens", "8", "--apikey", "***"],
+        )
+
     def test_names(self) -> None:
         """Names saying key, token, secret or password (any case) are secret;
         options naming a file, path or directory are not."""

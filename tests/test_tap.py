@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+import yaml
+
 from twisted.internet import reactor, utils
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -66,7 +68,7 @@ class ListenTests(SynchronousTestCase):
 class StartupErrorTests(TestCase):
     timeout = 60
 
-    async def _run(self, *args: str) -> tuple[bytes, bytes, int]:
+    async def run_cli(self, *args: str) -> tuple[bytes, bytes, int]:
         result = await utils.getProcessOutputAndValue(
             PYTHON, ["-m", "llamaswap", *args], env=dict(os.environ), path=REPO, reactor=reactor
         )
@@ -80,7 +82,7 @@ class StartupErrorTests(TestCase):
                 "models:\n  a:\n    cmd: x --port ${PORT}\n    ttl: -5\n    tll: 3\n  b:\n    cmd: y\n"
             )
         self.addCleanup(os.unlink, f.name)
-        out, err, code = await self._run("-c", f.name)
+        out, err, code = await self.run_cli("-c", f.name)
         self.assertNotEqual(code, 0)
         text = err.decode()
         self.assertNotIn("Traceback", text)
@@ -90,16 +92,18 @@ class StartupErrorTests(TestCase):
 
     async def test_check_config_prints_resolved(self) -> None:
         """check-config prints the resolved config with ports assigned."""
-        out, err, code = await self._run("check-config", os.path.join(REPO, "etc", "demo.yaml"))
+        out, err, code = await self.run_cli("check-config", os.path.join(REPO, "etc", "demo.yaml"))
         self.assertEqual(code, 0, err)
         self.assertIn(b"--port 5800", out)
-        self.assertNotIn(b"${PORT}", out)
+        models = yaml.safe_load(out)["models"]
+        self.assertFalse([m for m in models.values() if "${PORT}" in m["cmd"]], out)
+        self.assertIn("--tokens-per-second 40", models["demo-small"]["cmd"])
 
     async def test_version(self) -> None:
         """--version prints the version and exits 0."""
         from llamaswap import __version__
 
-        out, err, code = await self._run("--version")
+        out, err, code = await self.run_cli("--version")
         self.assertEqual(code, 0, err)
         self.assertIn(__version__.encode(), out)
 

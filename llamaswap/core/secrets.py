@@ -37,7 +37,11 @@ __all__ = [
 #: What a secret is shown as.
 MASK = "***"
 
-_SECRET_WORD = re.compile(r"key|token|secret|passw(?:or)?d", re.IGNORECASE)
+#: One word of a name (split at ``-``, ``_``, ``.``): ``key``, ``apikey``,
+#: ``token``, ``hftoken``, ``secret``, ``password``, … but not ``tokens``
+#: (``--tokens-per-second``, ``--max-tokens``) nor ``tokenizer``.
+_SECRET_WORD = re.compile(r"[a-z]*(?:key|keys|token|secret|secrets|passw(?:or)?d|pwd)", re.IGNORECASE)
+_WORDS = re.compile(r"[-_.]+")
 #: The last word of an option that names where a secret is, not the secret.
 _LOCATION_WORD = re.compile(r"(?:file|path|dir|directory)$", re.IGNORECASE)
 _OPTION = re.compile(r"-{1,2}(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?P<eq>=)?", re.ASCII)
@@ -46,7 +50,8 @@ _ASSIGNMENT = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)=", re.ASCII)
 
 def is_secret_name(name: str) -> bool:
     """Whether a value given under ``name`` (an option or variable) is a secret."""
-    return bool(_SECRET_WORD.search(name)) and not _LOCATION_WORD.search(name)
+    words = _WORDS.split(name)
+    return any(_SECRET_WORD.fullmatch(w) for w in words) and not _LOCATION_WORD.search(name)
 
 
 def _secret_prefix(word: str) -> tuple[str | None, bool]:
