@@ -6,7 +6,6 @@ import os
 import tempfile
 
 import yaml
-
 from twisted.internet import reactor, utils
 from twisted.plugin import getPlugins
 from twisted.python import usage

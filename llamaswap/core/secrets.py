@@ -40,7 +40,9 @@ MASK = "***"
 #: One word of a name (split at ``-``, ``_``, ``.``): ``key``, ``apikey``,
 #: ``token``, ``hftoken``, ``secret``, ``password``, … but not ``tokens``
 #: (``--tokens-per-second``, ``--max-tokens``) nor ``tokenizer``.
-_SECRET_WORD = re.compile(r"[a-z]*(?:key|keys|token|secret|secrets|passw(?:or)?d|pwd)", re.IGNORECASE)
+_SECRET_WORD = re.compile(
+    r"[a-z]*(?:key|keys|token|secret|secrets|passw(?:or)?d|pwd)", re.IGNORECASE
+)
 _WORDS = re.compile(r"[-_.]+")
 #: The last word of an option that names where a secret is, not the secret.
 _LOCATION_WORD = re.compile(r"(?:file|path|dir|directory)$", re.IGNORECASE)
