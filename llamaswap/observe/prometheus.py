@@ -130,6 +130,12 @@ class Metrics:
             ["model", "reason"],
             registry=registry,
         )
+        self._retries = Counter(
+            "llamaswap_upstream_retries",
+            "Requests re-sent after a reused keep-alive connection closed before any response byte",
+            ["model"],
+            registry=registry,
+        )
         self._state = Gauge(
             "llamaswap_model_state",
             "1 for the model's current state, 0 for the others",
@@ -202,6 +208,10 @@ class Metrics:
     def evicted(self, model: str, reason: str) -> None:
         """``model`` was stopped; ``reason`` is e.g. swap, ttl, unload, reload, shutdown."""
         self._evictions.labels(model, reason).inc()
+
+    def upstream_retry(self, model: str) -> None:
+        """A request for ``model`` was re-sent (stale keep-alive connection)."""
+        self._retries.labels(model).inc()
 
     def model_state(self, model: str, state: str) -> None:
         """``model`` is now in ``state`` (a `ProcessState` value)."""

@@ -98,8 +98,11 @@ class Routing:
             if peer_id not in self._peer_clients:
                 self._peer_clients[peer_id] = UpstreamClient(
                     self._reactor,
-                    connect_timeout=peer.timeouts.connect or 30,
+                    connect_timeout=peer.timeouts.connect,
                     idle_timeout=peer.timeouts.idle_conn,
+                    response_header_timeout=peer.timeouts.response_header,
+                    keepalive=peer.timeouts.keepalive,
+                    tls_handshake_timeout=peer.timeouts.tls_handshake,
                 )
         return state
 
