@@ -299,6 +299,18 @@ class HeaderTests(UpstreamEdgeCase):
         # The connection to the upstream is ours: keep-alive, not the client's close.
         self.assertNotIn(b"close", b" ".join(seen.header(b"connection")).lower())
 
+    async def test_expect_continue_not_forwarded(self) -> None:
+        """``Expect: 100-continue`` was answered by us (the body is read
+        whole first): the upstream gets the body, not the expectation."""
+        await self.exchange(
+            OK,
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Expect: 100-continue\r\nConnection: close\r\n\r\n{}",
+        )
+        seen = self.script.seen[0]
+        self.assertEqual(seen.header(b"expect"), [])
+        self.assertEqual(seen.body, b"{}")
+
 
 class TimeoutTests(UpstreamEdgeCase):
     async def test_response_header_timeout_is_504_and_aborts(self) -> None:
@@ -426,3 +438,35 @@ class ServiceTests(TestCase):
         self.assertEqual(payload["error"]["code"], "gateway_timeout")
         self.assertGreaterEqual(reactor.seconds() - started, 1)
         await poll_until(lambda: script.lost == 1)
+
+
+class PeerClientTests(TestCase):
+    def test_reload_with_new_timeouts_replaces_the_client(self) -> None:
+        """A reload that changes a peer's ``timeouts`` gets a client built
+        with them; an unchanged peer keeps its client (and pool)."""
+        from llamaswap.web.routing import Routing
+
+        def config(response_header: int) -> Any:
+            document = {
+                "models": {"local": {"cmd": "x", "proxy": "http://127.0.0.1:9"}},
+                "peers": {
+                    "box": {
+                        "proxy": "http://127.0.0.1:9",
+                        "models": ["m"],
+                        "timeouts": {"responseHeader": response_header},
+                    },
+                    "other": {"proxy": "http://127.0.0.1:9", "models": ["o"]},
+                },
+            }
+            return load_config_text(json.dumps(document), environ={})
+
+        routing = Routing(config(5), None, reactor)  # type: ignore[arg-type]
+        self.addCleanup(routing.close)
+        first, other = routing.peer_client("box"), routing.peer_client("other")
+        self.assertEqual(first._response_header_timeout, 5)
+        routing.reconfigure(config(5))
+        self.assertIs(routing.peer_client("box"), first)
+        routing.reconfigure(config(7))
+        self.assertIsNot(routing.peer_client("box"), first)
+        self.assertEqual(routing.peer_client("box")._response_header_timeout, 7)
+        self.assertIs(routing.peer_client("other"), other)

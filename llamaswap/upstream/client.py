@@ -71,6 +71,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 _CONTENT_LENGTH = b"content-length"
+_EXPECT = b"expect"
 #: "no connect time-out": longer than any system connect attempt lasts.
 _NO_CONNECT_TIMEOUT = 24 * 3600.0
 #: "no idle limit" for pooled connections.
@@ -118,6 +119,10 @@ def forward_headers(
     """Copy request headers for the upstream, without hop-by-hop ones."""
     dropped = set(HOP_BY_HOP)
     dropped.add(_CONTENT_LENGTH)
+    # The body is read whole before it is sent: a ``100-continue``
+    # expectation was met by us, and no upstream is waited on for one (so a
+    # peer's ``expectContinue`` time-out never has to run).
+    dropped.add(_EXPECT)
     dropped.update(name.lower() for name in drop)
     connection = source.getRawHeaders(b"connection")
     if connection:
@@ -407,6 +412,12 @@ class UpstreamClient:
 
     def close(self) -> defer.Deferred[None]:
         return self._pool.closeCachedConnections()
+
+    def retire(self) -> defer.Deferred[None]:
+        """Close the idle connections now, and those in use once their
+        request is done (a client replaced by another)."""
+        self._pool.cachedConnectionTimeout = 0
+        return self.close()
 
     async def _send(
         self,
