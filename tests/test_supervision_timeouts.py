@@ -11,12 +11,21 @@ import signal
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.defer import CancelledError
+from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.error import (
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
 from twisted.logger import formatEvent
-from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from llamaswap.observe.logs import LogMonitor
-from llamaswap.supervision.health import http_probe
+from llamaswap.supervision.health import describe_probe_failure, http_probe
 from llamaswap.supervision.launcher import ProcessGroupLauncher
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
 from tests.scripted import Script, serve
@@ -114,6 +123,28 @@ class HealthMessageTests(ProcessTestCase):
         self.assertEqual(
             [(round(when, 2), round(timeout, 2)) for when, _, timeout, _ in self.probe.calls],
             [(0.0, 5.0), (5.25, 1.75)],
+        )
+
+
+class DescribeProbeFailureTests(SynchronousTestCase):
+    def test_words(self) -> None:
+        """Each way a probe fails has a short description for the error."""
+        cases = [
+            (ConnectionRefusedError(), "connection refused"),
+            (DeferredTimeout(), "no answer within 1.5s"),
+            (ResponseNeverReceived([Failure(CancelledError())]), "no answer within 1.5s"),
+            (ConnectingCancelledError(None), "not connected within 1.5s"),
+            (
+                ResponseNeverReceived([Failure(ConnectionDone())]),
+                "connection closed without an HTTP response",
+            ),
+            (DNSLookupError("nohost"), "host name not found (DNS lookup failed: nohost.)"),
+            (ValueError("odd"), "ValueError: odd"),
+        ]
+        for error, words in cases:
+            self.assertEqual(describe_probe_failure(error, 1.5), words)
+        self.assertIn(
+            "bad", describe_probe_failure(ResponseFailed([Failure(ValueError("bad"))]), 1)
         )
 
 

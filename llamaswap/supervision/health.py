@@ -18,6 +18,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.error import (
     ConnectError,
+    ConnectingCancelledError,
     ConnectionClosed,
     ConnectionRefusedError,
     DNSLookupError,
@@ -80,6 +81,8 @@ def describe_probe_failure(error: BaseException, timeout: float) -> str:
         return "connection refused"
     if isinstance(error, (DeferredTimeout, ConnectTimeout)):
         return f"no answer within {round(timeout, 2):g}s"
+    if isinstance(error, ConnectingCancelledError):  # our time-out, while connecting
+        return f"not connected within {round(timeout, 2):g}s"
     if isinstance(error, DNSLookupError):
         return f"host name not found ({error})"
     reasons = getattr(error, "reasons", None)  # the HTTP client's ResponseFailed & co
