@@ -4,7 +4,9 @@ answers that never come, exact response headers.
 
 Each request that arrives takes the next action of the script (the last one
 repeats).  An action is ``"close"`` (close the connection without a byte of
-response), ``"abort"`` (reset it), ``"hang"`` (never answer) or the raw
+response), ``"abort"`` (reset it), ``"abort-early"`` (reset it as soon
+as the request's headers are in, its body still on the way), ``"hang"``
+(never answer) or the raw
 response bytes to write; the connection stays open after a response unless
 the response says ``Connection: close`` or is cut short (no blank line
 ending its headers: written, then the connection is closed).
@@ -67,6 +69,12 @@ class _Connection(protocol.Protocol):
             seen = Seen(self.number, head)
             length = int((seen.header(b"content-length") or [b"0"])[0])
             if len(rest) < length:
+                if self.script.actions[0] == "abort-early":
+                    seen.body = rest
+                    self.script.seen.append(seen)
+                    self.script.next_action()
+                    self.transport.abortConnection()
+                    self.buffer = b""
                 return
             seen.body, self.buffer = rest[:length], rest[length:]
             self.script.seen.append(seen)

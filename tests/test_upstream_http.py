@@ -156,6 +156,19 @@ class RetryTests(UpstreamEdgeCase):
         self.assertEqual(script.connections, 1)
         self.assertEqual(self.front.retries, 0)
 
+    async def test_fresh_connection_killed_mid_body_is_502_never_resent(self) -> None:
+        """Killed while the request body is still being sent: 502, one request."""
+        script = Script(["abort-early", OK])
+        front = self.front_for(script)
+        body = b"x" * (8 * 1024 * 1024)
+        response = await treq.post(front + "/v1/audio/transcriptions", data=body, pool=self.pool)
+        self.assertEqual(response.code, 502)
+        await response.content()
+        self.assertEqual(len(script.seen), 1)
+        self.assertLess(len(script.seen[0].body), len(body))
+        self.assertEqual(script.connections, 1)
+        self.assertEqual(self.front.retries, 0)
+
     async def test_fresh_connection_closed_cleanly_is_not_resent(self) -> None:
         """Also a clean close of a new connection before any response byte
         (the case a stale connection looks like) is not re-sent."""
