@@ -375,7 +375,8 @@ class TimeoutTests(UpstreamEdgeCase):
         await poll_until(lambda: script.lost == 1)
 
     async def test_keepalive_sets_socket_options(self) -> None:
-        """``keepalive`` turns TCP keep-alive on with that period."""
+        """``keepalive`` turns TCP keep-alive on with that period, for plain
+        and TLS connections."""
         import socket
 
         from twisted.web.client import URI
@@ -386,15 +387,19 @@ class TimeoutTests(UpstreamEdgeCase):
         script = Script([OK])
         upstream = serve(script)
         self.addCleanup(upstream.stopListening)
-        endpoints = _TunedEndpoints(UpstreamEndpoints(reactor), reactor, 7, 0)
-        uri = URI.fromBytes(b"http://127.0.0.1:%d/" % upstream.getHost().port)
-        protocol = await endpoints.endpointForURI(uri).connect(Factory.forProtocol(Protocol))
-        self.addCleanup(protocol.transport.loseConnection)
-        handle = protocol.transport.getHandle()
-        self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 7)
-            self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 7)
+        clock = Clock()
+        endpoints = _TunedEndpoints(UpstreamEndpoints(reactor), clock, 7, 10)
+        for scheme in (b"http", b"https"):
+            uri = URI.fromBytes(b"%s://127.0.0.1:%d/" % (scheme, upstream.getHost().port))
+            protocol = await endpoints.endpointForURI(uri).connect(Factory.forProtocol(Protocol))
+            self.addCleanup(protocol.transport.abortConnection)
+            tcp = protocol.transport.transport if scheme == b"https" else protocol.transport
+            handle = tcp.getHandle()
+            self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 7)
+                self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 7)
+        clock.advance(10)  # the TLS handshake time-out ends the TLS connection
 
 
 class ServiceTests(TestCase):

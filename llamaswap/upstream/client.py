@@ -306,7 +306,10 @@ class _NewConnections:
 
 def set_tcp_keepalive(transport: Any, seconds: float) -> None:
     """Turn TCP keep-alive on for ``transport``'s socket: first probe after
-    ``seconds`` idle, then every ``seconds`` (as Go's ``Dialer.KeepAlive``)."""
+    ``seconds`` idle, then every ``seconds`` (as Go's ``Dialer.KeepAlive``).
+    A TLS transport's TCP connection underneath is the one tuned."""
+    while getattr(transport, "wrappedProtocol", None) is not None:
+        transport = transport.transport  # TLS (a protocol wrapper) over TCP
     handle = transport.getHandle()
     handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     whole = max(1, int(seconds))
