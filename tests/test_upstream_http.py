@@ -261,6 +261,16 @@ class HeaderTests(UpstreamEdgeCase):
         self.assertNotIn(b"content-length", headers)
         self.assertNotIn(b"content-type", headers)
 
+    async def test_304_keeps_upstream_content_length(self) -> None:
+        """A 304 may state the length of the representation it stands for:
+        the upstream's value is kept, not replaced by 0."""
+        status, headers = await self.exchange(
+            b'HTTP/1.1 304 Not Modified\r\nETag: "abc"\r\nContent-Length: 512\r\n\r\n',
+            b'GET /ui/x HTTP/1.1\r\nHost: x\r\nIf-None-Match: "abc"\r\nConnection: close\r\n\r\n',
+        )
+        self.assertEqual(status, b"HTTP/1.1 304 Not Modified")
+        self.assertEqual(headers[b"content-length"], [b"512"])
+
     async def test_hop_by_hop_dropped_from_response(self) -> None:
         """Hop-by-hop response headers, and those the upstream's Connection
         header names, do not reach the client."""

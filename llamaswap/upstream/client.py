@@ -148,11 +148,13 @@ def copy_response_headers(response: IResponse, request: Any) -> None:
     """Set the upstream's status and end-to-end headers on our response."""
     request.setResponseCode(response.code, response.phrase)
     out = request.responseHeaders
-    # Twisted keeps ``Connection`` out of ``response.headers``; what it named
-    # was recorded when the response arrived.
-    connection = response.headers.getRawHeaders(b"connection") or []
+    # Twisted keeps ``Connection`` out of ``response.headers``: it is among
+    # the connection-control headers kept when the response arrived.
+    connection = list(response.headers.getRawHeaders(b"connection", []))
+    control = _connection_control.get(response)
+    if control is not None:
+        connection.extend(control.getRawHeaders(b"connection", []))
     dropped = set(HOP_BY_HOP)
-    dropped.update(_named_in_connection.get(response, ()))
     for value in connection:
         dropped.update(t.strip().lower() for t in value.split(b",") if t.strip())
     event_stream = False
@@ -208,12 +210,9 @@ class _Relay(Protocol):
             self.done.errback(reason)
 
 
-#: response -> the header names its ``Connection`` header listed (lower case).
-_named_in_connection: WeakKeyDictionary[IResponse, frozenset[bytes]] = WeakKeyDictionary()
-
-
-def _connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
-    return frozenset(t.strip().lower() for v in values for t in v.split(b",") if t.strip())
+#: response -> its connection-control headers (``Connection``,
+#: ``Content-Length``...), which Twisted keeps out of ``response.headers``.
+_connection_control: WeakKeyDictionary[IResponse, Headers] = WeakKeyDictionary()
 
 
 class _StaleConnection(Exception):
@@ -239,9 +238,10 @@ def _closed_before_response(exc: BaseException) -> bool:
 class _Connection:
     """A pooled ``HTTP11ClientProtocol`` as the Agent sees it for one request.
 
-    Records what the response's ``Connection`` header named, and turns the
-    failure of a *reused* connection closed before any response byte into
-    :class:`_StaleConnection`."""
+    Keeps the response's connection-control headers (for
+    :func:`copy_response_headers` and a 304's ``Content-Length``), and turns
+    the failure of a *reused* connection closed before any response byte
+    into :class:`_StaleConnection`."""
 
     def __init__(self, protocol: Any, reused: bool) -> None:
         self._protocol = protocol
@@ -254,9 +254,7 @@ class _Connection:
         def arrived(response: IResponse) -> IResponse:
             headers = connection_headers()
             if headers is not None:
-                named = _connection_tokens(headers.getRawHeaders(b"connection", []))
-                if named:
-                    _named_in_connection[response] = named
+                _connection_control[response] = headers
             return response
 
         def failed(reason: Failure) -> Failure:
@@ -508,7 +506,12 @@ class UpstreamClient:
         observer = on_response(response) if on_response is not None else None
         if sent_method == b"HEAD" or response.code in (204, 304):
             # No body follows.  A HEAD response keeps the upstream's
-            # Content-Length (copied above); none is made up.
+            # Content-Length (copied above), so does a 304; none is made up.
+            if response.code == 304:
+                control = _connection_control.get(response)
+                length = control.getRawHeaders(_CONTENT_LENGTH) if control is not None else None
+                if length:
+                    request.responseHeaders.setRawHeaders(_CONTENT_LENGTH, length[:1])
             response.deliverBody(_Discard())
             return response.code
         if response.length is not UNKNOWN_LENGTH and response.length is not None:
