@@ -335,7 +335,10 @@ class _TunedEndpoint:
     def _tune(self, protocol: Any) -> Any:
         transport = protocol.transport
         if self._keepalive > 0:
-            set_tcp_keepalive(transport, self._keepalive)
+            try:
+                set_tcp_keepalive(transport, self._keepalive)
+            except OSError as e:  # a socket that refuses: keep the connection anyway
+                log.warn("cannot set TCP keep-alive: {error}", error=e)
         if self._tls_timeout > 0 and tls_handshake_pending(transport):
 
             def expire() -> None:
