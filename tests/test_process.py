@@ -292,7 +292,11 @@ class StartTests(ProcessTestCase):
         self.assertNoResult(waiter)
         self.clock.pump([0.25] * 2)
         failure = self.failureResultOf(waiter, StartError)
-        self.assertEqual(failure.value.message, "health check timed out after 15s")
+        self.assertEqual(
+            failure.value.message,
+            "health check timed out after 15s"
+            " (last probe on http://127.0.0.1:5800/health: connection refused)",
+        )
         child = self.launcher.children[0]
         self.assertEqual(process.state, S.STOPPING)
         self.assertEqual(child.signals, [signal.SIGTERM])
@@ -944,11 +948,15 @@ class RealChildTests(TestCase):
 
     async def test_health_timeout_kills_child(self) -> None:
         """A child that never turns healthy is killed when the health deadline passes."""
-        process = self.make(responder_config(free_port(), "--startup-delay", "100"), 1)
+        config = responder_config(free_port(), "--startup-delay", "100")
+        process = self.make(config, 1)
         try:
             await within(process.make_ready(), 20)
         except StartError as e:
-            self.assertEqual(e.message, "health check timed out after 1s")
+            self.assertEqual(
+                e.message,
+                f"health check timed out after 1s (last probe on {config.proxy}/health: status 503)",
+            )
         else:
             self.fail("start did not fail")
         pid = int(re.findall(r"PID (\d+)", self.output())[0])

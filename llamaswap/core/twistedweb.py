@@ -14,6 +14,18 @@ one, this is the only module to change.
 * `quiet_http_client_factories`: ``twisted.web.client._HTTP11ClientFactory``
   logs "Starting factory"/"Stopping factory" for every pooled upstream
   connection; the class is private, so silencing it touches a private name.
+* `fresh_connection`: ``HTTPConnectionPool._newConnection``.  A request
+  re-sent after a stale pooled connection must go out on a *new* connection
+  (another pooled one may be just as stale); the pool has no public way to
+  ask for one that still returns to the pool afterwards.
+* `response_connection_headers`: ``HTTP11ClientProtocol._parser.connHeaders``.
+  The client keeps ``Connection`` and the other connection-control headers
+  of a response out of ``IResponse.headers``, yet the headers that
+  ``Connection`` names are hop-by-hop too and must not cross the proxy.
+* `tls_handshake_pending`: ``TLSMemoryBIOProtocol._handshakeDone``.  A
+  TLS client endpoint reports the connection before the handshake; whether
+  it has finished is only known to a protocol that listens for it, and the
+  HTTP client protocol does not.
 * `after_flush`: not a private name but an under-documented ordering of the
   reactor (see its docstring).
 """
@@ -25,7 +37,15 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["after_flush", "disconnected", "quiet_http_client_factories", "transport_paused"]
+__all__ = [
+    "after_flush",
+    "disconnected",
+    "fresh_connection",
+    "quiet_http_client_factories",
+    "response_connection_headers",
+    "tls_handshake_pending",
+    "transport_paused",
+]
 
 
 def disconnected(request: Any) -> bool:
@@ -53,6 +73,28 @@ def quiet_http_client_factories() -> None:
     from twisted.web import client
 
     client._HTTP11ClientFactory.noisy = False
+
+
+def fresh_connection(pool: Any, key: Any, endpoint: Any) -> Any:
+    """A new connection from ``pool`` (an ``HTTPConnectionPool``) for ``key``,
+    never a cached one; it joins the pool once its request is done."""
+    return pool._newConnection(key, endpoint)
+
+
+def response_connection_headers(protocol: Any) -> Callable[[], Any]:
+    """A reader of the connection-control headers (``Connection``,
+    ``Keep-Alive``...) of the response ``protocol`` (an
+    ``HTTP11ClientProtocol``) is reading; take it right after
+    ``protocol.request`` and call it once the response has arrived.  The
+    reader answers a ``Headers`` (``None`` when there was no request)."""
+    parser = getattr(protocol, "_parser", None)
+    return lambda: getattr(parser, "connHeaders", None)
+
+
+def tls_handshake_pending(transport: Any) -> bool:
+    """Whether ``transport`` is a TLS connection whose handshake has not
+    finished (``False`` for a plain TCP transport)."""
+    return getattr(transport, "_handshakeDone", True) is False
 
 
 def after_flush(reactor: IReactorTime, fn: Callable[..., object], *args: Any) -> None:

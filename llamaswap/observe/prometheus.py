@@ -132,6 +132,12 @@ class Metrics:
             ["model", "reason"],
             registry=registry,
         )
+        self._retries = Counter(
+            "llamaswap_upstream_retries",
+            "Requests re-sent after a reused keep-alive connection closed before any response byte",
+            ["model"],
+            registry=registry,
+        )
         self._state = Gauge(
             "llamaswap_model_state",
             "1 for the model's current state, 0 for the others",
@@ -156,6 +162,7 @@ class Metrics:
             self._load,
             self._swaps,
             self._evictions,
+            self._retries,
             self._state,
         )
         #: the local models of the current configuration (`retain_models`)
@@ -231,6 +238,12 @@ class Metrics:
         if model in self._forgotten:
             return
         self._evictions.labels(model, reason).inc()
+
+    def upstream_retry(self, model: str) -> None:
+        """A request for ``model`` was re-sent (stale keep-alive connection)."""
+        if model in self._forgotten:
+            return
+        self._retries.labels(model).inc()
 
     def model_state(self, model: str, state: str) -> None:
         """``model`` is now in ``state`` (a `ProcessState` value)."""

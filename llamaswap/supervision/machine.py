@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llamaswap.supervision.child import ChildRun
-from llamaswap.supervision.health import poll_health
+from llamaswap.supervision.health import HealthVerdict, poll_health
 from llamaswap.supervision.launcher import ExitStatus
 from llamaswap.supervision.lifecycle import Lifecycle, LifecycleCore, ProcessState, StartError
 from llamaswap.supervision.teardown import Teardown
@@ -51,7 +51,7 @@ class _Checking:
         self._url = core.config.proxy + endpoint if endpoint is not None else None
         self._timeout = core.health_check_timeout
         if self._url is None:
-            self._poll: Deferred[bool] = succeed(True)
+            self._poll: Deferred[HealthVerdict] = succeed(HealthVerdict(True))
         else:
             deadline = core.clock.seconds() + core.health_check_timeout
             self._poll = Deferred.fromCoroutine(
@@ -64,18 +64,22 @@ class _Checking:
         self._abandoned = True
         self._poll.cancel()
 
-    def _settled(self, result: bool | Failure, machine: Lifecycle, core: LifecycleCore) -> None:
+    def _settled(
+        self, result: HealthVerdict | Failure, machine: Lifecycle, core: LifecycleCore
+    ) -> None:
         if self._abandoned:
             return
         if isinstance(result, Failure):
             log.failure("{model} start failed", result, model=core.model_id)
             core.drive(machine._unhealthy, StartError(str(result.value)))
-        elif result:
+        elif result.healthy:
             if self._url is not None:
                 log.info("{model} Health check passed on {url}", model=core.model_id, url=self._url)
             core.drive(machine._healthy, self.run)
         else:
             message = f"health check timed out after {self._timeout:g}s"
+            if result.last_seen:
+                message += f" (last probe on {self._url}: {result.last_seen})"
             core.drive(machine._unhealthy, StartError(message))
 
 

@@ -3,7 +3,9 @@
 A :class:`Reaper` kills one :class:`ChildRun` at a time: ``cmdStop`` (or
 SIGTERM to the group) first, SIGKILL once the graceful deadline passes, and it
 is done only when no member of the group is left, so a next start never meets
-the previous server still holding its port.
+the previous server still holding its port.  ``cmdStop`` itself gets the same
+graceful deadline: one still running then is killed with its group (a hung
+``docker stop`` leaves no orphan), and the teardown ends only after it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Teardown:
         #: when the graceful phase ends; a later stop may bring it forward.
         self.kill_at = kill_at
         self.waiters: Waiters[None] = Waiters()
+        #: the running ``cmdStop``, if one was started.
+        self.stopper: ChildRun | None = None
 
 
 class Reaper:
@@ -97,7 +101,7 @@ class Reaper:
             if run.status is not None and not child.group_alive():
                 return
             if run.status is None and teardown.kill_at > self._clock.seconds():
-                if not self._run_stop_command(run):
+                if not self._run_stop_command(teardown):
                     child.signal_group(signal.SIGTERM)
                 if await self._await_gone(run, lambda: teardown.kill_at):
                     return
@@ -111,7 +115,29 @@ class Reaper:
                     wait=KILL_WAIT,
                 )
         finally:
+            await self._end_stopper(teardown)
             await child.release()
+
+    async def _end_stopper(self, teardown: Teardown) -> None:
+        """Wait for ``cmdStop`` until the graceful deadline, then kill its group."""
+        stopper = teardown.stopper
+        if stopper is None or await self._await_gone(stopper, lambda: teardown.kill_at):
+            return
+        log.warn(
+            "{model} cmdStop (pid {pid}) still running at the stop deadline; killing it",
+            model=self._model_id,
+            pid=stopper.pid,
+        )
+        teardown.stopper = None  # its exit is ours now, not worth a warning
+        stopper.child.signal_group(signal.SIGKILL)
+        kill_deadline = self._clock.seconds() + KILL_WAIT
+        if not await self._await_gone(stopper, lambda: kill_deadline):
+            log.warn(
+                "{model} cmdStop process group {pgid} still alive {wait}s after SIGKILL; giving up",
+                model=self._model_id,
+                pgid=stopper.pid,
+                wait=KILL_WAIT,
+            )
 
     async def _await_gone(self, run: ChildRun, deadline: Callable[[], float]) -> bool:
         """Wait until the leader exited and its group is empty, or the deadline."""
@@ -135,28 +161,30 @@ class Reaper:
                 await deferLater(self._clock, min(delay, remaining))
                 delay = min(delay * 2, POLL_MAX_DELAY)
 
-    def _run_stop_command(self, run: ChildRun) -> bool:
-        """Start ``cmdStop`` for ``run`` (never awaited); False to use signals."""
+    def _run_stop_command(self, teardown: Teardown) -> bool:
+        """Start ``cmdStop`` for ``teardown``'s child (awaited only by
+        :meth:`_end_stopper`); False to use signals."""
         if not self._cmd_stop:
             return False
-        text = self._cmd_stop.replace("${PID}", str(run.pid))
+        text = self._cmd_stop.replace("${PID}", str(teardown.run.pid))
 
         def stopped(status: ExitStatus) -> None:
-            if status.exit_code != 0:
+            if status.exit_code != 0 and teardown.stopper is stopper:
                 log.warn(
                     "{model} cmdStop exited with {status}",
                     model=self._model_id,
                     status=str(status),
                 )
-            stopper.release()
+            stopper.child.release()
 
         try:
             argv = parse_command(text)
-            stopper = self._launcher.spawn(argv, self._environment(), self._sink.write, stopped)
+            stopper = ChildRun(self._launcher, argv, self._environment(), self._sink, stopped)
         except (ValueError, OSError) as e:
             log.warn(
                 "{model} cmdStop failed, sending SIGTERM: {error}", model=self._model_id, error=e
             )
             return False
+        teardown.stopper = stopper
         log.info("{model} running cmdStop: {argv}", model=self._model_id, argv=join_argv(argv))
         return True

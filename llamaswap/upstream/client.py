@@ -4,16 +4,28 @@ The response is never held whole: each chunk the upstream sends is written to
 the client as it arrives, and the upstream socket is registered as the
 client's producer, so a slow client pauses the upstream instead of growing
 our memory.  A client that goes away aborts the upstream request.
+
+A request is sent again only in the stale keep-alive case: a *reused* pooled
+connection that the upstream closed before any response byte (it timed the
+idle connection out while our request was on its way).  Then the request is
+re-sent once, on a new connection, and the caller hears of it
+(``on_retry``).  A new connection that dies is never re-sent, whatever the
+method: the upstream may have started a generation.  Twisted's own automatic
+retry (idempotent methods on reused connections) is off, so GET follows the
+same rule.  An optional response-header time-out (our own reactor timer)
+aborts a request whose response headers do not arrive in time.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any
+from weakref import WeakKeyDictionary, WeakSet
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IConsumer, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,16 +33,23 @@ from twisted.web.client import (
     Agent,
     HTTPConnectionPool,
     PartialDownloadError,
+    RequestNotSent,
+    RequestTransmissionFailed,
     ResponseDone,
-    ResponseFailed,
+    ResponseNeverReceived,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.core.endpoints import UpstreamEndpoints
-from llamaswap.core.twistedweb import quiet_http_client_factories
+from llamaswap.core.twistedweb import (
+    fresh_connection,
+    quiet_http_client_factories,
+    response_connection_headers,
+    tls_handshake_pending,
+)
 
 log = Logger()
 
@@ -52,10 +71,24 @@ HOP_BY_HOP = frozenset(
     }
 )
 _CONTENT_LENGTH = b"content-length"
+_EXPECT = b"expect"
+#: "no connect time-out": longer than any system connect attempt lasts.
+_NO_CONNECT_TIMEOUT = 24 * 3600.0
+#: "no idle limit" for pooled connections.
+_NO_IDLE_LIMIT = 365 * 24 * 3600.0
 
 
 class UpstreamUnavailable(Exception):
     """The upstream could not be reached or failed before sending headers."""
+
+    #: the status our client gets.
+    status = 502
+
+
+class UpstreamTimedOut(UpstreamUnavailable):
+    """No response headers arrived within the response-header time-out."""
+
+    status = 504
 
 
 @implementer(IBodyProducer)
@@ -86,6 +119,10 @@ def forward_headers(
     """Copy request headers for the upstream, without hop-by-hop ones."""
     dropped = set(HOP_BY_HOP)
     dropped.add(_CONTENT_LENGTH)
+    # The body is read whole before it is sent: a ``100-continue``
+    # expectation was met by us, and no upstream is waited on for one (so a
+    # peer's ``expectContinue`` time-out never has to run).
+    dropped.add(_EXPECT)
     dropped.update(name.lower() for name in drop)
     connection = source.getRawHeaders(b"connection")
     if connection:
@@ -111,7 +148,12 @@ def copy_response_headers(response: IResponse, request: Any) -> None:
     """Set the upstream's status and end-to-end headers on our response."""
     request.setResponseCode(response.code, response.phrase)
     out = request.responseHeaders
-    connection = response.headers.getRawHeaders(b"connection") or []
+    # Twisted keeps ``Connection`` out of ``response.headers``: it is among
+    # the connection-control headers kept when the response arrived.
+    connection = list(response.headers.getRawHeaders(b"connection", []))
+    control = _connection_control.get(response)
+    if control is not None:
+        connection.extend(control.getRawHeaders(b"connection", []))
     dropped = set(HOP_BY_HOP)
     for value in connection:
         dropped.update(t.strip().lower() for t in value.split(b",") if t.strip())
@@ -168,40 +210,273 @@ class _Relay(Protocol):
             self.done.errback(reason)
 
 
+#: response -> its connection-control headers (``Connection``,
+#: ``Content-Length``...), which Twisted keeps out of ``response.headers``.
+_connection_control: WeakKeyDictionary[IResponse, Headers] = WeakKeyDictionary()
+
+
+class _StaleConnection(Exception):
+    """A reused pooled connection was closed by the upstream before any
+    response byte: the request may be sent once more on a new connection."""
+
+
+def _closed_before_response(exc: BaseException) -> bool:
+    """Whether ``exc`` says the upstream closed the connection before a
+    response byte arrived (not a cancellation, not our own abort)."""
+    if isinstance(exc, RequestNotSent):
+        return True  # the connection was gone before anything was written
+    if not isinstance(exc, (RequestTransmissionFailed, ResponseNeverReceived)):
+        return False
+    reasons = getattr(exc, "reasons", [])
+    return bool(reasons) and all(
+        r.check(ConnectionDone, ConnectionLost) is not None
+        and r.check(ConnectionAborted, defer.CancelledError) is None
+        for r in reasons
+    )
+
+
+class _Connection:
+    """A pooled ``HTTP11ClientProtocol`` as the Agent sees it for one request.
+
+    Keeps the response's connection-control headers (for
+    :func:`copy_response_headers` and a 304's ``Content-Length``), and turns
+    the failure of a *reused* connection closed before any response byte
+    into :class:`_StaleConnection`."""
+
+    def __init__(self, protocol: Any, reused: bool) -> None:
+        self._protocol = protocol
+        self._reused = reused
+
+    def request(self, request: Any) -> defer.Deferred[IResponse]:
+        d: defer.Deferred[IResponse] = self._protocol.request(request)
+        connection_headers = response_connection_headers(self._protocol)
+
+        def arrived(response: IResponse) -> IResponse:
+            headers = connection_headers()
+            if headers is not None:
+                _connection_control[response] = headers
+            return response
+
+        def failed(reason: Failure) -> Failure:
+            if self._reused and _closed_before_response(reason.value):
+                raise _StaleConnection(_describe(reason.value))
+            return reason
+
+        return d.addCallbacks(arrived, failed)
+
+
+class _Pool(HTTPConnectionPool):
+    """Keep-alive pool whose connections know whether they are reused.
+
+    Twisted's automatic retry is off: :class:`UpstreamClient` decides."""
+
+    retryAutomatically = False
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor, persistent=True)
+        self._handed_out: WeakSet[Any] = WeakSet()
+
+    def getConnection(self, key: Any, endpoint: Any) -> defer.Deferred[Any]:
+        return super().getConnection(key, endpoint).addCallback(self._wrap)
+
+    def new_connection(self, key: Any, endpoint: Any) -> defer.Deferred[Any]:
+        """A new connection (never a cached one); it joins the pool afterwards."""
+        d: defer.Deferred[Any] = fresh_connection(self, key, endpoint)
+        return d.addCallback(self._wrap)
+
+    def _wrap(self, protocol: Any) -> _Connection:
+        reused = protocol in self._handed_out
+        self._handed_out.add(protocol)
+        return _Connection(protocol, reused)
+
+
+class _NewConnections:
+    """The ``pool`` an Agent sees for a re-sent request: always a new
+    connection of ``pool``."""
+
+    def __init__(self, pool: _Pool) -> None:
+        self._pool = pool
+        self.persistent = pool.persistent
+
+    def getConnection(self, key: Any, endpoint: Any) -> defer.Deferred[Any]:
+        return self._pool.new_connection(key, endpoint)
+
+
+def set_tcp_keepalive(transport: Any, seconds: float) -> None:
+    """Turn TCP keep-alive on for ``transport``'s socket: first probe after
+    ``seconds`` idle, then every ``seconds`` (as Go's ``Dialer.KeepAlive``).
+    A TLS transport's TCP connection underneath is the one tuned."""
+    while getattr(transport, "wrappedProtocol", None) is not None:
+        transport = transport.transport  # TLS (a protocol wrapper) over TCP
+    handle = transport.getHandle()
+    handle.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    whole = max(1, int(seconds))
+    for option in ("TCP_KEEPIDLE", "TCP_KEEPINTVL"):
+        if hasattr(socket, option):  # Linux; elsewhere the system's period
+            handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), whole)
+
+
+@implementer(IStreamClientEndpoint)
+class _TunedEndpoint:
+    """An endpoint whose connections get TCP keep-alive and, for TLS, a
+    handshake time-out (the connection is aborted when it passes)."""
+
+    def __init__(
+        self, endpoint: IStreamClientEndpoint, clock: Any, keepalive: float, tls_timeout: float
+    ) -> None:
+        self._endpoint = endpoint
+        self._clock = clock
+        self._keepalive = keepalive
+        self._tls_timeout = tls_timeout
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
+        return self._endpoint.connect(factory).addCallback(self._tune)
+
+    def _tune(self, protocol: Any) -> Any:
+        transport = protocol.transport
+        if self._keepalive > 0:
+            try:
+                set_tcp_keepalive(transport, self._keepalive)
+            except OSError as e:  # a socket that refuses: keep the connection anyway
+                log.warn("cannot set TCP keep-alive: {error}", error=e)
+        if self._tls_timeout > 0 and tls_handshake_pending(transport):
+
+            def expire() -> None:
+                if tls_handshake_pending(transport):
+                    log.warn(
+                        "TLS handshake with {peer} not done after {timeout}s; aborting",
+                        peer=transport.getPeer(),
+                        timeout=self._tls_timeout,
+                    )
+                    transport.abortConnection()
+
+            self._clock.callLater(self._tls_timeout, expire)
+        return protocol
+
+
+@implementer(IAgentEndpointFactory)
+class _TunedEndpoints:
+    def __init__(
+        self, endpoints: IAgentEndpointFactory, clock: Any, keepalive: float, tls_timeout: float
+    ) -> None:
+        self._endpoints = endpoints
+        self._clock = clock
+        self._keepalive = keepalive
+        self._tls_timeout = tls_timeout
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        endpoint = self._endpoints.endpointForURI(uri)
+        tls_timeout = self._tls_timeout if uri.scheme == b"https" else 0
+        if self._keepalive <= 0 and tls_timeout <= 0:
+            return endpoint
+        return _TunedEndpoint(endpoint, self._clock, self._keepalive, tls_timeout)
+
+
 class UpstreamClient:
-    """Sends requests upstream over pooled keep-alive connections."""
+    """Sends requests upstream over pooled keep-alive connections.
+
+    Time-outs are seconds; ``None`` or 0 means none: ``connect_timeout``,
+    ``idle_timeout`` (a pooled connection unused this long is closed),
+    ``response_header_timeout`` (from sending until the response headers),
+    ``tls_handshake_timeout`` (https only); ``keepalive`` > 0 turns TCP
+    keep-alive on with that period.  ``clock`` runs our timers (the reactor
+    unless given)."""
 
     def __init__(
         self,
         reactor: Any,
         *,
-        connect_timeout: float = 30,
+        connect_timeout: float | None = 30,
         max_per_host: int = 32,
-        idle_timeout: float = 90,
+        idle_timeout: float | None = 90,
+        response_header_timeout: float | None = None,
+        keepalive: float | None = None,
+        tls_handshake_timeout: float | None = None,
+        clock: Any = None,
     ) -> None:
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._clock = clock if clock is not None else reactor
+        self._response_header_timeout = response_header_timeout or 0
+        self._pool = _Pool(reactor)
         self._pool.maxPersistentPerHost = max_per_host
-        self._pool.cachedConnectionTimeout = idle_timeout  # type: ignore[assignment]
-        self._pool.retryAutomatically = True
-        self._agent = Agent.usingEndpointFactory(
-            reactor, UpstreamEndpoints(reactor, connect_timeout), pool=self._pool
+        self._pool.cachedConnectionTimeout = idle_timeout or _NO_IDLE_LIMIT  # type: ignore[assignment]
+        # No timer of our own without a connect time-out: the system's
+        # (SYN retries) still bounds a connect.
+        endpoints = _TunedEndpoints(
+            UpstreamEndpoints(reactor, connect_timeout or _NO_CONNECT_TIMEOUT),
+            self._clock,
+            keepalive or 0,
+            tls_handshake_timeout or 0,
+        )
+        self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
+        self._resend_agent = Agent.usingEndpointFactory(
+            reactor,
+            endpoints,
+            pool=_NewConnections(self._pool),
         )
 
     def close(self) -> defer.Deferred[None]:
         return self._pool.closeCachedConnections()
 
-    async def _send(self, method: bytes, url: bytes, headers: Headers, body: bytes) -> IResponse:
+    def retire(self) -> defer.Deferred[None]:
+        """Close the idle connections now, and those in use once their
+        request is done (a client replaced by another)."""
+        self._pool.cachedConnectionTimeout = 0
+        return self.close()
+
+    async def _send(
+        self,
+        method: bytes,
+        url: bytes,
+        headers: Headers,
+        body: bytes,
+        on_retry: Callable[[], None] | None,
+    ) -> IResponse:
         producer = BytesProducer(body) if body or method not in (b"GET", b"HEAD") else None
         try:
             return await self._agent.request(method, url, headers, producer)
-        except ResponseFailed as exc:
-            # A pooled keep-alive connection the upstream closed while idle
-            # fails before any response byte; the request never reached the
-            # application, so sending it once more on a new connection is safe.
-            if not _stale_connection(exc):
-                raise
+        except _StaleConnection as exc:
+            # The upstream closed an idle pooled connection while our request
+            # was on its way: it never reached the application, so it is
+            # sent once more, on a new connection.
+            log.debug("re-sending {url} on a new connection: {reason}", url=url, reason=exc)
+        if on_retry is not None:
+            on_retry()
         producer = BytesProducer(body) if producer is not None else None
-        return await self._agent.request(method, url, headers, producer)
+        return await self._resend_agent.request(method, url, headers, producer)
+
+    async def _response(
+        self,
+        method: bytes,
+        url: bytes,
+        headers: Headers,
+        body: bytes,
+        on_retry: Callable[[], None] | None,
+    ) -> IResponse:
+        """The upstream's response (headers arrived), within the response-header
+        time-out; raises :class:`UpstreamUnavailable` (or :class:`UpstreamTimedOut`)."""
+        sending = defer.Deferred.fromCoroutine(self._send(method, url, headers, body, on_retry))
+        timer = None
+        timed_out = False
+        if self._response_header_timeout > 0:
+
+            def expire() -> None:
+                nonlocal timed_out
+                timed_out = True
+                sending.cancel()  # aborts the upstream connection
+
+            timer = self._clock.callLater(self._response_header_timeout, expire)
+        try:
+            return await sending
+        except defer.CancelledError:
+            if not timed_out:
+                raise
+        except Exception as exc:
+            if not timed_out:
+                raise UpstreamUnavailable(_describe(exc)) from exc
+        finally:
+            if timer is not None and timer.active():
+                timer.cancel()
+        raise UpstreamTimedOut(f"no response headers within {self._response_header_timeout:g}s")
 
     async def forward(
         self,
@@ -212,28 +487,39 @@ class UpstreamClient:
         body: bytes,
         method: bytes | None = None,
         on_response: Callable[[IResponse], Callable[[bytes], None] | None] | None = None,
+        on_retry: Callable[[], None] | None = None,
     ) -> int:
         """Relay ``request`` to ``url`` and stream the answer back.
 
         Returns the upstream status code once the whole body has been written
         to the client.  Raises :class:`UpstreamUnavailable` when no response
-        arrived (nothing has been written to the client then).  ``on_response``
-        sees the upstream response once its headers arrived and may return an
-        observer that is handed every body chunk as it is relayed.  Cancelling
-        the returned coroutine's Deferred aborts the upstream request.
+        arrived (nothing has been written to the client then; its ``status``
+        is the one to answer).  ``on_response`` sees the upstream response
+        once its headers arrived and may return an observer that is handed
+        every body chunk as it is relayed.  ``on_retry`` hears when the
+        request is re-sent (stale keep-alive connection).  Cancelling the
+        returned coroutine's Deferred aborts the upstream request.
         """
-        try:
-            response = await self._send(method or request.method, url, headers, body)
-        except defer.CancelledError:
-            raise
-        except Exception as exc:
-            raise UpstreamUnavailable(_describe(exc)) from exc
+        sent_method = method or request.method
+        response = await self._response(sent_method, url, headers, body, on_retry)
+        # A proxied response carries the upstream's headers only: no
+        # Content-Type is made up when the upstream sent none.
+        request.defaultContentType = None
         copy_response_headers(response, request)
         observer = on_response(response) if on_response is not None else None
+        if sent_method == b"HEAD" or response.code in (204, 304):
+            # No body follows.  A HEAD response keeps the upstream's
+            # Content-Length (copied above), so does a 304; none is made up.
+            if response.code == 304:
+                control = _connection_control.get(response)
+                length = control.getRawHeaders(_CONTENT_LENGTH) if control is not None else None
+                if length:
+                    request.responseHeaders.setRawHeaders(_CONTENT_LENGTH, length[:1])
+            response.deliverBody(_Discard())
+            return response.code
         if response.length is not UNKNOWN_LENGTH and response.length is not None:
             request.responseHeaders.setRawHeaders(_CONTENT_LENGTH, [b"%d" % response.length])
-        if request.method == b"HEAD" or response.code in (204, 304):
-            # No body will follow; let the connection go back to the pool.
+        if request.method == b"HEAD":
             response.deliverBody(_Discard())
             return response.code
 
@@ -256,14 +542,6 @@ class _Discard(Protocol):
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         pass
-
-
-def _stale_connection(exc: ResponseFailed) -> bool:
-    reasons = getattr(exc, "reasons", [])
-    return bool(reasons) and all(
-        r.check(ConnectionDone, ConnectionLost) and not r.check(defer.CancelledError)
-        for r in reasons
-    )
 
 
 def _describe(exc: BaseException) -> str:

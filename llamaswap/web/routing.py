@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import defer
 
 from llamaswap.config import Config
-from llamaswap.config.peers import Peers
+from llamaswap.config.peers import Peers, PeerTimeouts
 from llamaswap.config.profiles import ProfilesConfig
 from llamaswap.supervision.router import Router
 from llamaswap.supervision.selection import ProfileState, SelectorRuntime
@@ -79,13 +79,15 @@ class Routing:
     """The routing state being served and the peers' HTTP clients.
 
     A peer's client (its connection pool) outlives reloads: it is created
-    the first time a configuration names the peer and closed by :meth:`close`.
+    the first time a configuration names the peer, replaced when a reload
+    changes the peer's ``timeouts``, and closed by :meth:`close`.
     """
 
     def __init__(self, config: Config, router: Router, reactor: Any) -> None:
         self._router = router
         self._reactor = reactor
         self._peer_clients: dict[str, UpstreamClient] = {}
+        self._peer_timeouts: dict[str, PeerTimeouts] = {}
         self.state = self._build(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -95,11 +97,20 @@ class Routing:
     def _build(self, config: Config) -> RoutingState:
         state = routing_state(config)
         for peer_id, peer in state.peers.peers.items():
-            if peer_id not in self._peer_clients:
+            if self._peer_timeouts.get(peer_id) != peer.timeouts:
+                # New, or its time-outs changed: a new client (requests in
+                # flight finish on the old one; its idle connections close).
+                old = self._peer_clients.get(peer_id)
+                if old is not None:
+                    old.retire()
+                self._peer_timeouts[peer_id] = peer.timeouts
                 self._peer_clients[peer_id] = UpstreamClient(
                     self._reactor,
-                    connect_timeout=peer.timeouts.connect or 30,
+                    connect_timeout=peer.timeouts.connect,
                     idle_timeout=peer.timeouts.idle_conn,
+                    response_header_timeout=peer.timeouts.response_header,
+                    keepalive=peer.timeouts.keepalive,
+                    tls_handshake_timeout=peer.timeouts.tls_handshake,
                 )
         return state
 

@@ -11,6 +11,7 @@ activity row when it ends.  Cancelling it (the client went away,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +165,7 @@ class RequestServer:
                     body,
                     hook,
                     "peer proxy error",
+                    on_retry=functools.partial(self._metrics.upstream_retry, destination.name),
                 )
         finally:
             if recording is not None:
@@ -256,6 +258,7 @@ class RequestServer:
                 body,
                 on_response,
                 f"upstream {local.model_id} unavailable",
+                on_retry=functools.partial(self._metrics.upstream_retry, local.model_id),
             )
         finally:
             lease.release()
@@ -293,17 +296,20 @@ class RequestServer:
         body: bytes,
         on_response: ResponseHook,
         failure_prefix: str,
+        on_retry: Callable[[], None] | None = None,
     ) -> str:
         if headers.hasHeader(b"accept-encoding"):
             # Usage is read from the response body: only gzip/deflate can be decoded.
             wanted = b", ".join(headers.getRawHeaders(b"accept-encoding", []))
             headers.setRawHeaders(b"accept-encoding", [narrow_accept_encoding(wanted) or b""])
         try:
-            await client.forward(request, url, headers=headers, body=body, on_response=on_response)
+            await client.forward(
+                request, url, headers=headers, body=body, on_response=on_response, on_retry=on_retry
+            )
         except UpstreamUnavailable as exc:
             message = f"{failure_prefix}: {exc}"
             log.warn("{message}", message=message)
-            write_error(request, 502, message)
+            write_error(request, exc.status, message)
             return message
         if not client_gone(request):
             request.finish()
