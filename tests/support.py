@@ -52,9 +52,10 @@ async def poll_until(
 class ServiceProcess:
     """llamaswap run as users run it, as a child process of the test:
     ``argv`` follows the Python interpreter, ``--listen`` is added on
-    loopback.  Output is collected; ``ended`` fires with the exit code."""
+    loopback.  Output is collected; ``ended`` fires with the exit code.
+    ``stdout``: a descriptor the child writes its stdout to instead."""
 
-    def __init__(self, argv: list[str], listen_port: int) -> None:
+    def __init__(self, argv: list[str], listen_port: int, stdout: int | None = None) -> None:
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.output: list[bytes] = []
         running = self
@@ -74,6 +75,7 @@ class ServiceProcess:
             [PYTHON, *argv, "--listen", f"127.0.0.1:{listen_port}"],
             env={**os.environ, "PYTHONPATH": REPO},
             path=REPO,
+            childFDs=None if stdout is None else {0: "w", 1: stdout, 2: "r"},
         )
         self.url = f"http://127.0.0.1:{listen_port}"
         self.pool = HTTPConnectionPool(reactor, persistent=False)
