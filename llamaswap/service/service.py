@@ -193,6 +193,7 @@ class LlamaSwapService(service.Service):
         d.addBoth(lambda _: self.client.close())
         d.addBoth(lambda _: self.app.close())
         d.addBoth(lambda _: self.recorder.store.close())
+        d.addBoth(lambda _: self.recorder.close())
         d.addCallback(lambda _: log.info("shutdown complete"))
         d.addBoth(self._stop_logging)
         return d
