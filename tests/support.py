@@ -53,9 +53,16 @@ class ServiceProcess:
     """llamaswap run as users run it, as a child process of the test:
     ``argv`` follows the Python interpreter, ``--listen`` is added on
     loopback.  Output is collected; ``ended`` fires with the exit code.
-    ``stdout``: a descriptor the child writes its stdout to instead."""
+    ``stdout``: a descriptor the child writes its stdout to instead; ``env``:
+    variables added to its environment."""
 
-    def __init__(self, argv: list[str], listen_port: int, stdout: int | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        listen_port: int,
+        stdout: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.output: list[bytes] = []
         running = self
@@ -73,7 +80,7 @@ class ServiceProcess:
             Watch(),
             PYTHON,
             [PYTHON, *argv, "--listen", f"127.0.0.1:{listen_port}"],
-            env={**os.environ, "PYTHONPATH": REPO},
+            env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
             path=REPO,
             childFDs=None if stdout is None else {0: "w", 1: stdout, 2: "r"},
         )

@@ -112,18 +112,33 @@ class ConsoleWriterTests(TestCase):
         self.assertTrue(os.get_blocking(write_end))
         self.assertFalse(os.get_blocking(writer.fileno()))
 
-    def test_socket_flags_restored_on_close(self) -> None:
-        """A socket (journald's stream) is made non-blocking while written
-        and its flags are restored on close."""
+    async def test_socket_written_without_touching_its_flags(self) -> None:
+        """A socket (journald's stream, often shared with stderr) stays
+        blocking: each send is non-blocking on its own; a full socket queues,
+        then drains."""
         ours, theirs = socket.socketpair()
         self.addCleanup(ours.close)
         self.addCleanup(theirs.close)
-        writer = ConsoleWriter(ours.fileno(), reactor)
-        self.assertFalse(os.get_blocking(ours.fileno()))
-        writer.write(b"to the journal\n")
-        writer.close(0)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer = self.writer(ours.fileno(), max_bytes=1 << 20)
+        for n in range(200):
+            writer.write(b"journal line %03d " % n + b"." * 500 + b"\n")
         self.assertTrue(os.get_blocking(ours.fileno()))
-        self.assertEqual(theirs.recv(100), b"to the journal\n")
+        self.assertGreater(writer.buffered, 0)  # the socket did not take it all
+        theirs.setblocking(False)
+        seen = bytearray()
+
+        def drained() -> bool:
+            try:
+                while chunk := theirs.recv(65536):
+                    seen.extend(chunk)
+            except BlockingIOError:
+                pass
+            return writer.buffered == 0 and seen.count(b"\n") == 200
+
+        await poll_until(drained, timeout=5)
+        self.assertTrue(seen.startswith(b"journal line 000 "))
+        self.assertEqual(writer.dropped_lines, 0)
 
     def test_close_writes_what_is_left(self) -> None:
         """At exit, what waits in the buffer is written if the reader takes it

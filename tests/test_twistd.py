@@ -8,7 +8,9 @@ import json
 import os
 import re
 import signal
+import socket
 import tempfile
+from collections.abc import Callable
 
 import treq
 from twisted.internet import defer, reactor
@@ -154,16 +156,24 @@ def _fill(fd: int) -> int:
     return total
 
 
+def _fill_socket(sock: socket.socket) -> int:
+    """Send on ``sock`` until its buffers are full; the bytes sent."""
+    total = 0
+    try:
+        while True:
+            total += sock.send(b"#" * 4096, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        pass
+    return total
+
+
 class FullStdoutTests(TestCase):
-    """Stdout that nobody reads (a full pipe) does not stall the service (11.7)."""
+    """Stdout that nobody reads (a full pipe, a stalled journal socket) does
+    not stall the service (11.7)."""
 
     timeout = 120
 
-    async def test_serves_with_a_full_stdout_pipe(self) -> None:
-        """With stdout a full pipe that is never read, ``twistd -n llamaswap``
-        comes up and answers a few hundred requests, with debug logging and the
-        model's output (more than the console buffer holds) on stdout, well
-        within a deadline; once the pipe is read, the dropped lines are marked."""
+    def _config(self) -> str:
         port = free_port()
         model = {
             # Prints about 600 kB at start: more than the console buffer holds.
@@ -173,14 +183,18 @@ class FullStdoutTests(TestCase):
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             json.dump({"logLevel": "debug", "logToStdout": "both", "models": {"a": model}}, f)
         self.addCleanup(os.unlink, f.name)
-        read_end, write_end = os.pipe()
-        self.addCleanup(os.close, read_end)
-        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-        self.assertGreater(_fill(write_end), 0)
+        return f.name
+
+    async def _serve_unread(
+        self, stdout: int, read: Callable[[], bytes], env: dict[str, str] | None = None
+    ) -> bytes:
+        """Run ``twistd -n llamaswap`` with ``stdout`` (full, unread), serve a
+        few hundred requests within a deadline, then read with ``read`` until
+        the drop marker shows; everything read."""
         running = ServiceProcess(
-            [*ENTRY_POINTS["twistd"], "-c", f.name], free_port(), stdout=write_end
+            [*ENTRY_POINTS["twistd"], "-c", self._config()], free_port(), stdout=stdout, env=env
         )
-        os.close(write_end)
+        os.close(stdout)
         stopped = False
 
         def stop() -> defer.Deferred[int]:
@@ -198,20 +212,68 @@ class FullStdoutTests(TestCase):
             await response.content()
         self.assertLess(reactor.seconds(), deadline, "requests were served too slowly")
         # Now read: what was dropped is marked where it was lost.
-        fcntl.fcntl(read_end, fcntl.F_SETFL, os.O_NONBLOCK)
         seen = bytearray()
 
         def drained() -> bool:
-            try:
-                while chunk := os.read(read_end, 65536):
-                    seen.extend(chunk)
-            except BlockingIOError:
-                pass
-            return re.search(rb"\[llamaswap: \d+ log lines dropped\]\n", seen) is not None
+            seen.extend(read())
+            return re.search(rb"llamaswap: \d+ log lines dropped\]\n", seen) is not None
 
         await poll_until(drained, timeout=10)
         running.transport.signalProcess(signal.SIGTERM)
         stopped = True
-        await running.ended
-        drained()
+
+        def ended() -> bool:
+            seen.extend(read())
+            return running.ended.called
+
+        await poll_until(ended, timeout=30)
+        seen.extend(read())
+        return bytes(seen)
+
+    async def test_serves_with_a_full_stdout_pipe(self) -> None:
+        """With stdout a full pipe that is never read, ``twistd -n llamaswap``
+        comes up and answers a few hundred requests, with debug logging and the
+        model's output (more than the console buffer holds) on stdout, well
+        within a deadline; once the pipe is read, the dropped lines are marked."""
+        read_end, write_end = os.pipe()
+        self.addCleanup(os.close, read_end)
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+        self.assertGreater(_fill(write_end), 0)
+        os.set_blocking(read_end, False)
+
+        def read() -> bytes:
+            out = bytearray()
+            try:
+                while chunk := os.read(read_end, 65536):
+                    out.extend(chunk)
+            except BlockingIOError:
+                pass
+            return bytes(out)
+
+        seen = await self._serve_unread(write_end, read)
+        self.assertIn(b"[llamaswap: ", seen)
         self.assertIn(b"shutdown complete", seen)
+
+    async def test_serves_with_a_stalled_journal(self) -> None:
+        """The same with stdout journald's stream socket (``JOURNAL_STREAM``
+        names it), full and not read: journal lines, nothing blocks."""
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.assertGreater(_fill_socket(theirs), 0)
+        status = os.fstat(theirs.fileno())
+        journal = {"JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+        ours.setblocking(False)
+
+        def read() -> bytes:
+            out = bytearray()
+            try:
+                while chunk := ours.recv(65536):
+                    out.extend(chunk)
+            except BlockingIOError:
+                pass
+            return bytes(out)
+
+        seen = await self._serve_unread(theirs.detach(), read, env=journal)
+        self.assertRegex(seen, rb"\n<6>\[llamaswap\.service\.service\] shutdown complete\n")

@@ -12,20 +12,23 @@ output (``[llamaswap: N log lines dropped]``) where it was lost.
 Our own descriptor: a pipe, FIFO or terminal is reopened through
 ``/proc/self/fd`` (a new open file description, so ``O_NONBLOCK`` does not
 leak to the shell or to whoever else shares it); a socket (journald) is
-duplicated and made non-blocking, its flags restored on :meth:`close`; a
-regular file is written as is (writes to files do not wait for a reader).
+written with ``MSG_DONTWAIT``, leaving its flags alone; a regular file is
+written as is (writes to files do not wait for a reader).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import select
+import socket
 import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorFDSet, IWriteDescriptor
@@ -45,24 +48,37 @@ def drop_marker(lines: int) -> bytes:
     return f"[llamaswap: {lines} log lines dropped]\n".encode()
 
 
-def _own_descriptor(fd: int) -> tuple[int, int | None]:
-    """A descriptor for writing to ``fd`` without blocking, and the flags to
-    restore on ``fd`` at close (None: nothing to restore)."""
+def _own_descriptor(fd: int) -> tuple[int, Callable[[bytes], int], int | None]:
+    """A descriptor for writing to ``fd`` without blocking, how to write to
+    it, and the flags to restore on it at close (None: nothing to restore)."""
     mode = os.fstat(fd).st_mode
     if stat.S_ISREG(mode):
-        return os.dup(fd), None
+        own = os.dup(fd)
+        return own, functools.partial(os.write, own), None
+    if stat.S_ISSOCK(mode):
+        # Per call: the socket's flags (shared with stderr) stay as they are.
+        sock = socket.socket(fileno=os.dup(fd))
+        family, kind = sock.family, sock.type
+        own = sock.detach()
+        return own, functools.partial(_send, family, kind, own), None
     if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
         try:
-            return (
-                os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC),
-                None,
-            )
+            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return own, functools.partial(os.write, own), None
         except OSError:
             pass
     own = os.dup(fd)
     flags = fcntl.fcntl(own, fcntl.F_GETFL)
     fcntl.fcntl(own, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-    return own, flags
+    return own, functools.partial(os.write, own), flags
+
+
+def _send(family: int, kind: int, fd: int, data: bytes) -> int:
+    sock = socket.socket(family, kind, 0, fd)
+    try:
+        return sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    finally:
+        sock.detach()
 
 
 def _in_reactor_thread() -> bool:
@@ -88,7 +104,7 @@ class ConsoleWriter:
         self.original_fd = fd
         self._reactor = reactor
         self._max_bytes = max_bytes
-        self._fd, self._restore = _own_descriptor(fd)
+        self._fd, self._write, self._restore = _own_descriptor(fd)
         self._lock = threading.Lock()
         self._queue: deque[bytes] = deque()
         self._queued = 0
@@ -179,7 +195,7 @@ class ConsoleWriter:
         while self._queue and not self.closed:
             chunk = self._queue[0]
             try:
-                written = os.write(self._fd, chunk)
+                written = self._write(chunk)
             except OSError as e:
                 if e.errno in _AGAIN:
                     return
@@ -203,9 +219,27 @@ class ConsoleWriter:
         """Bytes waiting for the descriptor."""
         return self._queued
 
+    def flush(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Write what waits for at most ``timeout`` seconds, blocking (for
+        when the reactor has stopped: waits with ``select``)."""
+        with self._lock:
+            self._flush_waiting_locked(timeout)
+
+    def _flush_waiting_locked(self, timeout: float) -> None:
+        if self._fd < 0:
+            return
+        deadline = time.monotonic() + timeout
+        if self._pending_drops and not self.closed:
+            self._enqueue_marker_locked()
+        while self._queue and not self.closed:
+            self._flush_locked()
+            left = deadline - time.monotonic()
+            if not self._queue or left <= 0:
+                break
+            select.select([], [self._fd], [], left)
+
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Write what is left for at most ``timeout`` seconds (the reactor
-        has stopped: wait with ``select``), then let go of the descriptor."""
+        """:meth:`flush`, then let go of the descriptor."""
         if self._fd < 0:
             return
         if self._writing:
@@ -215,15 +249,7 @@ class ConsoleWriter:
             except Exception:
                 pass
         with self._lock:
-            deadline = time.monotonic() + timeout
-            if self._pending_drops and not self.closed:
-                self._enqueue_marker_locked()
-            while self._queue and not self.closed:
-                self._flush_locked()
-                left = deadline - time.monotonic()
-                if not self._queue or left <= 0:
-                    break
-                select.select([], [self._fd], [], left)
+            self._flush_waiting_locked(timeout)
             self._discard_locked()
             if self._restore is not None:
                 try:

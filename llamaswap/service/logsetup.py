@@ -92,12 +92,16 @@ def adopt_twistd_logging(server_options: MutableMapping[str, Any] | None) -> Non
 
 def stdout_writer(reactor: Any = None) -> ConsoleWriter:
     """The one non-blocking writer for stdout (made on first use; what is
-    left in it is written, for a moment at most, when the process exits)."""
+    left in it is written, for a moment at most, once the reactor has stopped
+    and when the process exits)."""
     global _console
     if _console is None:
         if reactor is None:
             from twisted.internet import reactor
         _console = ConsoleWriter(STDOUT_FD, reactor)
+        # twistd may end by re-raising a stop signal (no atexit): write what
+        # waits once the reactor has stopped, too.
+        reactor.addSystemEventTrigger("after", "shutdown", _console.flush)
         atexit.register(_console.close)
     return _console
 
