@@ -11,6 +11,7 @@ from collections.abc import Callable
 import cbor2
 import zstandard
 from twisted.internet import reactor
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -28,8 +29,11 @@ from llamaswap.observe.captures import (
     flatten_headers,
 )
 from llamaswap.observe.queries import ActivityLog
+from llamaswap.observe.recording import ActivityRecorder
+from llamaswap.observe.store import MemoryActivityStore
 from llamaswap.observe.usage import Usage
 from llamaswap.observe.usageparser import UsageParser
+from tests.support import poll_until
 
 REQ_BODY = b'{"model":"llama","messages":[{"role":"user","content":"hi"}]}'
 RESP_BODY = b'{"choices":[{"message":{"content":"hello"}}],"usage":{"prompt_tokens":3}}'
@@ -378,3 +382,45 @@ class CaptureEncoderTests(TestCase):
             await cache.add_later(1, "/v1/completions", lambda: capture(1))
         self.assertNotIn(1, cache)
         self.assertIn("exceeds captureBuffer", formatEvent(events[-1]))
+
+
+class _Response:
+    """What ``Recording.on_response`` reads of an upstream response."""
+
+    code = 200
+    headers = Headers({b"content-type": [b"application/json"]})
+
+
+class RecorderCaptureTests(TestCase):
+    async def test_activity_announced_once_its_capture_is_stored(self) -> None:
+        """The activity row is stored at once; its capture is encoded in the
+        pool, and the activity is announced only once the capture is there
+        (a UI that follows the event finds it)."""
+        pool = ThreadPool(0, 1, name="test-recorder")
+        cache = CaptureCache(1 << 20, CaptureEncoder(reactor, pool=pool))
+        store = MemoryActivityStore(ActivityLog(has_capture=cache.has))
+        announced: list[int] = []
+        clock = Clock()
+        recorder = ActivityRecorder(clock, store, cache, on_entry=lambda e: announced.append(e.id))
+        recording = recorder.begin(
+            model="m",
+            req_path="/v1/chat/completions",
+            req_headers=Headers({b"authorization": [b"Bearer sk-secret"]}),
+            req_body=REQ_BODY,
+        )
+        recording.on_response(_Response())(RESP_BODY)  # type: ignore[arg-type]
+        recording.finish()
+        clock.advance(0)
+        clock.advance(0)
+        rows = store.log.recent()
+        self.assertEqual(len(rows), 1)
+        self.assertFalse(rows[0].has_capture)
+        self.assertEqual(announced, [])
+        pool.start()
+        self.addCleanup(pool.stop)
+        await poll_until(lambda: bool(announced))
+        self.assertEqual(announced, [rows[0].id])
+        stored = cache.get(rows[0].id)
+        assert stored is not None
+        self.assertEqual(stored["req_headers"], {"Authorization": REDACTED})
+        self.assertEqual(base64.b64decode(stored["resp_body"]), RESP_BODY)
