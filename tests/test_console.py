@@ -162,6 +162,16 @@ class ConsoleWriterTests(TestCase):
         writer.write(b"listens\n")
         self.assertTrue(writer.closed)
 
+    def test_closed_stdout(self) -> None:
+        """A descriptor that is not open: nothing is written, nothing raised."""
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        os.close(write_end)
+        writer = ConsoleWriter(write_end, reactor)
+        writer.write(b"nowhere\n")
+        writer.close(0)
+        self.assertTrue(writer.closed)
+
     def test_stream_for_log_observers(self) -> None:
         """``ConsoleStream`` is the text file ``FileLogObserver`` writes to."""
         read_end, write_end = small_pipe(self)

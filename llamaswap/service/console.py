@@ -73,6 +73,10 @@ def _own_descriptor(fd: int) -> tuple[int, Callable[[bytes], int], int | None]:
     return own, functools.partial(os.write, own), flags
 
 
+def _nowhere(data: bytes) -> int:
+    return len(data)
+
+
 def _send(family: int, kind: int, fd: int, data: bytes) -> int:
     sock = socket.socket(family, kind, 0, fd)
     try:
@@ -104,14 +108,17 @@ class ConsoleWriter:
         self.original_fd = fd
         self._reactor = reactor
         self._max_bytes = max_bytes
-        self._fd, self._write, self._restore = _own_descriptor(fd)
         self._lock = threading.Lock()
+        try:
+            self._fd, self._write, self._restore = _own_descriptor(fd)
+        except OSError:  # stdout closed: nothing is written
+            self._fd, self._write, self._restore = -1, _nowhere, None
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._writing = False
         self._at_line_start = True
         self._pending_drops = 0
-        self.closed = False
+        self.closed = self._fd < 0
         #: lines of output dropped since the writer was made.
         self.dropped_lines = 0
 
