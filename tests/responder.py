@@ -45,6 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--hf-token", default=None)
     parser.add_argument(
+        "--print-filler", type=int, default=0, metavar="LINES", help="print LINES filler lines"
+    )
+    parser.add_argument(
         "--crash-first-start",
         metavar="MARKER",
         default=None,
@@ -203,6 +206,9 @@ def main(argv: list[str]) -> int:
         say(f"GRANDCHILD {spawn_grandchild()}")
     for text in args.texts:
         say(text)
+    for n in range(args.print_filler):
+        sys.stdout.write(f"filler line {n:08d} " + "." * 80 + "\n")
+    sys.stdout.flush()
     if args.crash_first_start and not os.path.exists(args.crash_first_start):
         open(args.crash_first_start, "w").close()
         say("crashing on purpose")

@@ -52,11 +52,16 @@ async def poll_until(
 class ServiceProcess:
     """llamaswap run as users run it, as a child process of the test:
     ``argv`` follows the Python interpreter, ``--listen`` is added on
-    loopback, ``env`` is added to the environment.  Output is collected;
-    ``ended`` fires with the exit code."""
+    loopback.  Output is collected; ``ended`` fires with the exit code.
+    ``stdout``: a descriptor the child writes its stdout to instead; ``env``:
+    variables added to its environment."""
 
     def __init__(
-        self, argv: list[str], listen_port: int, env: dict[str, str] | None = None
+        self,
+        argv: list[str],
+        listen_port: int,
+        stdout: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.output: list[bytes] = []
@@ -77,6 +82,7 @@ class ServiceProcess:
             [PYTHON, *argv, "--listen", f"127.0.0.1:{listen_port}"],
             env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
             path=REPO,
+            childFDs=None if stdout is None else {0: "w", 1: stdout, 2: "r"},
         )
         self.url = f"http://127.0.0.1:{listen_port}"
         self.pool = HTTPConnectionPool(reactor, persistent=False)

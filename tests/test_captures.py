@@ -5,10 +5,16 @@ from __future__ import annotations
 import base64
 import gzip
 import random
+import threading
+from collections.abc import Callable
 
 import cbor2
 import zstandard
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
 
 from llamaswap.observe.captures import (
@@ -16,14 +22,18 @@ from llamaswap.observe.captures import (
     Capture,
     CaptureBuffer,
     CaptureCache,
+    CaptureEncoder,
     CaptureFields,
     build_capture,
     fields_for,
     flatten_headers,
 )
 from llamaswap.observe.queries import ActivityLog
+from llamaswap.observe.recording import ActivityRecorder
+from llamaswap.observe.store import MemoryActivityStore
 from llamaswap.observe.usage import Usage
 from llamaswap.observe.usageparser import UsageParser
+from tests.support import poll_until
 
 REQ_BODY = b'{"model":"llama","messages":[{"role":"user","content":"hi"}]}'
 RESP_BODY = b'{"choices":[{"message":{"content":"hello"}}],"usage":{"prompt_tokens":3}}'
@@ -296,3 +306,121 @@ class CaptureCacheTests(SynchronousTestCase):
             )
             self.assertTrue(cache.add(capture(entry.id, resp_body=noise(1500, i))))
         self.assertEqual([r.has_capture for r in log.recent()], [False, True, True])
+
+
+class CaptureEncoderTests(TestCase):
+    """Captures are encoded off the reactor thread, through a bounded queue
+    (issue 11.7)."""
+
+    def built(self, id: int, threads: list[threading.Thread]) -> Callable[[], Capture]:
+        def build() -> Capture:
+            threads.append(threading.current_thread())
+            return capture(id)
+
+        return build
+
+    async def test_encoded_in_the_pool_then_stored(self) -> None:
+        """``add_later`` builds and compresses in a pool thread, then stores
+        on the reactor thread; the Deferred fires once it is stored."""
+        encoder = CaptureEncoder(reactor)
+        self.addCleanup(encoder.stop)
+        cache = CaptureCache(1 << 20, encoder)
+        threads: list[threading.Thread] = []
+        await cache.add_later(7, "/v1/chat/completions", self.built(7, threads))
+        same = CaptureCache(1 << 20)
+        same.add(capture(7))
+        self.assertEqual(cache.get(7), same.get(7))
+        self.assertEqual(len(threads), 1)
+        self.assertIsNot(threads[0], threading.main_thread())
+
+    async def test_full_queue_drops_with_a_log_line(self) -> None:
+        """While ``max_pending`` captures wait, another is dropped: counted,
+        logged, and its Deferred fires at once; the waiting ones are stored
+        once the pool runs."""
+        pool = ThreadPool(0, 1, name="test-captures")  # not started: jobs wait
+        encoder = CaptureEncoder(reactor, max_pending=2, pool=pool)
+        cache = CaptureCache(1 << 20, encoder)
+        threads: list[threading.Thread] = []
+        waiting = [cache.add_later(i, "/v1/completions", self.built(i, threads)) for i in (1, 2)]
+        with capturedLogs() as events:
+            dropped = cache.add_later(3, "/v1/completions", self.built(3, threads))
+        self.assertTrue(dropped.called)
+        self.assertEqual(cache.dropped, 1)
+        self.assertEqual(encoder.pending, 2)
+        self.assertEqual(len(events), 1)
+        self.assertIn("capture 3 for /v1/completions dropped", formatEvent(events[0]))
+        self.assertEqual(events[0]["log_level"], LogLevel.warn)
+        self.assertEqual(threads, [])
+        pool.start()
+        self.addCleanup(pool.stop)
+        for d in waiting:
+            await d
+        self.assertEqual([i for i in (1, 2, 3) if i in cache], [1, 2])
+        self.assertEqual(encoder.pending, 0)
+        await cache.add_later(4, "/v1/completions", self.built(4, threads))  # room again
+        self.assertIn(4, cache)
+
+    async def test_stop_ends_the_threads(self) -> None:
+        """``close`` (service stop) stops the pool's threads; later captures
+        are not encoded (and not counted as dropped)."""
+        encoder = CaptureEncoder(reactor)
+        cache = CaptureCache(1 << 20, encoder)
+        await cache.add_later(1, "/v1/completions", lambda: capture(1))
+        self.assertTrue(any("llamaswap-captures" in t.name for t in threading.enumerate()))
+        cache.close()
+        self.assertFalse(any("llamaswap-captures" in t.name for t in threading.enumerate()))
+        await cache.add_later(2, "/v1/completions", lambda: capture(2))
+        self.assertNotIn(2, cache)
+        self.assertEqual(cache.dropped, 0)
+
+    async def test_too_large_is_logged(self) -> None:
+        """A capture larger than the whole budget is logged, not stored."""
+        encoder = CaptureEncoder(reactor)
+        self.addCleanup(encoder.stop)
+        cache = CaptureCache(100, encoder)
+        with capturedLogs() as events:
+            await cache.add_later(1, "/v1/completions", lambda: capture(1))
+        self.assertNotIn(1, cache)
+        self.assertIn("exceeds captureBuffer", formatEvent(events[-1]))
+
+
+class _Response:
+    """What ``Recording.on_response`` reads of an upstream response."""
+
+    code = 200
+    headers = Headers({b"content-type": [b"application/json"]})
+
+
+class RecorderCaptureTests(TestCase):
+    async def test_activity_announced_once_its_capture_is_stored(self) -> None:
+        """The activity row is stored at once; its capture is encoded in the
+        pool, and the activity is announced only once the capture is there
+        (a UI that follows the event finds it)."""
+        pool = ThreadPool(0, 1, name="test-recorder")
+        cache = CaptureCache(1 << 20, CaptureEncoder(reactor, pool=pool))
+        store = MemoryActivityStore(ActivityLog(has_capture=cache.has))
+        announced: list[int] = []
+        clock = Clock()
+        recorder = ActivityRecorder(clock, store, cache, on_entry=lambda e: announced.append(e.id))
+        recording = recorder.begin(
+            model="m",
+            req_path="/v1/chat/completions",
+            req_headers=Headers({b"authorization": [b"Bearer sk-secret"]}),
+            req_body=REQ_BODY,
+        )
+        recording.on_response(_Response())(RESP_BODY)  # type: ignore[arg-type]
+        recording.finish()
+        clock.advance(0)
+        clock.advance(0)
+        rows = store.log.recent()
+        self.assertEqual(len(rows), 1)
+        self.assertFalse(rows[0].has_capture)
+        self.assertEqual(announced, [])
+        pool.start()
+        self.addCleanup(pool.stop)
+        await poll_until(lambda: bool(announced))
+        self.assertEqual(announced, [rows[0].id])
+        stored = cache.get(rows[0].id)
+        assert stored is not None
+        self.assertEqual(stored["req_headers"], {"Authorization": REDACTED})
+        self.assertEqual(base64.b64decode(stored["resp_body"]), RESP_BODY)

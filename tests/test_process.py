@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import psutil
 from automat import NoTransition
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -22,6 +23,7 @@ from zope.interface.verify import verifyObject
 
 from llamaswap.config.model import ModelConfig
 from llamaswap.observe.logs import LogMonitor
+from llamaswap.supervision import launcher as launcher_module
 from llamaswap.supervision import lifecycle as lifecycle_module
 from llamaswap.supervision import machine as machine_module
 from llamaswap.supervision import process as process_module
@@ -29,7 +31,9 @@ from llamaswap.supervision import teardown as teardown_module
 from llamaswap.supervision.health import http_probe
 from llamaswap.supervision.launcher import (
     PYTHON_TRAMPOLINE,
+    RESCAN_INTERVAL,
     ExitStatus,
+    GroupLiveness,
     IChildProcess,
     IProcessLauncher,
     ProcessGroupLauncher,
@@ -835,6 +839,75 @@ class GroupAliveTests(SynchronousTestCase):
     def test_missing_group_is_gone(self) -> None:
         """A group id no process uses is reported gone."""
         self.assertFalse(group_alive(2**30))
+
+
+#: leads a group, forks a member that sleeps, prints its pid, then exits.
+ORPHANING = (
+    "import os, sys, time\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    time.sleep(60)\n"
+    "    os._exit(0)\n"
+    "print(pid, flush=True)\n"
+)
+
+
+class GroupLivenessTests(TestCase):
+    """Polling a group's liveness does not walk all of /proc each time (11.7)."""
+
+    timeout = 30
+
+    async def test_polls_without_scanning_proc(self) -> None:
+        """A real group whose leader exited and whose other member lives on:
+        many polls cost at most one walk over /proc; the group is gone once
+        that member is killed."""
+        scans: list[int] = []
+        real_pids = psutil.pids
+
+        def counting_pids() -> list[int]:
+            scans.append(1)
+            return real_pids()
+
+        self.patch(psutil, "pids", counting_pids)
+        output = bytearray()
+        exits: list[ExitStatus] = []
+        child = ProcessGroupLauncher(reactor).spawn(
+            [PYTHON, "-c", ORPHANING], dict(os.environ), output.extend, exits.append
+        )
+        self.addCleanup(child.release)
+        self.addCleanup(child.signal_group, signal.SIGKILL)
+        await poll_until(lambda: bool(exits) and output.endswith(b"\n"))
+        member = int(output)
+        self.assertEqual(os.getpgid(member), child.pid)
+        for _ in range(50):
+            self.assertTrue(child.group_alive())
+        self.assertLessEqual(len(scans), 1)
+        os.kill(member, signal.SIGKILL)
+        await poll_until(lambda: not child.group_alive(), timeout=5)
+        self.assertLessEqual(len(scans), 6)
+
+    def test_rescan_interval_with_a_clock(self) -> None:
+        """When every known member is gone but the group still answers, /proc
+        is walked again at most every RESCAN_INTERVAL seconds; a group found
+        empty stays gone."""
+        scans: list[int] = []
+        self.patch(launcher_module, "_scan_group", lambda pgid: scans.append(pgid) or set())
+        self.patch(launcher_module, "_member_alive", lambda pid, pgid: False)
+        clock = Clock()
+        liveness = GroupLiveness(os.getpgrp(), clock.seconds)  # killpg succeeds
+        self.assertFalse(liveness())  # scanned: no live member
+        self.assertFalse(liveness())
+        self.assertEqual(len(scans), 1)
+        found = {12345}
+        self.patch(launcher_module, "_scan_group", lambda pgid: scans.append(pgid) or set(found))
+        liveness = GroupLiveness(os.getpgrp(), clock.seconds)
+        self.assertTrue(liveness())  # scanned: 12345 (not alive by the patched check)
+        self.assertTrue(liveness())  # 12345 gone, rescan too soon: still alive
+        self.assertEqual(len(scans), 2)
+        clock.advance(RESCAN_INTERVAL)
+        found.clear()
+        self.assertFalse(liveness())
+        self.assertEqual(len(scans), 3)
 
 
 # -- real children -----------------------------------------------------------

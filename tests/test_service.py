@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from typing import Any
 
 import treq
@@ -637,6 +638,8 @@ class ActivityTests(ServiceTestCase):
         streamed = await self.chat("a", stream=True)
         self.assertIn(b"data:", await streamed.content())
         await (await treq.get(self.url + "/upstream/a/health", pool=self.pool)).content()
+        # Captures are encoded off the reactor thread: stored a moment later.
+        await poll_until(lambda: len(self.service.recorder.captures) == 2)
         page = await (await treq.get(self.url + "/api/metrics/activity", pool=self.pool)).json()
         self.assertEqual(page["total"], 2)
         newest, oldest = page["data"]
@@ -666,6 +669,16 @@ class ActivityTests(ServiceTestCase):
         missing = await treq.get(self.url + "/api/captures/999", pool=self.pool)
         self.assertEqual(missing.code, 404)
         await missing.content()
+
+    async def test_stop_ends_the_capture_threads(self) -> None:
+        """Captures are encoded in a thread pool that the service stops."""
+        await self.start({"a": responder_model(free_port())})
+        await (await self.chat("a")).content()
+        await poll_until(lambda: len(self.service.recorder.captures) == 1)
+        threads = [t for t in threading.enumerate() if "llamaswap-captures" in t.name]
+        self.assertTrue(threads)
+        await self.service.stopService()
+        self.assertFalse([t for t in threads if t.is_alive()])
 
     async def test_failed_and_abandoned_requests_are_recorded(self) -> None:
         """A start failure and a client that leaves while loading still

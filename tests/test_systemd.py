@@ -692,9 +692,10 @@ class JournaldTests(SynchronousTestCase):
                 "<2>[llamaswap.test] boom",
             ],
         )
-        self.assertEqual(lines[6], "<2>Traceback (most recent call last):")
-        self.assertTrue(all(line.startswith("<2>") for line in lines[6:]), lines)
-        self.assertIn("<2>builtins.ZeroDivisionError: division by zero", lines)
+        # Lines after an entry's first start with a tab: none passes for an entry.
+        self.assertEqual(lines[6], "<2>\tTraceback (most recent call last):")
+        self.assertTrue(all(line.startswith("<2>\t") for line in lines[6:]), lines)
+        self.assertIn("<2>\tbuiltins.ZeroDivisionError: division by zero", lines)
 
     def test_legacy_events_use_their_system(self) -> None:
         """Events from twisted.python.log name their system; events with no

@@ -5,7 +5,13 @@ A capture holds what one recorded request sent and got back, for
 field masks and header redaction; `CaptureCache` stores the compressed
 captures under a byte budget (counted on compressed bytes), evicting the
 oldest first; `CaptureBuffer` collects a response body up to its own cap
-while it streams.  Nothing here touches the reactor.
+while it streams.
+
+Encoding a capture (CBOR, then zstd: milliseconds per MiB) must not stall
+the reactor: `CaptureEncoder` runs it in a small thread pool with a bounded
+queue, and `CaptureCache.add_later` stores the result back on the reactor
+thread.  When the queue is full the capture is dropped, with a log line and
+a count (`CaptureCache.dropped`).
 """
 
 from __future__ import annotations
@@ -13,13 +19,18 @@ from __future__ import annotations
 import base64
 import enum
 import functools
+import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 import zstandard
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from twisted.web.http_headers import Headers
 
 from llamaswap.core.text import as_text
@@ -42,6 +53,13 @@ REDACTED = "[REDACTED]"
 DEFAULT_BODY_CAP = 4 * 1024 * 1024
 #: zstd level close to Go's ``SpeedBetterCompression``.
 ZSTD_LEVEL = 7
+#: threads encoding captures.
+ENCODER_THREADS = 2
+#: captures waiting to be encoded before new ones are dropped; each holds its
+#: request and (capped) response body.
+ENCODER_QUEUE = 16
+
+log = Logger()
 
 
 class CaptureFields(enum.Flag):
@@ -208,18 +226,83 @@ def _b64(value: bytes | None) -> str | None:
     return None if value is None else base64.b64encode(value).decode("ascii")
 
 
+_local = threading.local()
+
+
+def encode_capture(capture: Capture) -> bytes:
+    """A capture as stored: zstd-compressed CBOR (one compressor per thread)."""
+    compressor = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    # zstd's output object keeps the whole compress-bound allocation
+    # (megabytes for a capped body) however small the result: keep a
+    # right-sized copy, or every capture pins its worst case in memory.
+    return bytes(bytearray(compressor.compress(capture.to_cbor())))
+
+
+class CaptureEncoder:
+    """Runs encoding jobs off the reactor thread: at most ``max_pending``
+    queued or running, in a thread pool of ``threads``.
+
+    ``pool`` replaces the pool (its owner starts and stops it); the default
+    pool starts with the first job and is stopped by :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        threads: int = ENCODER_THREADS,
+        max_pending: int = ENCODER_QUEUE,
+        pool: ThreadPool | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._owns_pool = pool is None
+        self._pool = pool or ThreadPool(0, threads, name="llamaswap-captures")
+        self.max_pending = max_pending
+        #: jobs queued or running.
+        self.pending = 0
+        self.stopped = False
+
+    def submit(self, job: Callable[[], bytes]) -> Deferred[bytes] | None:
+        """Run ``job`` in the pool; None (nothing run) when the queue is full
+        or the encoder has stopped."""
+        if self.stopped or self.pending >= self.max_pending:
+            return None
+        if self._owns_pool and not self._pool.started:
+            self._pool.start()
+        self.pending += 1
+        d: Deferred[bytes] = deferToThreadPool(self._reactor, self._pool, job)
+
+        def done(result: object) -> object:
+            self.pending -= 1
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def stop(self) -> None:
+        """Stop the pool (after the job it runs; queued jobs still run)."""
+        self.stopped = True
+        if self._owns_pool and self._pool.started:
+            self._pool.stop()
+
+
 class CaptureCache:
     """Compressed captures by activity id, FIFO-evicted to stay within ``budget_bytes``.
 
-    The budget counts compressed bytes.  Compression is CPU work on the
-    caller's thread (a few milliseconds per MiB); the body caps keep it small.
+    The budget counts compressed bytes.  :meth:`add` compresses on the
+    caller's thread; :meth:`add_later` through ``encoder`` (a
+    :class:`CaptureEncoder`), off the reactor.
     """
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, encoder: CaptureEncoder | None = None) -> None:
         self.budget_bytes = budget_bytes
+        self.encoder = encoder
+        #: captures dropped because the encoder's queue was full.
+        self.dropped = 0
         self._items: OrderedDict[int, bytes] = OrderedDict()
         self._size = 0
-        self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         self._decompressor = zstandard.ZstdDecompressor()
 
     @property
@@ -238,21 +321,55 @@ class CaptureCache:
 
     def add(self, capture: Capture) -> bool:
         """Store ``capture``; False (nothing stored) when it alone exceeds the budget."""
-        # zstd's output object keeps the whole compress-bound allocation
-        # (megabytes for a capped body) however small the result: keep a
-        # right-sized copy, or every capture pins its worst case in memory.
-        data = bytes(bytearray(self._compressor.compress(capture.to_cbor())))
+        return self.store(capture.id, encode_capture(capture))
+
+    def store(self, id: int, data: bytes) -> bool:
+        """Store an encoded capture; False when it alone exceeds the budget."""
         if len(data) > self.budget_bytes:
             return False
-        old = self._items.pop(capture.id, None)
+        old = self._items.pop(id, None)
         if old is not None:
             self._size -= len(old)
         while self._items and self._size + len(data) > self.budget_bytes:
             _, evicted = self._items.popitem(last=False)
             self._size -= len(evicted)
-        self._items[capture.id] = data
+        self._items[id] = data
         self._size += len(data)
         return True
+
+    def add_later(self, id: int, path: str, build: Callable[[], Capture]) -> Deferred[None]:
+        """Build and encode a capture off the reactor (through ``encoder``;
+        on this thread without one), then store it.  Fires once it is stored
+        or given up: too large (logged), or dropped because the encoder's
+        queue is full (logged and counted in :attr:`dropped`)."""
+        if self.encoder is None:
+            self._stored(self.add(build()), id, path)
+            return succeed(None)
+        encoded = self.encoder.submit(lambda: encode_capture(build()))
+        if encoded is None:
+            if not self.encoder.stopped:
+                self.dropped += 1
+                log.warn(
+                    "capture {id} for {path} dropped: {pending} captures waiting to be "
+                    "encoded ({dropped} dropped so far)",
+                    id=id,
+                    path=path,
+                    pending=self.encoder.pending,
+                    dropped=self.dropped,
+                )
+            return succeed(None)
+        done = encoded.addCallback(lambda data: self._stored(self.store(id, data), id, path))
+        done.addErrback(lambda f: log.failure("capture {id} for {path}", f, id=id, path=path))
+        return done
+
+    def _stored(self, stored: bool, id: int, path: str) -> None:
+        if not stored:
+            log.warn("capture {id} for {path} exceeds captureBuffer; not stored", id=id, path=path)
+
+    def close(self) -> None:
+        """Stop the encoder (the service is stopping)."""
+        if self.encoder is not None:
+            self.encoder.stop()
 
     def compressed(self, id: int) -> bytes | None:
         """The stored zstd bytes of a capture, or None."""

@@ -4,6 +4,13 @@ llama-swap writes its proxy log as ``[<timestamp> ][LEVEL] message`` lines,
 the timestamp in the Go layout named by ``logTimeFormat`` (``rfc3339``,
 ``kitchen``, ...), and one access-log line per finished request in its own
 format (durations as Go prints them).  Pure functions; nothing here logs.
+
+Log lines cannot lie: a value that comes from a request (path, user agent,
+header values, model names) is written through :func:`escape_field`, so CR,
+LF, quotes and control characters cannot end a line or a quoted field early;
+and every log text is written through :func:`safe_text`, so whatever a
+message holds, it cannot put a control character on the console or start a
+line that looks like a new log entry (lines after the first start with a tab).
 """
 
 from __future__ import annotations
@@ -22,12 +29,52 @@ __all__ = [
     "TIME_LAYOUTS",
     "access_log_line",
     "client_ip",
+    "escape_field",
     "format_time",
     "go_duration",
     "proxy_line",
     "request_access_line",
+    "safe_text",
     "skip_access_log",
 ]
+
+# --------------------------------------------------------------------------
+# Escaping
+
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
+
+
+def _escape_char(char: str) -> str:
+    short = _SHORT_ESCAPES.get(char)
+    if short is not None:
+        return short
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape_field(value: str) -> str:
+    """``value`` (from a request) as one field of a log line: backslash,
+    double quote and every character that is not printable (CR, LF, tab,
+    escape sequences, NEL, line and paragraph separators, bidi controls...)
+    written as Go-style escapes (``\\n``, ``\\"``, ``\\x1b``, ``\\u2028``)."""
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return value
+    return "".join(_escape_char(c) if not c.isprintable() or c in '"\\' else c for c in value)
+
+
+def safe_text(text: str) -> str:
+    """Log text made safe to write: characters that are not printable are
+    escaped except line feeds and tabs, and every line after the first starts
+    with a tab, so no line of it can pass for a log entry of its own."""
+    if text.isprintable():
+        return text
+    text = "".join(c if c.isprintable() or c in "\n\t" else _escape_char(c) for c in text)
+    return text.replace("\n", "\n\t")
+
 
 # --------------------------------------------------------------------------
 # Go time layouts
@@ -125,8 +172,9 @@ def proxy_line(
     time_format: str = "",
     tz: tzinfo | None = None,
 ) -> bytes:
-    """One proxy log line: ``[<timestamp> ][LEVEL] message\\n``."""
-    line = f"[{label(level)}] {message}\n"
+    """One proxy log line: ``[<timestamp> ][LEVEL] message\\n`` (the message
+    made :func:`safe_text`)."""
+    line = f"[{label(level)}] {safe_text(message)}\n"
     stamp = format_time(time_format, when, tz) if time_format else None
     if stamp is not None:
         line = f"{stamp} {line}"
@@ -195,10 +243,12 @@ def access_log_line(
     user_agent: str,
     duration: float,
 ) -> str:
-    """``Request <ip> "<METHOD> <path> <proto>" <status> <bytes> "<ua>" <duration>``."""
+    """``Request <ip> "<METHOD> <path> <proto>" <status> <bytes> "<ua>" <duration>``,
+    every field from the request escaped (:func:`escape_field`)."""
     return (
-        f'Request {client} "{method} {path} {proto}" {status} {body_bytes} '
-        f'"{user_agent}" {go_duration(duration)}'
+        f'Request {escape_field(client)} "{escape_field(method)} {escape_field(path)} '
+        f'{escape_field(proto)}" {status} {body_bytes} '
+        f'"{escape_field(user_agent)}" {go_duration(duration)}'
     )
 
 

@@ -17,7 +17,6 @@ those lines and of the access log is :mod:`llamaswap.observe.logformat`'s.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from datetime import tzinfo
 
@@ -185,12 +184,6 @@ class _CallableSink:
             self._write(data)
         except OSError:
             pass  # a closed stdout must not break logging
-
-
-def write_stdout(data: bytes) -> None:
-    """Write to the process's stdout (what ``LogHub(stdout=write_stdout)`` uses)."""
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
 
 
 @implementer(ILogObserver)

@@ -17,7 +17,7 @@ from twisted.web.iweb import IResponse
 
 from llamaswap.core.twistedweb import after_flush
 from llamaswap.observe.activity import ActivityEntry
-from llamaswap.observe.captures import CaptureBuffer, CaptureCache, build_capture
+from llamaswap.observe.captures import Capture, CaptureBuffer, CaptureCache, build_capture
 from llamaswap.observe.prometheus import Metrics, api_key_label
 from llamaswap.observe.store import IActivityStore
 from llamaswap.observe.usage import Usage
@@ -183,8 +183,12 @@ class ActivityRecorder:
         d.addErrback(lambda f: log.failure("could not record activity", f))
 
     def _stored(self, entry: ActivityEntry, recording: Recording, code: int) -> None:
-        if self.captures is not None:
-            capture = build_capture(
+        if self.captures is None:
+            self._announce(entry)
+            return
+
+        def build() -> Capture:  # runs off the reactor: the request is over
+            return build_capture(
                 id=entry.id,
                 req_path=recording.req_path,
                 req_headers=recording._req_headers,
@@ -193,11 +197,16 @@ class ActivityRecorder:
                 resp_headers=recording._resp_headers,
                 resp_body=recording._buffer,
             )
-            if not self.captures.add(capture):
-                log.warn(
-                    "capture {id} for {path} exceeds captureBuffer; not stored",
-                    id=entry.id,
-                    path=recording.req_path,
-                )
+
+        # Announced once its capture is stored (or given up).
+        stored = self.captures.add_later(entry.id, recording.req_path, build)
+        stored.addCallback(lambda _: self._announce(entry))
+
+    def close(self) -> None:
+        """Stop encoding captures (the service is stopping)."""
+        if self.captures is not None:
+            self.captures.close()
+
+    def _announce(self, entry: ActivityEntry) -> None:
         if self._on_entry is not None:
             self._on_entry(entry)

@@ -22,6 +22,7 @@ from twisted.logger import (
 )
 
 from llamaswap.core.loglevels import syslog_priority
+from llamaswap.observe.logformat import safe_text
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
@@ -41,7 +42,8 @@ def is_journal_stream(stream: IO[Any], journal_stream: str | None) -> bool:
 
 def format_journal_event(event: Mapping[str, Any]) -> str | None:
     """One event as journal lines: each line prefixed with its syslog
-    priority (``<6>``), no timestamp (journald adds its own), no colours."""
+    priority (``<6>``), no timestamp (journald adds its own), no colours;
+    lines after the first start with a tab (:func:`safe_text`)."""
     text = eventAsText(
         dict(event), includeTraceback=True, includeTimestamp=False, includeSystem=False
     )
@@ -49,7 +51,7 @@ def format_journal_event(event: Mapping[str, Any]) -> str | None:
         return None
     priority = syslog_priority(event.get("log_level", LogLevel.info))
     system = event.get("log_system") or event.get("log_namespace") or "-"
-    lines = _ANSI.sub("", text).splitlines() or [""]
+    lines = safe_text(_ANSI.sub("", text).rstrip("\n")).split("\n")
     first = f"<{priority}>[{system}] {lines[0]}\n"
     return first + "".join(f"<{priority}>{line}\n" for line in lines[1:])
 
@@ -92,5 +94,5 @@ def format_text_event(event: LogEvent) -> str | None:
     if system is None:
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
-    body = text.replace("\n", "\n\t")
+    body = safe_text(text)
     return f"{_stamp(event.get('log_time') or time.time())} [{system}] {body}\n"

@@ -14,10 +14,10 @@ from llamaswap import __version__
 from llamaswap.config import Config
 from llamaswap.observe.events import EventBus, follow_processes, model_status_records
 from llamaswap.observe.inflight import InflightTracker
-from llamaswap.observe.logs import LogHub, write_stdout
+from llamaswap.observe.logs import LogHub
 from llamaswap.observe.prometheus import Metrics
 from llamaswap.observe.recording import ActivityRecorder
-from llamaswap.service.logsetup import set_log_level
+from llamaswap.service.logsetup import set_log_level, write_stdout
 from llamaswap.service.progress import LoadingProgress
 from llamaswap.service.reload import Coalescing, Sources, read_sources
 from llamaswap.supervision.process import ModelProcess, ProcessState, StateListener
@@ -190,6 +190,7 @@ class LlamaSwapService(service.Service):
         d.addBoth(lambda _: self.client.close())
         d.addBoth(lambda _: self.app.close())
         d.addBoth(lambda _: self.recorder.store.close())
+        d.addBoth(lambda _: self.recorder.close())
         d.addCallback(lambda _: log.info("shutdown complete"))
         d.addBoth(self._stop_logging)
         return d

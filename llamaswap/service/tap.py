@@ -13,7 +13,7 @@ from twisted.python import usage
 from llamaswap import __version__
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.loader import load_config_sources
-from llamaswap.service.logsetup import set_log_level
+from llamaswap.service.logsetup import adopt_twistd_logging, set_log_level, set_log_to_stdout
 from llamaswap.service.reload import ReloadService
 from llamaswap.service.systemd import (
     DrainService,
@@ -94,6 +94,7 @@ class Options(usage.Options):
             listen = "127.0.0.1:8443"
         self["endpoint"] = listen_endpoint(listen, self["tls-cert-file"], self["tls-key-file"])
         self["loaded"] = load_or_exit(self["config"], self["config-dir"])
+        adopt_twistd_logging(self.parent)  # same log output as the console script
 
 
 def load_or_exit(path: str | None, config_dir: str | None = None) -> Config:
@@ -114,6 +115,7 @@ def makeService(options: Options) -> service.MultiService:
 
     config: Config = options["loaded"]
     set_log_level(config.log_level)
+    set_log_to_stdout(config.log_to_stdout)
     # Stops run last-added first, one at a time: STOPPING=1, stop listening,
     # wait for in-flight requests (bounded), then stop every model process.
     top = SequentialMultiService()

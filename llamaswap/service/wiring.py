@@ -12,7 +12,7 @@ from typing import Any
 
 from llamaswap.config import Config, ConfigError
 from llamaswap.observe.activity import ActivityEntry
-from llamaswap.observe.captures import CaptureCache
+from llamaswap.observe.captures import CaptureCache, CaptureEncoder
 from llamaswap.observe.events import EventBus, bridge_logs, ui_config_payload
 from llamaswap.observe.inflight import InflightTracker
 from llamaswap.observe.logs import LogHub
@@ -34,11 +34,11 @@ def build_recorder(
 ) -> ActivityRecorder:
     """The activity store (``store.path`` SQLite file, else the in-memory ring
     of ``metricsMaxInMemory`` rows) and capture cache (``captureBuffer`` MiB
-    of compressed captures; 0 disables); every stored row is announced on
-    ``bus``."""
+    of compressed captures, encoded off the reactor; 0 disables); every stored
+    row is announced on ``bus``."""
     captures = None
     if config.capture_buffer_mib > 0:
-        captures = CaptureCache(config.capture_buffer_mib * 1024 * 1024)
+        captures = CaptureCache(config.capture_buffer_mib * 1024 * 1024, CaptureEncoder(reactor))
     try:
         if captures is None:
             store = open_store(config.store, reactor)

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -167,6 +168,7 @@ class _GroupChild:
     def __init__(self, pid: int, protocol: _ChildProtocol) -> None:
         self.pid = pid
         self._protocol = protocol
+        self._liveness = GroupLiveness(pid)
 
     def signal_group(self, signum: int) -> None:
         try:
@@ -182,7 +184,7 @@ class _GroupChild:
             log.warn("cannot signal process group {pgid}: {error}", pgid=self.pid, error=e)
 
     def group_alive(self) -> bool:
-        return group_alive(self.pid)
+        return self._liveness()
 
     def release(self) -> Deferred[None]:
         return self._protocol.close_pipes()
@@ -227,24 +229,69 @@ class ProcessGroupLauncher:
 
 _GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
+#: at most this often a group whose known members are gone, though the group
+#: still answers, is looked up in ``/proc`` again.
+RESCAN_INTERVAL = 1.0
+
+
+def _member_alive(pid: int, pgid: int) -> bool:
+    """Whether ``pid`` exists, is in group ``pgid`` and is not a zombie."""
+    try:
+        return os.getpgid(pid) == pgid and psutil.Process(pid).status() not in _GONE
+    except (OSError, psutil.Error):
+        return False
+
+
+def _scan_group(pgid: int) -> set[int]:
+    """Every live member of group ``pgid``: a walk over all of ``/proc``."""
+    return {pid for pid in psutil.pids() if _member_alive(pid, pgid)}
+
+
+class GroupLiveness:
+    """Whether process group ``pgid`` has a member that is not a zombie,
+    cheap enough to poll while a group is being stopped.
+
+    ``killpg(pgid, 0)`` (one system call) answers most polls: it fails once
+    the group is empty.  It also succeeds for zombies, which an init that
+    does not reap (common in containers) leaves behind, so the members we know
+    of are checked one by one; only when all of them are gone is ``/proc``
+    walked to learn the group's members again, at most every
+    :data:`RESCAN_INTERVAL` seconds (meanwhile the group counts as alive).
+    A group once found gone stays gone (its id may be reused later).
+    """
+
+    def __init__(self, pgid: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.pgid = pgid
+        self._clock = clock
+        self._members = {pgid}
+        self._scanned_at: float | None = None
+        self._gone = False
+
+    def __call__(self) -> bool:
+        if self._gone:
+            return False
+        try:
+            os.killpg(self.pgid, 0)
+        except ProcessLookupError:
+            self._gone = True
+            return False
+        except PermissionError:
+            return True
+        for pid in sorted(self._members):
+            if _member_alive(pid, self.pgid):
+                return True
+            self._members.discard(pid)
+        now = self._clock()
+        if self._scanned_at is not None and now - self._scanned_at < RESCAN_INTERVAL:
+            return True
+        self._scanned_at = now
+        self._members = _scan_group(self.pgid)
+        # No live member left: only a live member could add one.
+        self._gone = not self._members
+        return not self._gone
+
 
 def group_alive(pgid: int) -> bool:
-    """Whether process group ``pgid`` has a member that is not a zombie.
-
-    ``killpg(pgid, 0)`` also succeeds for zombies, which an init that does not
-    reap (common in containers) leaves behind; the members' states are then
-    looked up with psutil (group first: ``getpgid`` is one cheap system call).
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    for pid in psutil.pids():
-        try:
-            if os.getpgid(pid) == pgid and psutil.Process(pid).status() not in _GONE:
-                return True
-        except (OSError, psutil.Error):
-            continue
-    return False
+    """Whether process group ``pgid`` has a member that is not a zombie (a
+    one-off check; poll with a :class:`GroupLiveness`)."""
+    return GroupLiveness(pgid)()
