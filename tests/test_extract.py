@@ -53,6 +53,16 @@ class ExtractTests(SynchronousTestCase):
         self.assertEqual(extract_model(b"POST", JSON, b'{"stream": "true"}', {}).streaming, True)
         self.assertEqual(extract_model(b"POST", JSON, b'{"stream": false}', {}).streaming, False)
 
+    def test_non_ascii_bodies(self) -> None:
+        """Raw non-ASCII bytes in an unlabelled or urlencoded body are read,
+        not an exception (found by the edge fuzz suite: a 500)."""
+        form = b"application/x-www-form-urlencoded"
+        self.assertEqual(extract_model(b"POST", form, "model=ü&x=1".encode(), {}).model, "ü")
+        self.assertEqual(extract_model(b"POST", form, b"model=%C3%BC", {}).model, "ü")
+        found = extract_model(b"POST", b"", b"\x80", {})
+        self.assertEqual(found.model, "")
+        self.assertIn("could not be read as JSON or a form", found.missing)
+
     def test_nested_model_is_not_top_level(self) -> None:
         """A ``model`` key inside a nested object is not the requested model."""
         body = b'{"messages": [{"model": "inner"}], "x": {"model": "deep"}}'

@@ -81,6 +81,14 @@ def _scalar_text(value: object) -> str:
     return ""
 
 
+def _parse_form(body: bytes) -> dict[bytes, list[bytes]]:
+    """A urlencoded body's fields, byte for byte: raw non-ASCII bytes (curl
+    sends UTF-8 as is) and percent-escapes both survive.  ``parse_qs`` on
+    bytes would raise on the first non-ASCII byte."""
+    fields = parse_qs(body.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    return {k.encode("latin-1"): [v.encode("latin-1") for v in vs] for k, vs in fields.items()}
+
+
 def _query_value(args: dict[bytes, list[bytes]], key: bytes) -> str:
     values = args.get(key)
     return values[0].decode("utf-8", "replace") if values else ""
@@ -132,7 +140,7 @@ def extract_model(
             escape = json.dumps(body[at : at + 3].decode("latin-1"))
             problem = f"invalid percent-escape {escape} at byte {at}"
             return Extracted("", False, _unreadable("a form", content_type, problem), True)
-    form = parse_qs(body, keep_blank_values=True) if body else {}
+    form = _parse_form(body) if body else {}
     model = _query_value(form, b"model") or _query_value(query, b"model")
     stream = (_query_value(form, b"stream") or _query_value(query, b"stream")) == "true"
     if model:
