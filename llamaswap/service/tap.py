@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
+import socket
 import sys
+from importlib import resources
+from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from zope.interface import implementer
 
 from llamaswap import __version__
 from llamaswap.config import Config, ConfigError
-from llamaswap.config.loader import load_config_sources
+from llamaswap.config.commands import program_problem
+from llamaswap.config.loader import load_config_sources, load_config_text
 from llamaswap.service.logsetup import set_log_level
 from llamaswap.service.reload import ReloadService
 from llamaswap.service.systemd import (
@@ -65,8 +75,25 @@ def is_loopback_only(endpoint: str) -> bool:
         return host == "localhost"
 
 
+def version_text() -> str:
+    """What ``--version`` prints: llamaswap's version, then Twisted's."""
+    from twisted import copyright
+
+    return f"llamaswap {__version__} (Twisted {copyright.version})"
+
+
+#: told when no config is given (the console script and twistd both say it).
+NO_CONFIG = (
+    "no config given: use -c CONFIG (a YAML file), --config-dir DIR,"
+    " or --demo to try the bundled demo"
+)
+
+
 class Options(usage.Options):
-    synopsis = "-c CONFIG [--listen ENDPOINT]"
+    """The options of the service, shared by ``twistd llamaswap`` and the
+    ``llamaswap`` console script (which adds its commands on top)."""
+
+    synopsis = "-c CONFIG [--listen ENDPOINT] | --demo"
     optParameters = [
         ["config", "c", None, "Path to the YAML configuration file."],
         ["listen", "l", DEFAULT_LISTEN, "Twisted endpoint or host:port to listen on."],
@@ -76,15 +103,21 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["watch-config", None, "Reload the configuration when the file changes."],
-        ["version", "V", "Print the version and exit."],
+        ["demo", None, "Run the bundled demo (three small demo models, no GPU needed)."],
     ]
 
+    def opt_version(self) -> None:
+        """Print llamaswap's and Twisted's versions and exit."""
+        print(version_text())
+        raise SystemExit(0)
+
+    opt_V = opt_version
+
     def postOptions(self) -> None:
-        if self["version"]:
-            print(f"version: {__version__}")
-            raise SystemExit(0)
-        if not self["config"] and not self["config-dir"]:
-            raise usage.UsageError("at least one of --config or --config-dir must be provided")
+        if self["demo"] and (self["config"] or self["config-dir"]):
+            raise usage.UsageError("--demo runs the bundled demo config: leave out -c/--config-dir")
+        if not self["config"] and not self["config-dir"] and not self["demo"]:
+            raise usage.UsageError(NO_CONFIG)
         if bool(self["tls-cert-file"]) != bool(self["tls-key-file"]):
             raise usage.UsageError(
                 "both --tls-cert-file and --tls-key-file must be provided for TLS"
@@ -93,7 +126,51 @@ class Options(usage.Options):
         if self["tls-cert-file"] and listen == DEFAULT_LISTEN:
             listen = "127.0.0.1:8443"
         self["endpoint"] = listen_endpoint(listen, self["tls-cert-file"], self["tls-key-file"])
-        self["loaded"] = load_or_exit(self["config"], self["config-dir"])
+        if self["demo"]:
+            self["config"] = demo_config_path()
+            self["loaded"] = load_demo()
+        else:
+            self["loaded"] = load_or_exit(self["config"], self["config-dir"])
+
+
+def demo_config_path() -> str:
+    """The demo config installed with the package (``llamaswap/demo/demo.yaml``)."""
+    return str(resources.files("llamaswap.demo").joinpath("demo.yaml"))
+
+
+def load_demo() -> Config:
+    """The demo config, its model servers on free ports (not the file's
+    ``startPort``), so a second demo on another ``--listen`` port works."""
+    with open(demo_config_path(), encoding="utf-8") as stream:
+        text = stream.read()
+    start = free_port_block(3)
+    text = re.sub(r"(?m)^startPort: \d+$", f"startPort: {start}", text)
+    try:
+        return load_config_text(text)
+    except ConfigError as exc:  # pragma: no cover - the shipped demo loads (tested)
+        raise SystemExit("\n".join(exc.problems)) from None
+
+
+def free_port_block(size: int, host: str = "127.0.0.1") -> int:
+    """The first of ``size`` consecutive ports that were free on ``host``."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            first = probe.getsockname()[1]
+        if first + size > 65536:
+            continue
+        held = []
+        try:
+            for port in range(first, first + size):
+                s = socket.socket()
+                held.append(s)
+                s.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+        return first
 
 
 def load_or_exit(path: str | None, config_dir: str | None = None) -> Config:
@@ -106,6 +183,11 @@ def load_or_exit(path: str | None, config_dir: str | None = None) -> Config:
         raise SystemExit(1) from None
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for model in config.models.values():
+        # Only a warning: the file may be there by the time the model starts.
+        problem = program_problem(model.argv[0]) if model.argv else None
+        if problem:
+            print(f"warning: models.{model.id}.cmd: {problem}", file=sys.stderr)
     return config
 
 
@@ -133,8 +215,12 @@ def makeService(options: Options) -> service.MultiService:
             endpoint=endpoint,
         )
     site = LlamaSwapSite(core.app.resource(), reactor)
-    web = strports.service(endpoint, site)
-    web.setServiceParent(top)
+    site.noisy = False  # no "Starting factory <...>" line; the start-up lines say it
+    WebService(
+        endpoints.serverFromString(reactor, endpoint),
+        site,
+        tls=endpoint.startswith(("ssl:", "tls:")),
+    ).setServiceParent(top)
     notify = SystemdNotifyService(
         Notifier.from_environment(), reactor, lambda: running_models_status(core.processes)
     )
@@ -142,3 +228,74 @@ def makeService(options: Options) -> service.MultiService:
     notify.setServiceParent(top)
     ReloadService(core, reactor, watch=options["watch-config"], notify=notify).setServiceParent(top)
     return top
+
+
+def base_urls(address: Any, tls: bool) -> tuple[str, str | None]:
+    """The URL to show for a listening ``address`` and, when other hosts can
+    reach it, a note saying so."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return f"unix:{getattr(address, 'name', address)}", None
+    scheme = "https" if tls else "http"
+    note = None
+    if host in ("0.0.0.0", "::"):
+        note = "on every interface"
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}", note
+
+
+@implementer(IStreamServerEndpoint)
+class _Announced:
+    """An endpoint whose ``listen`` logs where to go once it listens."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, tls: bool) -> None:
+        self._endpoint = endpoint
+        self._tls = tls
+
+    def listen(self, factory: Any) -> Any:
+        return self._endpoint.listen(factory).addCallback(self._announce)
+
+    def _announce(self, port: IListeningPort) -> IListeningPort:
+        url, note = base_urls(port.getHost(), self._tls)
+        if url.startswith("unix:"):
+            log.info("listening on {url}", url=url)
+            return port
+        log.info(
+            "listening on {url}{note} (OpenAI base URL {url}/v1)",
+            url=url,
+            note=f" {note}" if note else "",
+        )
+        log.info("web UI: {url}/ui/", url=url)
+        return port
+
+
+class WebService(StreamServerEndpointService):
+    """Listens (in ``privilegedStartService``, before twistd drops
+    privileges) and logs the URLs.  An address that cannot be listened on
+    (in use, not permitted) is one line on stderr and exit status 1, not a
+    traceback."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, *, tls: bool) -> None:
+        super().__init__(_Announced(endpoint, tls), factory)
+        self._raiseSynchronously = True  # as strports.service: errors raise at start
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as exc:
+            print(cannot_listen_message(exc), file=sys.__stderr__, flush=True)
+            raise SystemExit(1) from None
+
+
+def cannot_listen_message(exc: CannotListenError) -> str:
+    """``cannot listen on 127.0.0.1:8080: address already in use ...`` in one line."""
+    error = exc.socketError
+    reason = getattr(error, "strerror", None) or str(error)
+    host = exc.interface or "0.0.0.0"
+    address = f"[{host}]:{exc.port}" if ":" in host else f"{host}:{exc.port}"
+    hint = "choose another address with --listen, e.g. --listen 127.0.0.1:8081"
+    if getattr(error, "errno", None) == errno.EADDRINUSE:
+        hint = "is another llamaswap (or another server) running there? " + hint
+    return f"llamaswap: cannot listen on {address}: {reason.lower()}; {hint}"
