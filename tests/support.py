@@ -52,9 +52,10 @@ async def poll_until(
 class ServiceProcess:
     """llamaswap run as users run it, as a child process of the test:
     ``argv`` follows the Python interpreter, ``--listen`` is added on
-    loopback.  Output is collected; ``ended`` fires with the exit code."""
+    loopback, ``cwd`` is its directory.  Output is collected; ``ended``
+    fires with the exit code."""
 
-    def __init__(self, argv: list[str], listen_port: int) -> None:
+    def __init__(self, argv: list[str], listen_port: int, cwd: str = REPO) -> None:
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.output: list[bytes] = []
         running = self
@@ -73,7 +74,7 @@ class ServiceProcess:
             PYTHON,
             [PYTHON, *argv, "--listen", f"127.0.0.1:{listen_port}"],
             env={**os.environ, "PYTHONPATH": REPO},
-            path=REPO,
+            path=cwd,
         )
         self.url = f"http://127.0.0.1:{listen_port}"
         self.pool = HTTPConnectionPool(reactor, persistent=False)

@@ -185,9 +185,9 @@ def load_or_exit(path: str | None, config_dir: str | None = None) -> Config:
         print(f"warning: {warning}", file=sys.stderr)
     for model in config.models.values():
         # Only a warning: the file may be there by the time the model starts.
-        problem = program_problem(model.argv[0]) if model.argv else None
-        if problem:
-            print(f"warning: models.{model.id}.cmd: {problem}", file=sys.stderr)
+        missing = program_problem(model.argv[0]) if model.argv else None
+        if missing:
+            print(f"warning: models.{model.id}.cmd: {missing}", file=sys.stderr)
     return config
 
 
