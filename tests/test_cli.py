@@ -5,6 +5,7 @@ each checked by its text in real subprocesses of both ``llamaswap`` and
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -13,11 +14,20 @@ import tempfile
 
 import treq
 from twisted.internet import reactor, utils
-from twisted.trial.unittest import TestCase
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import CannotListenError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llamaswap import __version__
+from llamaswap.core.text import count_of
 from llamaswap.service.shutdown import SECOND_SIGNAL_HINT
-from llamaswap.service.tap import NO_CONFIG
+from llamaswap.service.tap import (
+    NO_CONFIG,
+    base_urls,
+    cannot_listen_message,
+    demo_config_path,
+    load_demo,
+)
 from tests.support import PYTHON, REPO, RESPONDER, ServiceProcess, free_port, poll_until
 from tests.test_twistd import TWISTD
 
@@ -276,3 +286,59 @@ class DemoTests(TestCase):
                     running.transport.signalProcess(signal.SIGTERM)
             await poll_until(lambda: first.ended.called and second.ended.called, timeout=20)
         self.assertEqual(first.text().count("demo-small Health check passed"), 1, first.text())
+
+
+class AddressTextTests(SynchronousTestCase):
+    def test_urls(self) -> None:
+        """The start-up URL: loopback as it is, every interface shown as a
+        loopback URL with a note, IPv6 in brackets, https for TLS, unix
+        sockets by path."""
+        self.assertEqual(
+            base_urls(IPv4Address("TCP", "127.0.0.1", 8080), tls=False),
+            ("http://127.0.0.1:8080", None),
+        )
+        self.assertEqual(
+            base_urls(IPv4Address("TCP", "0.0.0.0", 8080), tls=True),
+            ("https://127.0.0.1:8080", "on every interface"),
+        )
+        self.assertEqual(
+            base_urls(IPv6Address("TCP", "::1", 9000), tls=False), ("http://[::1]:9000", None)
+        )
+        self.assertEqual(
+            base_urls(UNIXAddress("/run/l.sock"), tls=False), ("unix:/run/l.sock", None)
+        )
+
+    def test_cannot_listen_other_reasons(self) -> None:
+        """Another reason than "in use" is named as it is, with ``--listen``."""
+        error = CannotListenError("0.0.0.0", 80, PermissionError(errno.EACCES, "Permission denied"))
+        self.assertEqual(
+            cannot_listen_message(error),
+            "llamaswap: cannot listen on 0.0.0.0:80: permission denied; choose another"
+            " address with --listen, e.g. --listen 127.0.0.1:8081",
+        )
+
+    def test_count_of(self) -> None:
+        """``1 model``, ``2 models``, ``0 models``."""
+        self.assertEqual(
+            [count_of(n, "model") for n in (0, 1, 2)], ["0 models", "1 model", "2 models"]
+        )
+
+    def test_demo_config_is_package_data(self) -> None:
+        """The demo config is inside the package (setup.cfg ships it), runs
+        the installed demo console script (no checkout path), and loads."""
+        import configparser
+
+        path = demo_config_path()
+        self.assertTrue(path.endswith(os.path.join("llamaswap", "demo", "demo.yaml")), path)
+        setup = configparser.ConfigParser()
+        setup.read(os.path.join(REPO, "setup.cfg"))
+        self.assertEqual(setup["options.package_data"]["llamaswap.demo"], "demo.yaml")
+        self.assertIn(
+            "llamaswap-demo-upstream = llamaswap.demo.server:main",
+            setup["options.entry_points"]["console_scripts"],
+        )
+        config = load_demo()
+        self.assertEqual(sorted(config.models), ["demo-embed", "demo-large", "demo-small"])
+        for model in config.models.values():
+            self.assertEqual(model.argv[0], "llamaswap-demo-upstream")
+        self.assertNotEqual(config.start_port, 5800)

@@ -23,6 +23,7 @@ from llamaswap import __version__
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.commands import program_problem
 from llamaswap.config.loader import load_config_sources, load_config_text
+from llamaswap.core.text import as_text
 from llamaswap.service.logsetup import set_log_level
 from llamaswap.service.reload import ReloadService
 from llamaswap.service.systemd import (
@@ -236,7 +237,8 @@ def base_urls(address: Any, tls: bool) -> tuple[str, str | None]:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     if host is None or port is None:
-        return f"unix:{getattr(address, 'name', address)}", None
+        name = getattr(address, "name", address)
+        return f"unix:{as_text(name) if isinstance(name, bytes) else name}", None
     scheme = "https" if tls else "http"
     note = None
     if host in ("0.0.0.0", "::"):
