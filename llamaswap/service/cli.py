@@ -4,21 +4,32 @@
 ``twistd -n --pidfile= llamaswap`` would, with the same options;
 ``llamaswap --demo`` runs the bundled demo; ``llamaswap check-config CONFIG``
 validates a config and prints it resolved.  Each command is a
-:class:`~twisted.python.usage.Options` class in :attr:`CommandLine.subCommands`
-with a function that runs it.
+:class:`Command` (its options and its ``run``) listed in
+:attr:`CommandLine.subCommands`.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 
 from twisted.python import usage
 
-from llamaswap.service.tap import Options, version_text
+from llamaswap.service.tap import Options, load_or_exit, version_text
 
 
-class CheckConfigOptions(usage.Options):
+class Command(usage.Options):
+    """A ``llamaswap COMMAND``: its options, and :meth:`run`."""
+
+    def opt_version(self) -> None:
+        print(version_text())
+        raise SystemExit(0)
+
+    def run(self) -> int:
+        """Do the command; returns the exit status."""
+        raise NotImplementedError
+
+
+class CheckConfigOptions(Command):
     longdesc = (
         "Load CONFIG as the service would and print it resolved (macros expanded,"
         " ports assigned); a bad config prints one line per problem and exits 1."
@@ -27,19 +38,16 @@ class CheckConfigOptions(usage.Options):
     def getSynopsis(self) -> str:
         return "Usage: llamaswap check-config CONFIG"
 
-    def opt_version(self) -> None:
-        print(version_text())
-        raise SystemExit(0)
-
     def parseArgs(self, *paths: str) -> None:
         if len(paths) != 1:
             raise usage.UsageError("needs one config file (llamaswap check-config CONFIG)")
         self["path"] = paths[0]
 
+    def run(self) -> int:
+        return check_config(self)
+
 
 def check_config(options: CheckConfigOptions) -> int:
-    from llamaswap.service.tap import load_or_exit
-
     config = load_or_exit(options["path"])
     sys.stdout.write(config.resolved_yaml())
     return 0
@@ -67,12 +75,6 @@ class CommandLine(Options):
             super().postOptions()
 
 
-#: what each command runs, by name.
-COMMANDS: dict[str, Callable[[usage.Options], int]] = {
-    "check-config": check_config,  # type: ignore[dict-item]
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     options = CommandLine()
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print("Run `llamaswap --help` for the options and commands.", file=sys.stderr)
         return 2
     if options.subCommand is not None:
-        return COMMANDS[options.subCommand](options.subOptions)
+        assert isinstance(options.subOptions, Command)
+        return options.subOptions.run()
     return run(options)
 
 

@@ -154,7 +154,7 @@ def load_demo() -> Config:
 
 def free_port_block(size: int, host: str = "127.0.0.1") -> int:
     """The first of ``size`` consecutive ports that were free on ``host``."""
-    while True:
+    for _ in range(100):
         with socket.socket() as probe:
             probe.bind((host, 0))
             first = probe.getsockname()[1]
@@ -172,6 +172,7 @@ def free_port_block(size: int, host: str = "127.0.0.1") -> int:
             for s in held:
                 s.close()
         return first
+    raise SystemExit(f"llamaswap: found no {size} free ports in a row on {host} for the demo")
 
 
 def load_or_exit(path: str | None, config_dir: str | None = None) -> Config:
