@@ -19,6 +19,7 @@ from twisted.internet.error import CannotListenError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llamaswap import __version__
+from llamaswap.config import load_config
 from llamaswap.core.text import count_of
 from llamaswap.service.shutdown import SECOND_SIGNAL_HINT
 from llamaswap.service.tap import (
@@ -26,7 +27,7 @@ from llamaswap.service.tap import (
     base_urls,
     cannot_listen_message,
     demo_config_path,
-    load_demo,
+    write_demo_config,
 )
 from tests.support import PYTHON, REPO, RESPONDER, ServiceProcess, free_port, poll_until
 from tests.test_twistd import TWISTD
@@ -325,7 +326,8 @@ class AddressTextTests(SynchronousTestCase):
 
     def test_demo_config_is_package_data(self) -> None:
         """The demo config is inside the package (setup.cfg ships it), runs
-        the installed demo console script (no checkout path), and loads."""
+        the installed demo console script (no checkout path), and loads; the
+        copy ``--demo`` runs has its model servers on free ports."""
         import configparser
 
         path = demo_config_path()
@@ -337,7 +339,9 @@ class AddressTextTests(SynchronousTestCase):
             "llamaswap-demo-upstream = llamaswap.demo.server:main",
             setup["options.entry_points"]["console_scripts"],
         )
-        config = load_demo()
+        copy = write_demo_config()
+        self.addCleanup(os.unlink, copy)
+        config = load_config(copy)
         self.assertEqual(sorted(config.models), ["demo-embed", "demo-large", "demo-small"])
         for model in config.models.values():
             self.assertEqual(model.argv[0], "llamaswap-demo-upstream")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import ipaddress
+import os
 import re
 import socket
 import sys
+import tempfile
 from importlib import resources
 from typing import Any
 
@@ -22,7 +25,7 @@ from zope.interface import implementer
 from llamaswap import __version__
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.commands import program_problem
-from llamaswap.config.loader import load_config_sources, load_config_text
+from llamaswap.config.loader import load_config_sources
 from llamaswap.core.text import as_text
 from llamaswap.service.logsetup import set_log_level
 from llamaswap.service.reload import ReloadService
@@ -128,10 +131,8 @@ class Options(usage.Options):
             listen = "127.0.0.1:8443"
         self["endpoint"] = listen_endpoint(listen, self["tls-cert-file"], self["tls-key-file"])
         if self["demo"]:
-            self["config"] = demo_config_path()
-            self["loaded"] = load_demo()
-        else:
-            self["loaded"] = load_or_exit(self["config"], self["config-dir"])
+            self["config"] = write_demo_config()
+        self["loaded"] = load_or_exit(self["config"], self["config-dir"])
 
 
 def demo_config_path() -> str:
@@ -139,17 +140,26 @@ def demo_config_path() -> str:
     return str(resources.files("llamaswap.demo").joinpath("demo.yaml"))
 
 
-def load_demo() -> Config:
-    """The demo config, its model servers on free ports (not the file's
-    ``startPort``), so a second demo on another ``--listen`` port works."""
+def write_demo_config() -> str:
+    """A copy of the demo config whose model servers take free ports (not
+    the file's ``startPort``), so a second demo on another ``--listen`` port
+    works; a reload re-reads the same copy.  Removed when llamaswap exits."""
     with open(demo_config_path(), encoding="utf-8") as stream:
         text = stream.read()
     start = free_port_block(3)
     text = re.sub(r"(?m)^startPort: \d+$", f"startPort: {start}", text)
+    fd, path = tempfile.mkstemp(prefix="llamaswap-demo-", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    atexit.register(_remove, path)
+    return path
+
+
+def _remove(path: str) -> None:
     try:
-        return load_config_text(text)
-    except ConfigError as exc:  # pragma: no cover - the shipped demo loads (tested)
-        raise SystemExit("\n".join(exc.problems)) from None
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def free_port_block(size: int, host: str = "127.0.0.1") -> int:
