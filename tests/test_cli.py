@@ -208,8 +208,8 @@ class StartAndStopTests(TestCase):
     timeout = 60
 
     async def _serve(self, argv: list[str], models: dict[str, object], expected: str) -> str:
-        """Start, check the first lines, unload ``a`` through the API, stop
-        with SIGINT; returns the whole output."""
+        """Start, check the first lines, start ``a`` and unload it through
+        the API (all, then by name), stop with SIGINT; returns the output."""
         port = free_port()
         running = ServiceProcess([*argv, "-c", write_config(self, models)], port)
         await running.wait_up()
@@ -224,12 +224,17 @@ class StartAndStopTests(TestCase):
             [f"listening on {url} (OpenAI base URL {url}/v1)", f"web UI: {url}/ui/", expected],
         )
         self.assertNotIn("Starting factory", running.text())
-        response = await treq.post(url + "/api/models/unload/a", pool=running.pool)
-        await response.content()
-        self.assertEqual(response.code, 200)
+        started = await treq.get(url + "/upstream/a/health", pool=running.pool)
+        await started.content()
+        self.assertEqual(started.code, 200, running.text())
+        for path in ("/api/models/unload", "/api/models/unload/a"):
+            response = await treq.post(url + path, pool=running.pool)
+            await response.content()
+            self.assertEqual(response.code, 200)
         running.transport.signalProcess(signal.SIGINT)
         await running.ended
         text = running.text()
+        self.assertIn("unloading a: asked by POST /api/models/unload from 127.0.0.1", text)
         self.assertIn(
             "unloading a (not running): asked by POST /api/models/unload/a from 127.0.0.1", text
         )

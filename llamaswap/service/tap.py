@@ -248,8 +248,7 @@ def base_urls(address: Any, tls: bool) -> tuple[str, str | None]:
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
     if host is None or port is None:
-        name = getattr(address, "name", address)
-        return f"unix:{as_text(name) if isinstance(name, bytes) else name}", None
+        return f"unix:{as_text(getattr(address, 'name', None) or str(address))}", None
     scheme = "https" if tls else "http"
     note = None
     if host in ("0.0.0.0", "::"):
