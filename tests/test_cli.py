@@ -203,6 +203,35 @@ class PortInUseTests(TestCase):
         """``twistd -n llamaswap`` on a port in use: the same."""
         await self._check(TWISTD_RUN)
 
+    async def test_twistd_daemon(self) -> None:
+        """Daemonized (stderr is gone), the line goes to twistd's log file
+        and twistd reports the failure to the shell; exit status 1."""
+        root = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, root)
+        logfile = os.path.join(root, "twistd.log")
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            out, err, code = await run(
+                [
+                    *TWISTD,
+                    f"--pidfile={os.path.join(root, 'pid')}",
+                    f"--logfile={logfile}",
+                    "llamaswap",
+                    "-c",
+                    write_config(self, {"a": responder_model()}),
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                ]
+            )
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("An error has occurred", out + err)
+        with open(logfile) as f:
+            self.assertIn(
+                f"llamaswap: cannot listen on 127.0.0.1:{port}: address already in use", f.read()
+            )
+
 
 class StartAndStopTests(TestCase):
     timeout = 60

@@ -232,6 +232,7 @@ def makeService(options: Options) -> service.MultiService:
         endpoints.serverFromString(reactor, endpoint),
         site,
         tls=endpoint.startswith(("ssl:", "tls:")),
+        daemon=_daemonized(options),
     ).setServiceParent(top)
     notify = SystemdNotifyService(
         Notifier.from_environment(), reactor, lambda: running_models_status(core.processes)
@@ -240,6 +241,12 @@ def makeService(options: Options) -> service.MultiService:
     notify.setServiceParent(top)
     ReloadService(core, reactor, watch=options["watch-config"], notify=notify).setServiceParent(top)
     return top
+
+
+def _daemonized(options: Options) -> bool:
+    """Whether twistd runs us as a daemon (without ``-n``)."""
+    twistd = getattr(options, "parent", None)
+    return twistd is not None and not twistd.get("nodaemon", True)
 
 
 def base_urls(address: Any, tls: bool) -> tuple[str, str | None]:
@@ -289,14 +296,22 @@ class WebService(StreamServerEndpointService):
     (in use, not permitted) is one line on stderr and exit status 1, not a
     traceback."""
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, *, tls: bool) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: Any, *, tls: bool, daemon: bool = False
+    ) -> None:
         super().__init__(_Announced(endpoint, tls), factory)
         self._raiseSynchronously = True  # as strports.service: errors raise at start
+        self._daemon = daemon
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except CannotListenError as exc:
+            if self._daemon:
+                # stderr is /dev/null by now: the log file gets the line, and
+                # twistd reports the error to the shell that started it.
+                log.error("{message}", message=cannot_listen_message(exc))
+                raise
             print(cannot_listen_message(exc), file=sys.__stderr__, flush=True)
             raise SystemExit(1) from None
 
