@@ -6,6 +6,7 @@ each checked by its text in real subprocesses of both ``llamaswap`` and
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import signal
@@ -321,6 +322,19 @@ class DemoTests(TestCase):
                     running.transport.signalProcess(signal.SIGTERM)
             await poll_until(lambda: first.ended.called and second.ended.called, timeout=20)
         self.assertEqual(first.text().count("demo-small Health check passed"), 1, first.text())
+
+    async def test_twistd_demo_copy_removed(self) -> None:
+        """``twistd -n llamaswap --demo`` removes its copy of the demo config
+        when stopped, though twistd ends by re-raising the signal."""
+        pattern = os.path.join(tempfile.gettempdir(), "llamaswap-demo-*.yaml")
+        before = set(glob.glob(pattern))
+        running = ServiceProcess([*TWISTD_RUN, "--demo"], free_port())
+        await running.wait_up()
+        mine = set(glob.glob(pattern)) - before
+        self.assertEqual(len(mine), 1, mine)
+        running.transport.signalProcess(signal.SIGTERM)
+        await running.ended
+        self.assertFalse(any(os.path.exists(path) for path in mine), running.text())
 
 
 class AddressTextTests(SynchronousTestCase):

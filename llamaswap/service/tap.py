@@ -143,7 +143,8 @@ def demo_config_path() -> str:
 def write_demo_config() -> str:
     """A copy of the demo config whose model servers take free ports (not
     the file's ``startPort``), so a second demo on another ``--listen`` port
-    works; a reload re-reads the same copy.  Removed when llamaswap exits."""
+    works; a reload re-reads the same copy.  Removed when llamaswap exits
+    (at reactor shutdown; at exit if it never ran)."""
     with open(demo_config_path(), encoding="utf-8") as stream:
         text = stream.read()
     start = free_port_block(3)
@@ -208,6 +209,9 @@ def makeService(options: Options) -> service.MultiService:
 
     config: Config = options["loaded"]
     set_log_level(config.log_level)
+    if options["demo"]:
+        # twistd ends by re-raising a stop signal, when atexit does not run.
+        reactor.addSystemEventTrigger("after", "shutdown", _remove, options["config"])
     # Stops run last-added first, one at a time: STOPPING=1, stop listening,
     # wait for in-flight requests (bounded), then stop every model process.
     top = SequentialMultiService()
