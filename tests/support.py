@@ -52,9 +52,9 @@ async def poll_until(
 class ServiceProcess:
     """llamaswap run as users run it, as a child process of the test:
     ``argv`` follows the Python interpreter, ``--listen`` is added on
-    loopback.  Output is collected; ``ended`` fires with the exit code.
-    ``stdout``: a descriptor the child writes its stdout to instead; ``env``:
-    variables added to its environment."""
+    loopback, ``cwd`` is its directory.  Output is collected; ``ended``
+    fires with the exit code.  ``stdout``: a descriptor the child writes its
+    stdout to instead; ``env``: variables added to its environment."""
 
     def __init__(
         self,
@@ -62,6 +62,7 @@ class ServiceProcess:
         listen_port: int,
         stdout: int | None = None,
         env: dict[str, str] | None = None,
+        cwd: str = REPO,
     ) -> None:
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.output: list[bytes] = []
@@ -81,7 +82,7 @@ class ServiceProcess:
             PYTHON,
             [PYTHON, *argv, "--listen", f"127.0.0.1:{listen_port}"],
             env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
-            path=REPO,
+            path=cwd,
             childFDs=None if stdout is None else {0: "w", 1: stdout, 2: "r"},
         )
         self.url = f"http://127.0.0.1:{listen_port}"

@@ -7,6 +7,7 @@ rules (quotes and backslash escapes, no expansion).
 
 from __future__ import annotations
 
+import os
 import shlex
 
 
@@ -39,3 +40,22 @@ def parse_command(cmd: str) -> tuple[str, ...]:
     if not argv:
         raise ValueError("empty command")
     return argv
+
+
+def program_problem(program: str) -> str | None:
+    """Why ``program``, given as a path (``/opt/llama/llama-server``,
+    ``./server``), cannot be run: ``not found`` or ``not an executable file``.
+    ``None`` when it can, and for a bare name (looked up in ``PATH`` at start)."""
+    if "/" not in program:
+        return None
+    if not os.path.exists(program):
+        return f"{program}: not found"
+    if os.path.isdir(program) or not os.access(program, os.X_OK):
+        return f"{program}: not an executable file"
+    return None
+
+
+def not_found_message(program: str) -> str:
+    """Why ``program`` could not be started: for a path, what is wrong with
+    that path; for a bare name, that ``PATH`` has no such program."""
+    return program_problem(program) or f'exec: "{program}": executable file not found in $PATH'

@@ -125,7 +125,12 @@ def parse_yaml(text: str) -> dict[str, Any]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError([f"config: invalid YAML{where}: {e.problem or e.context}"]) from None
+        reason = e.problem or e.context
+        started = e.context_mark
+        if e.problem and e.context and started and (not mark or started.line != mark.line):
+            # e.g. an unclosed quote: say where it began, not only where the text ran out
+            reason = f"{reason} ({e.context} at line {started.line + 1})"
+        raise ConfigError([f"config: invalid YAML{where}: {reason}"]) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"config: invalid YAML: {e}"]) from None
     if document is None:

@@ -49,7 +49,7 @@ from llamaswap.config.model import (
     ModelConfig,
 )
 from llamaswap.config.peers import Peers, read_peers
-from llamaswap.config.problems import describe
+from llamaswap.config.problems import describe, in_file, missing_server_message
 from llamaswap.config.profiles import ProfilesConfig, planner_coexistence, read_profiles
 from llamaswap.config.routing import RoutingConfig, read_routing
 from llamaswap.config.settings import (
@@ -111,7 +111,7 @@ TOP_LEVEL_KEYS = frozenset(
 
 def load_config(path: str) -> Config:
     """Read and load the config file at ``path``."""
-    return load_config_text(_read(path))
+    return _build(_parse(_read(path), os.environ, path))
 
 
 def load_config_sources(
@@ -123,20 +123,13 @@ def load_config_sources(
         files = config_sources(config, config_dir)
     except ValueError as e:
         raise ConfigError([str(e)]) from None
-    if config and not config_dir:
-        return load_config_text(_read(config), environ)
     env = os.environ if environ is None else environ
+    if config and not config_dir:
+        return _build(_parse(_read(config), env, config))
     documents = []
     for path in files:
         text = _read(path)
-        try:
-            text = substitute_env(text, env, visible_text(text))
-        except EnvMacroError as e:
-            raise ConfigError([f"{path}: {problem}" for problem in e.problems]) from None
-        try:
-            documents.append((path, parse_yaml(text) if text.strip() else None))
-        except ConfigError as e:
-            raise ConfigError([f"{path}: {problem}" for problem in e.problems]) from None
+        documents.append((path, _parse(text, env, path) if text.strip() else None))
     try:
         merged = merge_documents(documents)
     except ValueError as e:
@@ -157,11 +150,20 @@ def _read(path: str) -> str:
 def load_config_text(text: str, environ: Mapping[str, str] | None = None) -> Config:
     """Load a config from YAML ``text``; ``environ`` (default ``os.environ``)
     supplies ``${env.X}``.  Raises :class:`ConfigError`."""
+    return _build(_parse(text, os.environ if environ is None else environ, None))
+
+
+def _parse(text: str, environ: Mapping[str, str], source: str | None) -> dict[str, Any]:
+    """``${env.X}`` substituted, then the YAML parsed; problems of these two
+    stages name ``source`` (the file) when there is one."""
     try:
-        text = substitute_env(text, os.environ if environ is None else environ, visible_text(text))
+        text = substitute_env(text, environ, visible_text(text))
     except EnvMacroError as e:
-        raise ConfigError(e.problems) from None
-    return _build(parse_yaml(text))
+        raise ConfigError(in_file(source, e.problems)) from None
+    try:
+        return parse_yaml(text)
+    except ConfigError as e:
+        raise ConfigError(in_file(source, e.problems)) from None
 
 
 # --- building the Config ---
@@ -183,12 +185,15 @@ def _build(raw: dict[str, Any]) -> Config:
             report.error(path, f"must be a mapping, got {describe(entry)}")
             continue
         report.unknown_keys(entry, MODEL_KEYS, path)
+        if entry.get("cmd") in (None, "") and entry.get("proxy") in (None, ""):
+            # Else the default proxy's ${PORT} would be the (puzzling) complaint.
+            report.error(path, missing_server_message(entry, MODEL_KEYS))
         local = Fields(entry, path, report).mapping("macros")
         model_macros[model_id], problems = read_macros(local, f"{path}.macros")
         report.errors.extend(problems)
         prepared[model_id] = prepare_model(entry)
     if report.errors:
-        raise ConfigError(report.errors)
+        raise ConfigError(report.errors, report.warnings)
 
     # Global macros apply to every top-level value except the models and the
     # declarations themselves.
@@ -239,7 +244,7 @@ def _build(raw: dict[str, Any]) -> Config:
     max_request_body_size, problems = read_max_request_body_size(expanded)
     report.errors.extend(problems)
     if report.errors:
-        raise ConfigError(report.errors)
+        raise ConfigError(report.errors, report.warnings)
     return Config(
         models=MappingProxyType(models),
         aliases=MappingProxyType(aliases),

@@ -264,8 +264,13 @@ def _mask_macros(macros: Any, known: list[str]) -> Any:
 
 class ConfigError(Exception):
     """The configuration is invalid.  ``problems`` holds one line per problem,
-    each naming the key path, e.g. ``models.llama.ttl: must be >= 0, got -5``."""
+    each naming the key path, e.g. ``models.llama.ttl: must be >= 0, got -5``;
+    ``warnings`` what was noticed on the way (an unknown key with its "did you
+    mean" often explains the error)."""
 
-    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
+    def __init__(
+        self, problems: list[str] | tuple[str, ...], warnings: list[str] | tuple[str, ...] = ()
+    ) -> None:
         self.problems = tuple(problems)
+        self.warnings = tuple(warnings)
         super().__init__("\n".join(self.problems))

@@ -12,6 +12,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 
 from llamaswap import __version__
 from llamaswap.config import Config
+from llamaswap.core.text import count_of
 from llamaswap.observe.events import EventBus, follow_processes, model_status_records
 from llamaswap.observe.inflight import InflightTracker
 from llamaswap.observe.logs import LogHub
@@ -118,9 +119,9 @@ class LlamaSwapService(service.Service):
         if self.logs.log_to_stdout in ("upstream", "both"):
             self._stdout_subscription = self.logs.upstream.subscribe(write_stdout)
         log.info(
-            "llamaswap {version} managing {count} models: {models}",
+            "llamaswap {version} managing {count}: {models}",
             version=__version__,
-            count=len(self.config.models),
+            count=count_of(len(self.config.models), "model"),
             models=", ".join(self.config.models),
         )
         self.preload()

@@ -233,6 +233,11 @@ class ShutdownReactor(Protocol):
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: logged when the shutdown begins (after the first Ctrl-C or SIGTERM).
+SECOND_SIGNAL_HINT = (
+    "shutting down: finishing requests in flight, then stopping the models;"
+    " press Ctrl-C again (or send SIGTERM again) to stop at once"
+)
 
 
 def hurry_on_signals(
@@ -302,6 +307,8 @@ class DrainService(service.Service):
             hurry_on_signals(self._reactor, self._grace, self._signums)
         except ValueError as error:  # not the main thread
             log.warn("repeated stop signals will not hurry shutdown: {error}", error=error)
+        else:
+            log.info(SECOND_SIGNAL_HINT)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

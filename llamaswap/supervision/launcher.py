@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from llamaswap.config.commands import not_found_message
 from llamaswap.supervision.waiters import Waiters
 
 log = Logger()
@@ -220,7 +221,7 @@ class ProcessGroupLauncher:
         search = os.pathsep.join([env.get("PATH", os.defpath), os.path.dirname(sys.executable)])
         executable = shutil.which(argv[0], path=search)
         if executable is None:
-            raise FileNotFoundError(f'exec: "{argv[0]}": executable file not found in $PATH')
+            raise FileNotFoundError(not_found_message(argv[0]))
         protocol = _ChildProtocol(cast(IReactorTime, self._reactor), on_output, on_exit)
         args = [*self._trampoline, executable, *argv[1:]]
         transport = self._reactor.spawnProcess(protocol, args[0], args, env=dict(env), usePTY=False)

@@ -186,14 +186,33 @@ class AdminApi:
             )
         return _json(request, {"running": running})
 
+    def _log_unload(self, request: Any, models: list[str] | None = None) -> None:
+        """One line naming what is unloaded (all: the models running) and who asked."""
+        processes = self._router.processes
+        running = {m for m, p in processes.items() if p.state is not ProcessState.STOPPED}
+        if models is None:
+            models = sorted(running)
+        else:
+            models = [m if m in running else f"{m} (not running)" for m in models]
+        client = request.getClientAddress()
+        log.info(
+            "unloading {models}: asked by {method} {path} from {client}",
+            models=", ".join(models) or "nothing (no model is running)",
+            method=request.method.decode("ascii", "replace"),
+            path=request.path.decode("utf-8", "replace"),
+            client=getattr(client, "host", client),
+        )
+
     @app.route("/unload", methods=["GET", "HEAD"])
     async def unload_all_legacy(self, request: Any) -> bytes:
+        self._log_unload(request)
         await self._router.unload()
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"OK"
 
     @app.route("/api/models/unload", methods=["POST"])
     async def unload_all(self, request: Any) -> bytes:
+        self._log_unload(request)
         await self._router.unload()
         return _json(request, {"msg": "ok"})
 
@@ -202,6 +221,7 @@ class AdminApi:
         model_id = self._routing.state.config.resolve(name)
         if model_id is None:
             return render_error(request, 404, "model not found")
+        self._log_unload(request, [model_id])
         await self._router.unload([model_id])
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"OK"
