@@ -11,6 +11,11 @@ kernel send a reset, and the client would lose the ``413``).
 Header count and size and the idle time-out are Twisted's own
 (``HTTPChannel.maxHeaders``, ``totalHeadersSize``, ``timeOut``), set here
 explicitly so that they stay bounded whatever Twisted's defaults become.
+The idle time-out is reset by every byte, so a client sending one byte a
+minute could hold a connection for as long as its head may be long: the whole
+head (request line and headers) must also arrive within ``HEAD_TIMEOUT``
+seconds of its first byte (of the accept, for a connection's first request),
+or the connection gets a JSON ``408`` and is closed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ TOTAL_HEADERS_SIZE = 16 * 1024
 #: between keep-alive requests, and between the bytes of a request's head
 #: and body (never while a response is being produced).
 IDLE_TIMEOUT = 60
+#: seconds a request's whole head (request line and headers) may take to
+#: arrive, from its first byte (from the accept for a connection's first
+#: request).
+HEAD_TIMEOUT = 30.0
 #: seconds a refused request's connection keeps discarding input after the
 #: ``413`` before it is closed.
 LINGER = 2.0
@@ -68,7 +77,68 @@ def bound_channel(protocol: Any) -> Any:
 
     channel._respondToBadRequestAndDisconnect = bad_request
     channel.lineLengthExceeded = bad_request
+    _head_deadline(channel)
     return protocol
+
+
+def _head_deadline(channel: Any) -> None:
+    """Close ``channel`` with a JSON ``408`` when a request head takes more
+    than ``HEAD_TIMEOUT`` seconds to arrive (see the module docstring)."""
+    deadline: list[Any] = []
+    connection_made = channel.connectionMade
+    data_received = channel.dataReceived
+    all_headers_received = channel.allHeadersReceived
+    connection_lost = channel.connectionLost
+
+    def reading_head() -> bool:
+        return bool(channel.line_mode) and not channel._handlingRequest
+
+    def arm() -> None:
+        if not deadline and reading_head():
+            deadline.append(channel.callLater(HEAD_TIMEOUT, expired))
+
+    def disarm() -> None:
+        if deadline:
+            call = deadline.pop()
+            if call.active():
+                call.cancel()
+
+    def expired() -> None:
+        deadline.clear()
+        if not reading_head() or channel.transport is None:
+            return
+        log.info(
+            "closing a connection from {peer}: request head not received within {seconds} s",
+            peer=getattr(channel.transport.getPeer(), "host", "?"),
+            seconds=HEAD_TIMEOUT,
+        )
+        body = json_envelope(408, f"request head not received within {HEAD_TIMEOUT:g} s")
+        channel.transport.write(
+            _closing_response(b"408 Request Timeout", b"application/json", body)
+        )
+        channel.setTimeout(None)
+        channel.loseConnection()
+
+    def on_connection_made() -> None:
+        connection_made()
+        arm()
+
+    def on_data(data: bytes) -> None:
+        arm()
+        data_received(data)
+
+    def on_all_headers() -> None:
+        disarm()
+        all_headers_received()
+
+    def on_lost(reason: Any) -> None:
+        disarm()
+        connection_lost(reason)
+
+    channel.connectionMade = on_connection_made
+    channel.dataReceived = on_data
+    channel.allHeadersReceived = on_all_headers
+    channel.connectionLost = on_lost
 
 
 def _discard(data: bytes) -> None:
