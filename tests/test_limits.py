@@ -258,6 +258,33 @@ class BodyLimitTests(TestCase):
                 self.assert_bad_request(await self._exchange(raw))
         self.assertEqual(self.resource.sizes, [])
 
+    async def test_connection_close_among_tokens(self) -> None:
+        """``Connection: close`` closes the connection after the response
+        however the client lists its tokens (Twisted splits on spaces only)."""
+        for header in (
+            b"Connection: close, X-Foo\r\n",
+            b"Connection: X-Foo,close\r\n",
+            b"Connection: keep-alive\r\nConnection: close\r\n",
+        ):
+            with self.subTest(header=header):
+                endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+                client = await connectProtocol(endpoint, _Client())
+                client.transport.write(b"GET /x HTTP/1.1\r\nHost: h\r\n" + header + b"\r\n")
+                aborted: list[bool] = []
+
+                def abort(client: _Client = client, aborted: list[bool] = aborted) -> None:
+                    aborted.append(True)
+                    client.transport.abortConnection()
+
+                timeout = reactor.callLater(5, abort)
+                raw = await client.done
+                if timeout.active():
+                    timeout.cancel()
+                self.assertEqual(aborted, [], "the server kept the connection open")
+                status, headers, body = _parse(raw)
+                self.assertEqual((status, body), (200, b"0"))
+                self.assertEqual(headers["connection"], "close")
+
     def assert_bad_request(self, raw: bytes) -> None:
         status, headers, body = _parse(raw)
         self.assertEqual(status, 400)

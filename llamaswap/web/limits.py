@@ -160,10 +160,23 @@ class BoundedRequest(Request):
     def gotLength(self, length: int | None) -> None:
         # Twisted declares ``content = None`` on the class; it holds the body.
         self.content = BytesIO()  # type: ignore[assignment]
+        self._honour_connection_close()
         site = getattr(self.channel, "site", None)
         self._body_limit = getattr(site, "max_request_body_size", DEFAULT_MAX_REQUEST_BODY_SIZE)
         if length is not None and length > self._body_limit:
             self._refuse(f"request body of {length} bytes")
+
+    def _honour_connection_close(self) -> None:
+        """``Connection: close`` among comma-separated tokens (``close,
+        X-Foo``) or in a later ``Connection`` line closes the connection after
+        the response.  Twisted's ``checkPersistence``, run just before, splits
+        the first line on spaces only."""
+        channel: Any = self.channel
+        lines = self.requestHeaders.getRawHeaders(b"connection", [])
+        tokens = {t.strip().lower() for line in lines for t in line.split(b",")}
+        if b"close" in tokens and channel.persistent:
+            channel.persistent = False
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
