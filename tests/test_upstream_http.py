@@ -25,6 +25,7 @@ from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forwa
 from llamaswap.web.errors import write_error
 from llamaswap.web.site import LlamaSwapSite
 from tests.scripted import OK, Script, serve
+from tests.scripted import _Connection as _ScriptedConnection
 from tests.support import PYTHON, base_url, listen, poll_until
 
 
@@ -498,3 +499,55 @@ class PeerClientTests(TestCase):
         self.assertIsNot(routing.peer_client("box"), first)
         self.assertEqual(routing.peer_client("box")._response_header_timeout, 7)
         self.assertIs(routing.peer_client("other"), other)
+
+    async def test_reload_removing_a_peer_closes_its_connections(self) -> None:
+        """A reload that removes a peer closes its client: the idle pooled
+        connection now, one in use once its request is done."""
+        from llamaswap.web.routing import Routing
+
+        idle, busy = Script([OK]), Script(["hang"])
+        held: list[_ScriptedConnection] = []
+
+        def hold() -> _ScriptedConnection:
+            held.append(_ScriptedConnection(busy))
+            return held[-1]
+
+        upstreams = [
+            serve(idle),
+            reactor.listenTCP(0, Factory.forProtocol(hold), interface="127.0.0.1"),
+        ]
+        for upstream in upstreams:
+            self.addCleanup(upstream.stopListening)
+
+        def config(*peers: str) -> Any:
+            urls = dict(zip(("idle", "busy"), map(base_url, upstreams), strict=True))
+            document = {
+                "models": {"local": {"cmd": "x", "proxy": "http://127.0.0.1:9"}},
+                "peers": {p: {"proxy": urls[p], "models": [p]} for p in peers},
+            }
+            return load_config_text(json.dumps(document), environ={})
+
+        routing = Routing(config("idle", "busy"), None, reactor)  # type: ignore[arg-type]
+        self.addCleanup(routing.close)
+        fronts = {}
+        for name in ("idle", "busy"):
+            port = listen(
+                _Front(routing.peer_client(name), base_url(upstreams[name == "busy"])),
+                LlamaSwapSite,
+            )
+            self.addCleanup(port.stopListening)
+            fronts[name] = base_url(port)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.get(fronts["idle"] + "/x", pool=pool)
+        self.assertEqual(await response.content(), b"ok")
+        pending = treq.get(fronts["busy"] + "/x", pool=pool)
+        await poll_until(lambda: len(busy.seen) == 1)
+        self.assertEqual((idle.lost, busy.lost), (0, 0))
+        routing.reconfigure(config())
+        await poll_until(lambda: idle.lost == 1)
+        self.assertRaises(KeyError, routing.peer_client, "idle")
+        self.assertEqual(busy.lost, 0)
+        held[0].transport.write(OK)
+        response = await pending
+        self.assertEqual(await response.content(), b"ok")
+        await poll_until(lambda: busy.lost == 1)

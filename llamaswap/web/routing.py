@@ -80,7 +80,8 @@ class Routing:
 
     A peer's client (its connection pool) outlives reloads: it is created
     the first time a configuration names the peer, replaced when a reload
-    changes the peer's ``timeouts``, and closed by :meth:`close`.
+    changes the peer's ``timeouts``, retired when a reload removes the peer,
+    and closed by :meth:`close`.
     """
 
     def __init__(self, config: Config, router: Router, reactor: Any) -> None:
@@ -112,6 +113,11 @@ class Routing:
                     keepalive=peer.timeouts.keepalive,
                     tls_handshake_timeout=peer.timeouts.tls_handshake,
                 )
+        for peer_id in [p for p in self._peer_clients if p not in state.peers.peers]:
+            # Removed: its idle connections close now, those in use when
+            # their request is done.
+            del self._peer_timeouts[peer_id]
+            self._peer_clients.pop(peer_id).retire()
         return state
 
     def peer_client(self, peer_id: str) -> UpstreamClient:
