@@ -385,6 +385,40 @@ class TimeoutTests(UpstreamEdgeCase):
         await response.content()
         await poll_until(lambda: script.lost == 1)
 
+    async def test_tls_handshake_done_cancels_the_timer(self) -> None:
+        """Once the TLS handshake succeeds, its time-out timer is cancelled
+        (and so is one of a connection lost before its handshake ends)."""
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import wrapClientTLS
+
+        from llamaswap.core.twistedweb import tls_handshake_pending
+        from llamaswap.upstream.client import _TunedEndpoint
+
+        certificate = ssl.KeyPair.generate().selfSignedCert(1, CN="upstream")
+        server = reactor.listenSSL(
+            0, Factory.forProtocol(Protocol), certificate.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(server.stopListening)
+        clock = Clock()
+        tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", server.getHost().port)
+        # No verification: this is about the timer, not about trust.
+        endpoint = _TunedEndpoint(wrapClientTLS(ssl.CertificateOptions(), tcp), clock, 0, 10)
+        protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+        self.addCleanup(protocol.transport.abortConnection)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        await poll_until(lambda: not tls_handshake_pending(protocol.transport))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+        script = Script(["hang"])
+        silent = serve(script)
+        self.addCleanup(silent.stopListening)
+        tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", silent.getHost().port)
+        endpoint = _TunedEndpoint(wrapClientTLS(ssl.CertificateOptions(), tcp), clock, 0, 10)
+        protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        protocol.transport.abortConnection()
+        await poll_until(lambda: not clock.getDelayedCalls())
+
     async def test_keepalive_sets_socket_options(self) -> None:
         """``keepalive`` turns TCP keep-alive on with that period, for plain
         and TLS connections."""
