@@ -502,6 +502,44 @@ class ServiceTests(TestCase):
         self.assertGreaterEqual(reactor.seconds() - started, 1)
         await poll_until(lambda: script.lost == 1)
 
+    async def test_model_response_header_timeout_applied(self) -> None:
+        """``models.<id>.timeouts.responseHeader`` cuts a local model's server
+        that never answers: 504 JSON after that many seconds, the connection
+        closed; a model without ``timeouts`` keeps waiting."""
+        script = Script(["hang"])
+        upstream = serve(script)
+        self.addCleanup(upstream.stopListening)
+        sleeper = f"{PYTHON} -c 'import time; time.sleep(60)'"
+        model = {"cmd": sleeper, "proxy": base_url(upstream), "checkEndpoint": "none"}
+        document = {
+            "models": {
+                "quick": {**model, "timeouts": {"responseHeader": 1}},
+                "patient": model,
+            }
+        }
+        config = load_config_text(json.dumps(document), environ=dict(os.environ))
+        service = build_service(config, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = listen(service.app.resource(), LlamaSwapSite)
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        started = reactor.seconds()
+        response = await treq.post(
+            base_url(port) + "/v1/chat/completions",
+            data=b'{"model": "quick", "messages": []}',
+            headers={b"content-type": [b"application/json"]},
+            pool=pool,
+        )
+        self.assertEqual(response.code, 504)
+        payload = await response.json()
+        self.assertEqual(payload["error"]["code"], "gateway_timeout")
+        self.assertGreaterEqual(reactor.seconds() - started, 1)
+        await poll_until(lambda: script.lost == 1)
+        routing = service.app._routing
+        self.assertIsNone(routing.model_client("patient"))
+        self.assertEqual(routing.model_client("quick")._response_header_timeout, 1)
+
 
 class PeerClientTests(TestCase):
     def test_reload_with_new_timeouts_replaces_the_client(self) -> None:
@@ -585,3 +623,29 @@ class PeerClientTests(TestCase):
         response = await pending
         self.assertEqual(await response.content(), b"ok")
         await poll_until(lambda: busy.lost == 1)
+
+    def test_reload_keeps_replaces_and_drops_model_clients(self) -> None:
+        """A model's own client (it configures ``timeouts``) is kept by a
+        reload that leaves them alone, replaced when they change, and
+        dropped when they go (the model then uses the shared client)."""
+        from llamaswap.web.routing import Routing
+
+        def config(timeouts: dict[str, int] | None) -> Any:
+            model: dict[str, Any] = {"cmd": "x", "proxy": "http://127.0.0.1:9"}
+            if timeouts is not None:
+                model["timeouts"] = timeouts
+            return load_config_text(json.dumps({"models": {"m": model}}), environ={})
+
+        routing = Routing(config({"responseHeader": 5}), None, reactor)  # type: ignore[arg-type]
+        self.addCleanup(routing.close)
+        first = routing.model_client("m")
+        assert first is not None
+        routing.reconfigure(config({"responseHeader": 5}))
+        self.assertIs(routing.model_client("m"), first)
+        routing.reconfigure(config({"responseHeader": 7}))
+        second = routing.model_client("m")
+        assert second is not None
+        self.assertIsNot(second, first)
+        self.assertEqual(second._response_header_timeout, 7)
+        routing.reconfigure(config(None))
+        self.assertIsNone(routing.model_client("m"))

@@ -252,7 +252,7 @@ class RequestServer:
                 target = relay_body_only(request)
             return await self._relay(
                 target,
-                self._client,
+                self._routing.model_client(local.model_id) or self._client,
                 lease.upstream + local.target,
                 headers,
                 body,
