@@ -42,6 +42,7 @@ from llamaswap.service.shutdown import (
     SequentialMultiService,
     ShutdownGrace,
     hurry_on_signals,
+    relayed_requests,
 )
 from tests.support import PYTHON, REPO, free_port, poll_until
 
@@ -522,6 +523,23 @@ class ShutdownGraceTests(SynchronousTestCase):
         """The default grace is 10 seconds."""
         self.assertEqual(ShutdownGrace(Clock()).grace_seconds, DEFAULT_GRACE_SECONDS)
         self.assertEqual(DEFAULT_GRACE_SECONDS, 10)
+
+
+class RelayedRequestsTests(SynchronousTestCase):
+    def test_counts_only_requests_being_relayed(self) -> None:
+        """A stop drains the requests in flight to an upstream, not those
+        reserved while they wait for a model to start."""
+        from llamaswap.scheduling import SchedulerSnapshot
+
+        snapshot = SchedulerSnapshot(
+            queued=("b",),
+            swaps={"c": frozenset()},
+            waiting={"c": 2},
+            in_flight={"a": 1},
+            reserved={"a": 1, "b": 1, "c": 2},
+        )
+        count, describe = relayed_requests(lambda: snapshot)
+        self.assertEqual((count(), describe()), (1, "a: 1"))
 
 
 class Step(service.Service):

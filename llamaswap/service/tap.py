@@ -15,6 +15,7 @@ from llamaswap.config import Config, ConfigError
 from llamaswap.config.loader import load_config_sources
 from llamaswap.service.logsetup import set_log_level
 from llamaswap.service.reload import ReloadService
+from llamaswap.service.shutdown import relayed_requests
 from llamaswap.service.systemd import (
     DrainService,
     Notifier,
@@ -124,11 +125,11 @@ def makeService(options: Options) -> service.MultiService:
         loopback_only=is_loopback_only(options["endpoint"]),
     )
     core.setServiceParent(top)
-    snapshot = core.router.scheduler.snapshot
+    relayed, describe = relayed_requests(core.router.scheduler.snapshot)
     DrainService(
         ShutdownGrace(reactor),
-        in_flight=lambda: sum(snapshot().reserved.values()),
-        describe=lambda: ", ".join(f"{m}: {n}" for m, n in sorted(snapshot().reserved.items())),
+        in_flight=relayed,
+        describe=describe,
         reactor=reactor,  # type: ignore[arg-type]
     ).setServiceParent(top)
     endpoint = options["endpoint"]
