@@ -843,6 +843,7 @@ class ActivatedLlamaswap:
         activate: str,
         demo_args: tuple[str, ...] = (),
         notify_path: str | None = None,
+        listen_host: str = "127.0.0.1",
     ) -> None:
         self.model_port = free_port()
         listen_port = free_port()
@@ -862,7 +863,7 @@ class ActivatedLlamaswap:
             json.dump(config, f)
         # systemd-socket-activate passes on only PATH, HOME, TERM, USER and
         # what -E sets.
-        argv = [activate, "-l", f"127.0.0.1:{listen_port}", "--fdname=http"]
+        argv = [activate, "-l", f"{listen_host}:{listen_port}", "--fdname=http"]
         argv += ["-E", f"PYTHONPATH={REPO}"]
         if notify_path is not None:
             argv += ["-E", f"NOTIFY_SOCKET={notify_path}"]
@@ -948,6 +949,22 @@ class SocketActivationTests(TestCase):
         while await _accepts(server.model_port):
             self.assertLess(reactor.seconds(), deadline, "the model server outlived llamaswap")
             await poll_until(lambda: True)
+
+    async def test_exposure_warning_follows_the_inherited_socket(self) -> None:
+        """With no apiKeys, a socket-activated listener on the wildcard
+        address gets the "reachable from other hosts" warning; one on
+        loopback does not (decided from the inherited socket's address)."""
+        warning = "reachable from other hosts and no apiKeys are configured"
+        for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
+            with self.subTest(host=host):
+                server = ActivatedLlamaswap(self, self.activate, listen_host=host)
+                await server.listening()
+                health = await treq.get(server.url + "/health", pool=server.pool, timeout=30)
+                self.assertEqual(health.code, 200, server.output)
+                await health.content()
+                self.assertEqual(warning in server.output, warned, server.output)
+                server.transport.signalProcess("TERM")
+                self.assertEqual(await server.exit_code(), 0, server.output)
 
     async def test_notifies_systemd(self) -> None:
         """llamaswap sends READY=1 before it answers, a status line naming

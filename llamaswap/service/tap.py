@@ -13,6 +13,7 @@ from twisted.python import usage
 from llamaswap import __version__
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.loader import load_config_sources
+from llamaswap.service.activation import inherited_loopback_only
 from llamaswap.service.logsetup import set_log_level
 from llamaswap.service.reload import ReloadService
 from llamaswap.service.shutdown import relayed_requests
@@ -53,9 +54,14 @@ def listen_endpoint(value: str, cert: str | None = None, key: str | None = None)
     return f"tcp:{port}:interface={escaped}"
 
 
-def is_loopback_only(endpoint: str) -> bool:
-    if endpoint.startswith(("unix:", "systemd:")):
+def is_loopback_only(endpoint: str, unknown: bool = False) -> bool:
+    """Whether ``endpoint`` accepts loopback connections only; ``unknown``
+    for a ``systemd:`` socket that cannot be inspected."""
+    if endpoint.startswith("unix:"):
         return True
+    if endpoint.startswith("systemd:"):
+        inherited = inherited_loopback_only(endpoint)
+        return unknown if inherited is None else inherited
     found = re.search(r"(?:^|:)interface=((?:\\.|[^:\\])+)", endpoint)
     if not found:
         return False
@@ -122,7 +128,8 @@ def makeService(options: Options) -> service.MultiService:
         config,
         reactor,
         (options["config"], options["config-dir"]),
-        loopback_only=is_loopback_only(options["endpoint"]),
+        # An inherited socket that cannot be inspected keeps the Host check.
+        loopback_only=is_loopback_only(options["endpoint"], unknown=True),
     )
     core.setServiceParent(top)
     relayed, describe = relayed_requests(core.router.scheduler.snapshot)
