@@ -77,13 +77,15 @@ def bound_channel(protocol: Any) -> Any:
 
     channel._respondToBadRequestAndDisconnect = bad_request
     channel.lineLengthExceeded = bad_request
-    _head_deadline(channel)
+    _head_deadline(protocol, channel)
     return protocol
 
 
-def _head_deadline(channel: Any) -> None:
+def _head_deadline(protocol: Any, channel: Any) -> None:
     """Close ``channel`` with a JSON ``408`` when a request head takes more
-    than ``HEAD_TIMEOUT`` seconds to arrive (see the module docstring)."""
+    than ``HEAD_TIMEOUT`` seconds to arrive (see the module docstring).
+    Nothing happens once ``protocol`` has switched to another channel (HTTP/2
+    negotiated over TLS)."""
     deadline: list[Any] = []
     connection_made = channel.connectionMade
     data_received = channel.dataReceived
@@ -105,7 +107,8 @@ def _head_deadline(channel: Any) -> None:
 
     def expired() -> None:
         deadline.clear()
-        if not reading_head() or channel.transport is None:
+        current = getattr(protocol, "_channel", channel)
+        if current is not channel or not reading_head() or channel.transport is None:
             return
         log.info(
             "closing a connection from {peer}: request head not received within {seconds} s",
