@@ -27,7 +27,7 @@ from zope.interface import implementer
 from llamaswap.config import ConfigError, load_config_text
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
 from llamaswap.web import limits
-from llamaswap.web.limits import IDLE_TIMEOUT, MAX_HEADERS, TOTAL_HEADERS_SIZE
+from llamaswap.web.limits import HEAD_TIMEOUT, IDLE_TIMEOUT, MAX_HEADERS, TOTAL_HEADERS_SIZE
 from llamaswap.web.site import LlamaSwapRequest, LlamaSwapSite
 from tests.support import ServiceProcess, free_port, poll_until
 
@@ -258,6 +258,33 @@ class BodyLimitTests(TestCase):
                 self.assert_bad_request(await self._exchange(raw))
         self.assertEqual(self.resource.sizes, [])
 
+    async def test_connection_close_among_tokens(self) -> None:
+        """``Connection: close`` closes the connection after the response
+        however the client lists its tokens (Twisted splits on spaces only)."""
+        for header in (
+            b"Connection: close, X-Foo\r\n",
+            b"Connection: X-Foo,close\r\n",
+            b"Connection: keep-alive\r\nConnection: close\r\n",
+        ):
+            with self.subTest(header=header):
+                endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+                client = await connectProtocol(endpoint, _Client())
+                client.transport.write(b"GET /x HTTP/1.1\r\nHost: h\r\n" + header + b"\r\n")
+                aborted: list[bool] = []
+
+                def abort(client: _Client = client, aborted: list[bool] = aborted) -> None:
+                    aborted.append(True)
+                    client.transport.abortConnection()
+
+                timeout = reactor.callLater(5, abort)
+                raw = await client.done
+                if timeout.active():
+                    timeout.cancel()
+                self.assertEqual(aborted, [], "the server kept the connection open")
+                status, headers, body = _parse(raw)
+                self.assertEqual((status, body), (200, b"0"))
+                self.assertEqual(headers["connection"], "close")
+
     def assert_bad_request(self, raw: bytes) -> None:
         status, headers, body = _parse(raw)
         self.assertEqual(status, 400)
@@ -344,17 +371,85 @@ class ChannelBoundsTests(SynchronousTestCase):
         protocol.connectionLost(None)
 
     def test_idle_connection_closed(self) -> None:
-        """A connection that sends nothing, or stops halfway through a
-        request head, is closed after ``IDLE_TIMEOUT`` seconds."""
-        for sent in (b"", b"POST /x HTTP/1.1\r\nHost: h\r\n"):
-            clock = Clock()
-            protocol, transport = self._channel(clock)
-            protocol.dataReceived(sent)
-            clock.advance(IDLE_TIMEOUT - 1)
-            self.assertFalse(transport.disconnecting)
-            clock.advance(1)
-            self.assertTrue(transport.disconnecting)
-            protocol.connectionLost(None)
+        """A kept-alive connection that sends nothing after a response is
+        closed after ``IDLE_TIMEOUT`` seconds."""
+        clock = Clock()
+        protocol, transport = self._channel(clock)
+        protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        clock.advance(IDLE_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        protocol.connectionLost(None)
+
+    def assert_head_timed_out(self, transport: StringTransport) -> None:
+        self.assertTrue(transport.disconnecting)
+        raw = transport.value()
+        status, headers, body = _parse(raw[raw.index(b"HTTP/1.1 408 ") :])
+        self.assertEqual(status, 408)
+        self.assertEqual(headers["content-type"], "application/json")
+        self.assertEqual(headers["connection"], "close")
+        self.assertEqual(
+            json.loads(body)["error"]["message"],
+            f"request head not received within {HEAD_TIMEOUT:g} s",
+        )
+
+    def test_slow_head_closed(self) -> None:
+        """A client sending its head one byte at a time, each well within the
+        idle time-out, is answered 408 and closed ``HEAD_TIMEOUT`` seconds
+        after the accept; so is one that sends nothing at all."""
+        for step in (IDLE_TIMEOUT - 1, HEAD_TIMEOUT / 3):
+            with self.subTest(step=step):
+                clock = Clock()
+                protocol, transport = self._channel(clock)
+                for byte in b"POST /x HTTP/1.1\r\nHost: h\r\n":
+                    if clock.seconds() + step >= HEAD_TIMEOUT:
+                        break
+                    clock.advance(step)
+                    protocol.dataReceived(bytes([byte]))
+                self.assertFalse(transport.disconnecting)
+                clock.advance(HEAD_TIMEOUT - clock.seconds())
+                self.assert_head_timed_out(transport)
+                protocol.connectionLost(None)
+        clock = Clock()
+        protocol, transport = self._channel(clock)
+        clock.advance(HEAD_TIMEOUT)
+        self.assert_head_timed_out(transport)
+        protocol.connectionLost(None)
+        clock.advance(0)  # the access log line
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_head_deadline_counts_from_first_byte(self) -> None:
+        """After a response, the next request's head deadline runs from its
+        first byte (the wait before it is the idle time-out's business)."""
+        clock = Clock()
+        protocol, transport = self._channel(clock)
+        protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        clock.advance(IDLE_TIMEOUT - 1)
+        protocol.dataReceived(b"G")
+        clock.advance(HEAD_TIMEOUT - 1)
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"ET /x HTTP/1.1\r\nHost: h\r\n")
+        clock.advance(1)
+        self.assert_head_timed_out(transport)
+        protocol.connectionLost(None)
+
+    def test_head_deadline_not_on_body(self) -> None:
+        """The deadline covers the head only: a body sent slowly (each piece
+        within the idle time-out) is read, and no timer outlives the head."""
+        clock = Clock()
+        protocol, transport = self._channel(clock)
+        protocol.dataReceived(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n")
+        for byte in b"body":
+            clock.advance(HEAD_TIMEOUT)
+            protocol.dataReceived(bytes([byte]))
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
+        self.assertTrue(transport.value().endswith(b"4"))
+        protocol.connectionLost(None)
+        clock.advance(0)  # the access log line
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_refused_on_other_transports_closed_at_once(self) -> None:
         """A transport that is not a plain socket (TLS, tests) cannot be

@@ -70,6 +70,34 @@ class PeerConfigTests(SynchronousTestCase):
         self.assertEqual(peer.timeouts.response_header, 0)
         self.assertEqual(peer.timeouts.connect, 30)
 
+    def test_model_timeouts(self) -> None:
+        """``models.<id>.timeouts`` is read like a peer's, with llama-swap's
+        model defaults (no response-header time-out); absent, the model has
+        none of its own; bad values are one error each, naming the key."""
+        models = load_config_text(
+            json.dumps(
+                {
+                    "models": {
+                        "own": {"cmd": "x", "proxy": "http://h:1", "timeouts": {"connect": 5}},
+                        "plain": {"cmd": "x", "proxy": "http://h:1"},
+                    }
+                }
+            ),
+            environ={},
+        ).models
+        self.assertEqual(models["own"].timeouts, PeerTimeouts(connect=5, response_header=0))
+        self.assertIsNone(models["plain"].timeouts)
+        for timeouts, problem in [
+            ({"responseHeader": -1}, "models.m.timeouts.responseHeader: must be >= 0, got -1"),
+            ({"idleConn": "soon"}, "models.m.timeouts.idleConn: must be an integer, got 'soon'"),
+            ([1], "models.m.timeouts: must be a mapping, got a list"),
+        ]:
+            document = {"models": {"m": {"cmd": "x", "proxy": "http://h:1", "timeouts": timeouts}}}
+            with self.subTest(timeouts=timeouts):
+                with self.assertRaises(ConfigError) as raised:
+                    load_config_text(json.dumps(document), environ={})
+                self.assertIn(problem, str(raised.exception))
+
     def test_duplicate_models_ignored(self) -> None:
         """A model listed twice by one peer is one model, in first-seen order."""
         peer = _peers({"p": {"proxy": "http://h:1", "models": ["b", "a", "b"]}}).peers["p"]

@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any
 
+import treq
 from twisted.internet import reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import TestCase
@@ -96,3 +97,59 @@ class ReadySignalTests(TestCase):
 
 if sys.platform != "linux":  # pragma: no cover
     skip = "reads /proc"
+
+
+class DrainTests(TestCase):
+    timeout = 60
+
+    async def test_sigterm_during_preload_does_not_wait_for_it(self) -> None:
+        """SIGTERM while the preloaded model is still loading (and a client
+        waits for it) drains nothing: no request is being relayed.  The
+        waiting client gets a JSON 503, the model's process is stopped, and
+        llamaswap exits without spending the 10 s grace."""
+        model_port = free_port()
+        marker = f"{RESPONDER} --port {model_port}"
+        model = {
+            "cmd": f"{PYTHON} {marker} --startup-delay 60",
+            "proxy": f"http://127.0.0.1:{model_port}",
+        }
+        directory = short_tempdir(self)
+        config = os.path.join(directory, "config.yaml")
+        with open(config, "w") as f:
+            json.dump({"models": {"a": model}, "hooks": {"on_startup": {"preload": ["a"]}}}, f)
+        self.addCleanup(lambda: [os.kill(pid, signal.SIGKILL) for pid in processes_with(marker)])
+        running = ServiceProcess(
+            [*TWISTD, "-n", "--pidfile=", "llamaswap", "-c", config], free_port()
+        )
+        self.addCleanup(
+            lambda: None if running.ended.called else running.transport.signalProcess(9)
+        )
+        await running.wait_up()
+        await poll_until(lambda: bool(processes_with(marker)))
+        waiting = treq.post(
+            running.url + "/v1/chat/completions",
+            data=b'{"model": "a", "messages": []}',
+            headers={b"content-type": [b"application/json"]},
+            pool=running.pool,
+        )
+
+        async def inflight() -> list[Any]:
+            response = await treq.get(running.url + "/api/inflight", pool=running.pool)
+            return list(await response.json())
+
+        deadline = reactor.seconds() + 10
+        while not await inflight():
+            self.assertLess(reactor.seconds(), deadline, "the request never arrived")
+            await poll_until(lambda: True)
+        stopped_at = reactor.seconds()
+        running.transport.signalProcess(signal.SIGTERM)
+        response = await waiting
+        self.assertEqual(response.code, 503)
+        payload = await response.json()
+        self.assertEqual(payload["error"]["message"], "unspecific error: group is shutting down")
+        await running.ended.addTimeout(30, reactor)
+        output = running.text()
+        self.assertIn("no requests in flight", output)
+        self.assertIn("shutdown complete", output)
+        self.assertLess(reactor.seconds() - stopped_at, 10, "waited out the grace")
+        await poll_until(lambda: not processes_with(marker), timeout=10)

@@ -42,6 +42,7 @@ from llamaswap.service.shutdown import (
     SequentialMultiService,
     ShutdownGrace,
     hurry_on_signals,
+    relayed_requests,
 )
 from tests.support import PYTHON, REPO, free_port, poll_until
 
@@ -524,6 +525,23 @@ class ShutdownGraceTests(SynchronousTestCase):
         self.assertEqual(DEFAULT_GRACE_SECONDS, 10)
 
 
+class RelayedRequestsTests(SynchronousTestCase):
+    def test_counts_only_requests_being_relayed(self) -> None:
+        """A stop drains the requests in flight to an upstream, not those
+        reserved while they wait for a model to start."""
+        from llamaswap.scheduling import SchedulerSnapshot
+
+        snapshot = SchedulerSnapshot(
+            queued=("b",),
+            swaps={"c": frozenset()},
+            waiting={"c": 2},
+            in_flight={"a": 1},
+            reserved={"a": 1, "b": 1, "c": 2},
+        )
+        count, describe = relayed_requests(lambda: snapshot)
+        self.assertEqual((count(), describe()), (1, "a: 1"))
+
+
 class Step(service.Service):
     """A child service recording its stop; ``hold`` keeps the stop pending."""
 
@@ -826,6 +844,7 @@ class ActivatedLlamaswap:
         activate: str,
         demo_args: tuple[str, ...] = (),
         notify_path: str | None = None,
+        listen_host: str = "127.0.0.1",
     ) -> None:
         self.model_port = free_port()
         listen_port = free_port()
@@ -845,7 +864,7 @@ class ActivatedLlamaswap:
             json.dump(config, f)
         # systemd-socket-activate passes on only PATH, HOME, TERM, USER and
         # what -E sets.
-        argv = [activate, "-l", f"127.0.0.1:{listen_port}", "--fdname=http"]
+        argv = [activate, "-l", f"{listen_host}:{listen_port}", "--fdname=http"]
         argv += ["-E", f"PYTHONPATH={REPO}"]
         if notify_path is not None:
             argv += ["-E", f"NOTIFY_SOCKET={notify_path}"]
@@ -931,6 +950,22 @@ class SocketActivationTests(TestCase):
         while await _accepts(server.model_port):
             self.assertLess(reactor.seconds(), deadline, "the model server outlived llamaswap")
             await poll_until(lambda: True)
+
+    async def test_exposure_warning_follows_the_inherited_socket(self) -> None:
+        """With no apiKeys, a socket-activated listener on the wildcard
+        address gets the "reachable from other hosts" warning; one on
+        loopback does not (decided from the inherited socket's address)."""
+        warning = "reachable from other hosts and no apiKeys are configured"
+        for host, warned in (("0.0.0.0", True), ("127.0.0.1", False)):
+            with self.subTest(host=host):
+                server = ActivatedLlamaswap(self, self.activate, listen_host=host)
+                await server.listening()
+                health = await treq.get(server.url + "/health", pool=server.pool, timeout=30)
+                self.assertEqual(health.code, 200, server.output)
+                await health.content()
+                self.assertEqual(warning in server.output, warned, server.output)
+                server.transport.signalProcess("TERM")
+                self.assertEqual(await server.exit_code(), 0, server.output)
 
     async def test_notifies_systemd(self) -> None:
         """llamaswap sends READY=1 before it answers, a status line naming

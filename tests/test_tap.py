@@ -39,7 +39,8 @@ class ListenTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, listen_endpoint, "nonsense")
 
     def test_loopback_detection(self) -> None:
-        """Only loopback interfaces, unix and systemd sockets count as local."""
+        """Only loopback interfaces and unix sockets count as local (systemd
+        sockets: tests/test_activation.py)."""
         self.assertTrue(is_loopback_only(DEFAULT_LISTEN))
         self.assertTrue(is_loopback_only(r"tcp:1:interface=\:\:1"))
         self.assertTrue(is_loopback_only("unix:/tmp/x"))

@@ -25,6 +25,7 @@ from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forwa
 from llamaswap.web.errors import write_error
 from llamaswap.web.site import LlamaSwapSite
 from tests.scripted import OK, Script, serve
+from tests.scripted import _Connection as _ScriptedConnection
 from tests.support import PYTHON, base_url, listen, poll_until
 
 
@@ -384,6 +385,40 @@ class TimeoutTests(UpstreamEdgeCase):
         await response.content()
         await poll_until(lambda: script.lost == 1)
 
+    async def test_tls_handshake_done_cancels_the_timer(self) -> None:
+        """Once the TLS handshake succeeds, its time-out timer is cancelled
+        (and so is one of a connection lost before its handshake ends)."""
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import wrapClientTLS
+
+        from llamaswap.core.twistedweb import tls_handshake_pending
+        from llamaswap.upstream.client import _TunedEndpoint
+
+        certificate = ssl.KeyPair.generate().selfSignedCert(1, CN="upstream")
+        server = reactor.listenSSL(
+            0, Factory.forProtocol(Protocol), certificate.options(), interface="127.0.0.1"
+        )
+        self.addCleanup(server.stopListening)
+        clock = Clock()
+        tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", server.getHost().port)
+        # No verification: this is about the timer, not about trust.
+        endpoint = _TunedEndpoint(wrapClientTLS(ssl.CertificateOptions(), tcp), clock, 0, 10)
+        protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+        self.addCleanup(protocol.transport.abortConnection)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        await poll_until(lambda: not tls_handshake_pending(protocol.transport))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+        script = Script(["hang"])
+        silent = serve(script)
+        self.addCleanup(silent.stopListening)
+        tcp = TCP4ClientEndpoint(reactor, "127.0.0.1", silent.getHost().port)
+        endpoint = _TunedEndpoint(wrapClientTLS(ssl.CertificateOptions(), tcp), clock, 0, 10)
+        protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        protocol.transport.abortConnection()
+        await poll_until(lambda: not clock.getDelayedCalls())
+
     async def test_keepalive_sets_socket_options(self) -> None:
         """``keepalive`` turns TCP keep-alive on with that period, for plain
         and TLS connections."""
@@ -467,6 +502,44 @@ class ServiceTests(TestCase):
         self.assertGreaterEqual(reactor.seconds() - started, 1)
         await poll_until(lambda: script.lost == 1)
 
+    async def test_model_response_header_timeout_applied(self) -> None:
+        """``models.<id>.timeouts.responseHeader`` cuts a local model's server
+        that never answers: 504 JSON after that many seconds, the connection
+        closed; a model without ``timeouts`` keeps waiting."""
+        script = Script(["hang"])
+        upstream = serve(script)
+        self.addCleanup(upstream.stopListening)
+        sleeper = f"{PYTHON} -c 'import time; time.sleep(60)'"
+        model = {"cmd": sleeper, "proxy": base_url(upstream), "checkEndpoint": "none"}
+        document = {
+            "models": {
+                "quick": {**model, "timeouts": {"responseHeader": 1}},
+                "patient": model,
+            }
+        }
+        config = load_config_text(json.dumps(document), environ=dict(os.environ))
+        service = build_service(config, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = listen(service.app.resource(), LlamaSwapSite)
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        started = reactor.seconds()
+        response = await treq.post(
+            base_url(port) + "/v1/chat/completions",
+            data=b'{"model": "quick", "messages": []}',
+            headers={b"content-type": [b"application/json"]},
+            pool=pool,
+        )
+        self.assertEqual(response.code, 504)
+        payload = await response.json()
+        self.assertEqual(payload["error"]["code"], "gateway_timeout")
+        self.assertGreaterEqual(reactor.seconds() - started, 1)
+        await poll_until(lambda: script.lost == 1)
+        routing = service.app._routing
+        self.assertIsNone(routing.model_client("patient"))
+        self.assertEqual(routing.model_client("quick")._response_header_timeout, 1)
+
 
 class PeerClientTests(TestCase):
     def test_reload_with_new_timeouts_replaces_the_client(self) -> None:
@@ -498,3 +571,81 @@ class PeerClientTests(TestCase):
         self.assertIsNot(routing.peer_client("box"), first)
         self.assertEqual(routing.peer_client("box")._response_header_timeout, 7)
         self.assertIs(routing.peer_client("other"), other)
+
+    async def test_reload_removing_a_peer_closes_its_connections(self) -> None:
+        """A reload that removes a peer closes its client: the idle pooled
+        connection now, one in use once its request is done."""
+        from llamaswap.web.routing import Routing
+
+        idle, busy = Script([OK]), Script(["hang"])
+        held: list[_ScriptedConnection] = []
+
+        def hold() -> _ScriptedConnection:
+            held.append(_ScriptedConnection(busy))
+            return held[-1]
+
+        upstreams = [
+            serve(idle),
+            reactor.listenTCP(0, Factory.forProtocol(hold), interface="127.0.0.1"),
+        ]
+        for upstream in upstreams:
+            self.addCleanup(upstream.stopListening)
+
+        def config(*peers: str) -> Any:
+            urls = dict(zip(("idle", "busy"), map(base_url, upstreams), strict=True))
+            document = {
+                "models": {"local": {"cmd": "x", "proxy": "http://127.0.0.1:9"}},
+                "peers": {p: {"proxy": urls[p], "models": [p]} for p in peers},
+            }
+            return load_config_text(json.dumps(document), environ={})
+
+        routing = Routing(config("idle", "busy"), None, reactor)  # type: ignore[arg-type]
+        self.addCleanup(routing.close)
+        fronts = {}
+        for name in ("idle", "busy"):
+            port = listen(
+                _Front(routing.peer_client(name), base_url(upstreams[name == "busy"])),
+                LlamaSwapSite,
+            )
+            self.addCleanup(port.stopListening)
+            fronts[name] = base_url(port)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.get(fronts["idle"] + "/x", pool=pool)
+        self.assertEqual(await response.content(), b"ok")
+        pending = treq.get(fronts["busy"] + "/x", pool=pool)
+        await poll_until(lambda: len(busy.seen) == 1)
+        self.assertEqual((idle.lost, busy.lost), (0, 0))
+        routing.reconfigure(config())
+        await poll_until(lambda: idle.lost == 1)
+        self.assertRaises(KeyError, routing.peer_client, "idle")
+        self.assertEqual(busy.lost, 0)
+        held[0].transport.write(OK)
+        response = await pending
+        self.assertEqual(await response.content(), b"ok")
+        await poll_until(lambda: busy.lost == 1)
+
+    def test_reload_keeps_replaces_and_drops_model_clients(self) -> None:
+        """A model's own client (it configures ``timeouts``) is kept by a
+        reload that leaves them alone, replaced when they change, and
+        dropped when they go (the model then uses the shared client)."""
+        from llamaswap.web.routing import Routing
+
+        def config(timeouts: dict[str, int] | None) -> Any:
+            model: dict[str, Any] = {"cmd": "x", "proxy": "http://127.0.0.1:9"}
+            if timeouts is not None:
+                model["timeouts"] = timeouts
+            return load_config_text(json.dumps({"models": {"m": model}}), environ={})
+
+        routing = Routing(config({"responseHeader": 5}), None, reactor)  # type: ignore[arg-type]
+        self.addCleanup(routing.close)
+        first = routing.model_client("m")
+        assert first is not None
+        routing.reconfigure(config({"responseHeader": 5}))
+        self.assertIs(routing.model_client("m"), first)
+        routing.reconfigure(config({"responseHeader": 7}))
+        second = routing.model_client("m")
+        assert second is not None
+        self.assertIsNot(second, first)
+        self.assertEqual(second._response_header_timeout, 7)
+        routing.reconfigure(config(None))
+        self.assertIsNone(routing.model_client("m"))

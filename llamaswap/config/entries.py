@@ -22,6 +22,7 @@ from llamaswap.config.macros import (
     unresolved,
 )
 from llamaswap.config.model import DEFAULT_CONCURRENCY_LIMIT, ModelConfig, freeze
+from llamaswap.config.peers import MODEL_TIMEOUT_DEFAULTS, read_timeouts
 from llamaswap.config.problems import url_problem
 
 DEFAULT_PROXY = "http://localhost:${PORT}"
@@ -185,6 +186,11 @@ def model_config(
         concurrency_limit = max(concurrency_limit, COMFYUI_MIN_CONCURRENCY)
     filters, problems = parse_filters(entry.get("filters"), f"{path}.filters")
     report.errors.extend(problems)
+    timeouts = None
+    if entry.get("timeouts") is not None:
+        timeouts = read_timeouts(
+            entry["timeouts"], f"{path}.timeouts", report.errors, MODEL_TIMEOUT_DEFAULTS
+        )
     return ModelConfig(
         id=model_id,
         argv=argv,
@@ -207,6 +213,7 @@ def model_config(
         filters=filters,
         capabilities=_capabilities(entry.get("capabilities")),
         ignore_websockets=model_id == COMFYUI_MODEL_ID or _ignores_websockets(entry.get("compat")),
+        timeouts=timeouts,
     )
 
 

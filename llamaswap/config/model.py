@@ -17,7 +17,7 @@ import yaml
 
 from llamaswap.config.browser import AllowedHosts, AllowedOrigins
 from llamaswap.config.filters import ModelFilters
-from llamaswap.config.peers import Peers
+from llamaswap.config.peers import Peers, PeerTimeouts
 from llamaswap.config.profiles import ProfilesConfig
 from llamaswap.config.routing import RoutingConfig
 from llamaswap.config.settings import (
@@ -95,6 +95,10 @@ class ModelConfig:
     #: a websocket upgrade never starts the model (``compat.ignoreWebsockets:
     #: true``, and always for ``comfyui_auto``); not compared on reload either.
     ignore_websockets: bool = field(default=False, compare=False)
+    #: ``timeouts`` for the connections to the model's server; ``None`` when
+    #: not configured (the shared client's).  A reload that changes them
+    #: keeps the process: only the connections are replaced.
+    timeouts: PeerTimeouts | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}

@@ -23,6 +23,7 @@ from llamaswap.config.problems import describe, unknown_key_warnings, url_proble
 
 __all__ = [
     "PEER_KEYS",
+    "MODEL_TIMEOUT_DEFAULTS",
     "PEER_TIMEOUT_DEFAULTS",
     "PeerConfig",
     "PeerTarget",
@@ -30,6 +31,7 @@ __all__ = [
     "Peers",
     "fqn",
     "read_peers",
+    "read_timeouts",
 ]
 
 PEER_KEYS = frozenset({"proxy", "apiKey", "models", "filters", "timeouts"})
@@ -45,10 +47,17 @@ PEER_TIMEOUT_DEFAULTS: Mapping[str, int] = MappingProxyType(
     }
 )
 
+#: ``models.<id>.timeouts`` defaults: as a peer's, but no response-header
+#: time-out (a local model may think long before its first byte).
+MODEL_TIMEOUT_DEFAULTS: Mapping[str, int] = MappingProxyType(
+    {**PEER_TIMEOUT_DEFAULTS, "responseHeader": 0}
+)
+
 
 @dataclass(frozen=True)
 class PeerTimeouts:
-    """``peers.<id>.timeouts`` in seconds; 0 disables a timeout."""
+    """``peers.<id>.timeouts`` (or ``models.<id>.timeouts``) in seconds; 0
+    disables a timeout."""
 
     connect: int = 30
     keepalive: int = 30
@@ -165,14 +174,20 @@ class _Reading:
     warnings: list[str] = field(default_factory=list)
 
 
-def _timeouts(raw: Any, path: str, problems: list[str]) -> PeerTimeouts:
-    if raw is None:
-        return PeerTimeouts()
-    if not isinstance(raw, Mapping):
+def read_timeouts(
+    raw: Any,
+    path: str,
+    problems: list[str],
+    defaults: Mapping[str, int] = PEER_TIMEOUT_DEFAULTS,
+) -> PeerTimeouts:
+    """A ``timeouts`` mapping at ``path``; ``defaults`` for what it omits
+    (and for all of it when it is absent or not a mapping)."""
+    values = dict(defaults)
+    if raw is not None and not isinstance(raw, Mapping):
         problems.append(f"{path}: must be a mapping, got {describe(raw)}")
-        return PeerTimeouts()
-    values = dict(PEER_TIMEOUT_DEFAULTS)
-    for key in PEER_TIMEOUT_DEFAULTS:
+    for key in defaults:
+        if not isinstance(raw, Mapping):
+            break
         value = raw.get(key)
         if value is None:
             continue
@@ -231,7 +246,7 @@ def _peer(peer_id: str, entry: Mapping[str, Any], reading: _Reading) -> PeerConf
             problems.append(f"{path}.models: peer models can not be empty")
     filters, filter_problems = parse_filters(entry.get("filters"), f"{path}.filters")
     problems.extend(filter_problems)
-    timeouts = _timeouts(entry.get("timeouts"), f"{path}.timeouts", problems)
+    timeouts = read_timeouts(entry.get("timeouts"), f"{path}.timeouts", problems)
     if len(problems) != before:
         return None
     return PeerConfig(

@@ -244,6 +244,11 @@ class Scheduler:
 
     # -- introspection --------------------------------------------------------
 
+    @property
+    def closing(self) -> bool:
+        """:meth:`shutdown` has been called."""
+        return self._closing
+
     def in_flight(self, model: str) -> int:
         return self._in_flight[model]
 

@@ -21,6 +21,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from llamaswap.scheduling import SchedulerSnapshot
+
 log = Logger()
 
 #: How long a stop waits for in-flight requests before stopping the models.
@@ -317,6 +319,24 @@ class DrainService(service.Service):
             self._reactor.removeSystemEventTrigger(self._trigger)
             self._trigger = None
         return self._grace.wait(self._in_flight, self._describe)
+
+
+def relayed_requests(
+    snapshot: Callable[[], SchedulerSnapshot],
+) -> tuple[Callable[[], int], Callable[[], str]]:
+    """What a stop drains: ``(count, describe)`` of the requests being
+    relayed to an upstream (granted, in flight).  Requests only waiting for a
+    model to start (queued, or behind a swap or the startup preload) are not
+    waited for: stopping the models answers them ``503``, and a load that
+    nobody would use is not worth the grace."""
+
+    def count() -> int:
+        return sum(snapshot().in_flight.values())
+
+    def describe() -> str:
+        return ", ".join(f"{m}: {n}" for m, n in sorted(snapshot().in_flight.items()))
+
+    return count, describe
 
 
 class SequentialMultiService(service.MultiService):

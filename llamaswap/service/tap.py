@@ -27,8 +27,10 @@ from llamaswap.config import Config, ConfigError
 from llamaswap.config.commands import program_problem
 from llamaswap.config.loader import load_config_sources
 from llamaswap.core.text import as_text
+from llamaswap.service.activation import inherited_loopback_only
 from llamaswap.service.logsetup import adopt_twistd_logging, set_log_level, set_log_to_stdout
 from llamaswap.service.reload import ReloadService
+from llamaswap.service.shutdown import relayed_requests
 from llamaswap.service.systemd import (
     DrainService,
     Notifier,
@@ -66,9 +68,14 @@ def listen_endpoint(value: str, cert: str | None = None, key: str | None = None)
     return f"tcp:{port}:interface={escaped}"
 
 
-def is_loopback_only(endpoint: str) -> bool:
-    if endpoint.startswith(("unix:", "systemd:")):
+def is_loopback_only(endpoint: str, unknown: bool = False) -> bool:
+    """Whether ``endpoint`` accepts loopback connections only; ``unknown``
+    for a ``systemd:`` socket that cannot be inspected."""
+    if endpoint.startswith("unix:"):
         return True
+    if endpoint.startswith("systemd:"):
+        inherited = inherited_loopback_only(endpoint)
+        return unknown if inherited is None else inherited
     found = re.search(r"(?:^|:)interface=((?:\\.|[^:\\])+)", endpoint)
     if not found:
         return False
@@ -232,14 +239,15 @@ def makeService(options: Options) -> service.MultiService:
         config,
         reactor,
         (options["config"], options["config-dir"]),
-        loopback_only=is_loopback_only(options["endpoint"]),
+        # An inherited socket that cannot be inspected keeps the Host check.
+        loopback_only=is_loopback_only(options["endpoint"], unknown=True),
     )
     core.setServiceParent(top)
-    snapshot = core.router.scheduler.snapshot
+    relayed, describe = relayed_requests(core.router.scheduler.snapshot)
     DrainService(
         ShutdownGrace(reactor),
-        in_flight=lambda: sum(snapshot().reserved.values()),
-        describe=lambda: ", ".join(f"{m}: {n}" for m, n in sorted(snapshot().reserved.items())),
+        in_flight=relayed,
+        describe=describe,
         reactor=reactor,  # type: ignore[arg-type]
     ).setServiceParent(top)
     endpoint = options["endpoint"]

@@ -350,8 +350,32 @@ class _TunedEndpoint:
                     )
                     transport.abortConnection()
 
-            self._clock.callLater(self._tls_timeout, expire)
+            timer = self._clock.callLater(self._tls_timeout, expire)
+            _when_handshake_ends(transport, lambda: timer.cancel() if timer.active() else None)
         return protocol
+
+
+def _when_handshake_ends(transport: Any, callback: Callable[[], object]) -> None:
+    """Call ``callback`` once the TLS ``transport`` (Twisted's
+    ``TLSMemoryBIOProtocol``) has finished its handshake or lost its
+    connection, whichever comes first.  The handshake advances in its
+    ``_checkHandshakeStatus``; the wrapped protocol, which Twisted would tell,
+    is the HTTP client's own."""
+    check = transport._checkHandshakeStatus
+    lost = transport.connectionLost
+
+    def checked() -> None:
+        check()
+        if not tls_handshake_pending(transport):
+            del transport._checkHandshakeStatus
+            callback()
+
+    def connection_lost(reason: Failure) -> None:
+        callback()
+        lost(reason)
+
+    transport._checkHandshakeStatus = checked
+    transport.connectionLost = connection_lost
 
 
 @implementer(IAgentEndpointFactory)

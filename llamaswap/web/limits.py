@@ -11,6 +11,11 @@ kernel send a reset, and the client would lose the ``413``).
 Header count and size and the idle time-out are Twisted's own
 (``HTTPChannel.maxHeaders``, ``totalHeadersSize``, ``timeOut``), set here
 explicitly so that they stay bounded whatever Twisted's defaults become.
+The idle time-out is reset by every byte, so a client sending one byte a
+minute could hold a connection for as long as its head may be long: the whole
+head (request line and headers) must also arrive within ``HEAD_TIMEOUT``
+seconds of its first byte (of the accept, for a connection's first request),
+or the connection gets a JSON ``408`` and is closed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ TOTAL_HEADERS_SIZE = 16 * 1024
 #: between keep-alive requests, and between the bytes of a request's head
 #: and body (never while a response is being produced).
 IDLE_TIMEOUT = 60
+#: seconds a request's whole head (request line and headers) may take to
+#: arrive, from its first byte (from the accept for a connection's first
+#: request).
+HEAD_TIMEOUT = 30.0
 #: seconds a refused request's connection keeps discarding input after the
 #: ``413`` before it is closed.
 LINGER = 2.0
@@ -68,7 +77,71 @@ def bound_channel(protocol: Any) -> Any:
 
     channel._respondToBadRequestAndDisconnect = bad_request
     channel.lineLengthExceeded = bad_request
+    _head_deadline(protocol, channel)
     return protocol
+
+
+def _head_deadline(protocol: Any, channel: Any) -> None:
+    """Close ``channel`` with a JSON ``408`` when a request head takes more
+    than ``HEAD_TIMEOUT`` seconds to arrive (see the module docstring).
+    Nothing happens once ``protocol`` has switched to another channel (HTTP/2
+    negotiated over TLS)."""
+    deadline: list[Any] = []
+    connection_made = channel.connectionMade
+    data_received = channel.dataReceived
+    all_headers_received = channel.allHeadersReceived
+    connection_lost = channel.connectionLost
+
+    def reading_head() -> bool:
+        return bool(channel.line_mode) and not channel._handlingRequest
+
+    def arm() -> None:
+        if not deadline and reading_head():
+            deadline.append(channel.callLater(HEAD_TIMEOUT, expired))
+
+    def disarm() -> None:
+        if deadline:
+            call = deadline.pop()
+            if call.active():
+                call.cancel()
+
+    def expired() -> None:
+        deadline.clear()
+        current = getattr(protocol, "_channel", channel)
+        if current is not channel or not reading_head() or channel.transport is None:
+            return
+        log.info(
+            "closing a connection from {peer}: request head not received within {seconds} s",
+            peer=getattr(channel.transport.getPeer(), "host", "?"),
+            seconds=HEAD_TIMEOUT,
+        )
+        body = json_envelope(408, f"request head not received within {HEAD_TIMEOUT:g} s")
+        channel.transport.write(
+            _closing_response(b"408 Request Timeout", b"application/json", body)
+        )
+        channel.setTimeout(None)
+        channel.loseConnection()
+
+    def on_connection_made() -> None:
+        connection_made()
+        arm()
+
+    def on_data(data: bytes) -> None:
+        arm()
+        data_received(data)
+
+    def on_all_headers() -> None:
+        disarm()
+        all_headers_received()
+
+    def on_lost(reason: Any) -> None:
+        disarm()
+        connection_lost(reason)
+
+    channel.connectionMade = on_connection_made
+    channel.dataReceived = on_data
+    channel.allHeadersReceived = on_all_headers
+    channel.connectionLost = on_lost
 
 
 def _discard(data: bytes) -> None:
@@ -90,10 +163,23 @@ class BoundedRequest(Request):
     def gotLength(self, length: int | None) -> None:
         # Twisted declares ``content = None`` on the class; it holds the body.
         self.content = BytesIO()  # type: ignore[assignment]
+        self._honour_connection_close()
         site = getattr(self.channel, "site", None)
         self._body_limit = getattr(site, "max_request_body_size", DEFAULT_MAX_REQUEST_BODY_SIZE)
         if length is not None and length > self._body_limit:
             self._refuse(f"request body of {length} bytes")
+
+    def _honour_connection_close(self) -> None:
+        """``Connection: close`` among comma-separated tokens (``close,
+        X-Foo``) or in a later ``Connection`` line closes the connection after
+        the response.  Twisted's ``checkPersistence``, run just before, splits
+        the first line on spaces only."""
+        channel: Any = self.channel
+        lines = self.requestHeaders.getRawHeaders(b"connection", [])
+        tokens = {t.strip().lower() for line in lines for t in line.split(b",")}
+        if b"close" in tokens and channel.persistent:
+            channel.persistent = False
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:

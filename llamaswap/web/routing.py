@@ -80,7 +80,9 @@ class Routing:
 
     A peer's client (its connection pool) outlives reloads: it is created
     the first time a configuration names the peer, replaced when a reload
-    changes the peer's ``timeouts``, and closed by :meth:`close`.
+    changes the peer's ``timeouts``, retired when a reload removes the peer,
+    and closed by :meth:`close`.  A local model that configures ``timeouts``
+    has a client of its own, kept the same way; the others share the app's.
     """
 
     def __init__(self, config: Config, router: Router, reactor: Any) -> None:
@@ -88,6 +90,8 @@ class Routing:
         self._reactor = reactor
         self._peer_clients: dict[str, UpstreamClient] = {}
         self._peer_timeouts: dict[str, PeerTimeouts] = {}
+        self._model_clients: dict[str, UpstreamClient] = {}
+        self._model_timeouts: dict[str, PeerTimeouts] = {}
         self.state = self._build(config)
 
     def reconfigure(self, config: Config) -> None:
@@ -96,27 +100,49 @@ class Routing:
 
     def _build(self, config: Config) -> RoutingState:
         state = routing_state(config)
-        for peer_id, peer in state.peers.peers.items():
-            if self._peer_timeouts.get(peer_id) != peer.timeouts:
-                # New, or its time-outs changed: a new client (requests in
-                # flight finish on the old one; its idle connections close).
-                old = self._peer_clients.get(peer_id)
+        peer_timeouts = {p: peer.timeouts for p, peer in state.peers.peers.items()}
+        self._sync(self._peer_clients, self._peer_timeouts, peer_timeouts)
+        model_timeouts = {m: model.timeouts for m, model in config.models.items() if model.timeouts}
+        self._sync(self._model_clients, self._model_timeouts, model_timeouts)
+        return state
+
+    def _sync(
+        self,
+        clients: dict[str, UpstreamClient],
+        current: dict[str, PeerTimeouts],
+        wanted: dict[str, PeerTimeouts],
+    ) -> None:
+        """One client per key of ``wanted``, built with its time-outs.
+
+        A client whose time-outs changed is replaced, one whose key is gone
+        is dropped; either is retired (its idle connections close now, those
+        in use when their request is done)."""
+        for key, timeouts in wanted.items():
+            if current.get(key) != timeouts:
+                old = clients.get(key)
                 if old is not None:
                     old.retire()
-                self._peer_timeouts[peer_id] = peer.timeouts
-                self._peer_clients[peer_id] = UpstreamClient(
+                current[key] = timeouts
+                clients[key] = UpstreamClient(
                     self._reactor,
-                    connect_timeout=peer.timeouts.connect,
-                    idle_timeout=peer.timeouts.idle_conn,
-                    response_header_timeout=peer.timeouts.response_header,
-                    keepalive=peer.timeouts.keepalive,
-                    tls_handshake_timeout=peer.timeouts.tls_handshake,
+                    connect_timeout=timeouts.connect,
+                    idle_timeout=timeouts.idle_conn,
+                    response_header_timeout=timeouts.response_header,
+                    keepalive=timeouts.keepalive,
+                    tls_handshake_timeout=timeouts.tls_handshake,
                 )
-        return state
+        for key in [k for k in clients if k not in wanted]:
+            del current[key]
+            clients.pop(key).retire()
 
     def peer_client(self, peer_id: str) -> UpstreamClient:
         """The client that sends requests to ``peer_id``."""
         return self._peer_clients[peer_id]
+
+    def model_client(self, model_id: str) -> UpstreamClient | None:
+        """The client for ``model_id``'s server when the model configures
+        ``timeouts``; ``None`` for the shared one."""
+        return self._model_clients.get(model_id)
 
     def state_of(self, model_id: str) -> str:
         """The state name of ``model_id``'s process (``"ready"``...); ``"stopped"``
@@ -125,6 +151,7 @@ class Routing:
         return process.state.value if process is not None else "stopped"
 
     def close(self) -> defer.Deferred[None]:
-        """Close the peers' pooled connections."""
-        closing = [client.close() for client in self._peer_clients.values()]
+        """Close the peers' and models' pooled connections."""
+        clients = [*self._peer_clients.values(), *self._model_clients.values()]
+        closing = [client.close() for client in clients]
         return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)

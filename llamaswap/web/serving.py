@@ -207,7 +207,7 @@ class RequestServer:
             return message
         except ShuttingDown as exc:
             message = f"unspecific error: {exc}"
-            write_error(request, 500, message)
+            write_error(request, 503, message)
             return message
         waiting = self._router.wait(ticket)
         loading: LoadingStream | None = None
@@ -226,7 +226,8 @@ class RequestServer:
             if loading is not None:
                 await loading.fail(message)
             else:
-                write_error(request, 500, message)
+                # Stopping: the request waited for a model that will not start.
+                write_error(request, 503 if self._router.scheduler.closing else 500, message)
             return message
         except BaseException:
             # Cancelled (client gone, /api/inflight cancel) or a bug: withdraw
@@ -252,7 +253,7 @@ class RequestServer:
                 target = relay_body_only(request)
             return await self._relay(
                 target,
-                self._client,
+                self._routing.model_client(local.model_id) or self._client,
                 lease.upstream + local.target,
                 headers,
                 body,
