@@ -53,6 +53,7 @@ MODEL_KEYS = frozenset(
         "compat",
         "capabilities",
         "healthCheckTimeout",
+        "resources",
     }
 )
 

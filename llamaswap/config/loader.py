@@ -50,6 +50,7 @@ from llamaswap.config.model import (
 from llamaswap.config.peers import Peers, read_peers
 from llamaswap.config.problems import describe
 from llamaswap.config.profiles import ProfilesConfig, planner_coexistence, read_profiles
+from llamaswap.config.resources import ResourcesConfig, placed_routing, read_resources
 from llamaswap.config.routing import RoutingConfig, read_routing
 from llamaswap.config.settings import (
     StoreConfig,
@@ -100,6 +101,7 @@ TOP_LEVEL_KEYS = frozenset(
         "groups",
         "matrix",
         "compat",
+        "resources",
     }
 )
 
@@ -252,6 +254,7 @@ def _build(raw: dict[str, Any]) -> Config:
         include_aliases_in_list=read_include_aliases(expanded),
         ignore_paths=sections.ignore_paths,
         preload=sections.preload,
+        resources=sections.resources,
         ui_session_headers=read_session_headers(expanded),
         _document=MappingProxyType(expanded),
     )
@@ -267,6 +270,7 @@ class _Sections:
     ignore_paths: tuple[re.Pattern[str], ...]
     preload: tuple[str, ...]
     store: StoreConfig
+    resources: ResourcesConfig | None = None
 
 
 def _read_sections(
@@ -279,6 +283,12 @@ def _read_sections(
     that can be wrong, each once; their problems go to ``report``."""
     routing, problems = read_routing(document, models.keys(), aliases)
     report.errors.extend(problems)
+    resources, problems, resource_warnings = read_resources(document, models.keys())
+    report.errors.extend(problems)
+    report.warnings.extend(resource_warnings)
+    if routing is not None and resources is not None:
+        routing, problems = placed_routing(routing, resources)
+        report.errors.extend(problems)
     peers, problems, peer_warnings = read_peers(document, models.keys(), aliases)
     report.errors.extend(problems)
     can_coexist = planner_coexistence(routing.planner) if routing is not None else None
@@ -296,7 +306,9 @@ def _read_sections(
     report.errors.extend(problems)
     store, problems = read_store(document)
     report.errors.extend(problems)
-    return _Sections(peers, profiles, routing or RoutingConfig(), ignore_paths, preload, store)
+    return _Sections(
+        peers, profiles, routing or RoutingConfig(), ignore_paths, preload, store, resources
+    )
 
 
 def _log_level(fields: Fields) -> str:

@@ -18,6 +18,7 @@ import yaml
 from llamaswap.config.filters import ModelFilters
 from llamaswap.config.peers import Peers
 from llamaswap.config.profiles import ProfilesConfig
+from llamaswap.config.resources import ResourcesConfig
 from llamaswap.config.routing import RoutingConfig
 from llamaswap.config.settings import (
     DEFAULT_CAPTURE_BUFFER_MIB,
@@ -129,6 +130,9 @@ class Config:
     preload: tuple[str, ...] = ()
     #: ``ui.activity.session_id``: request headers the UI groups activity by.
     ui_session_headers: tuple[str, ...] = DEFAULT_SESSION_HEADERS
+    #: top-level ``resources`` and every model's footprint; ``None`` without
+    #: them (no placement: the routing planner alone decides).
+    resources: ResourcesConfig | None = None
     #: the fully macro-expanded document, only for :meth:`resolved_yaml`.
     _document: Mapping[str, Any] = field(default_factory=_frozen_map, repr=False)
 

@@ -1,0 +1,247 @@
+"""``resources:`` (what the machine has) and ``models.<id>.resources`` (what a
+model holds while loaded) -> the placement planner (docs/placement.md).
+
+Without a top-level ``resources`` nothing changes: the routing planner is
+used as configured.  With it, the routing planner becomes the base of a
+:class:`~llamaswap.scheduling.placement.PlacementPlanner`: models run side by
+side while their footprints fit, and groups or matrix sets still apply.
+The implicit default group (models in no configured group) then neither
+swaps nor is exclusive: only memory decides for those models.
+
+A size is a number of bytes or a number with a unit: ``B``, ``KB``, ``KiB``,
+``MB``, ``MiB``, ``GB``, ``GiB``, ``TB``, ``TiB``.  ``estimate`` (GGUF
+metadata) and ``auto`` (probing the device) are not supported yet: an
+``estimate`` footprint is the whole resource (a warning says so), ``auto``
+is a config error.  A model without ``resources`` needs the whole machine.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from llamaswap.config.problems import describe
+from llamaswap.config.routing import RoutingConfig
+from llamaswap.scheduling.groups import DEFAULT_GROUP, GroupPlanner
+from llamaswap.scheduling.placement import PlacementPlanner
+
+__all__ = [
+    "Footprint",
+    "ResourcesConfig",
+    "format_size",
+    "parse_size",
+    "placed_routing",
+    "read_resources",
+]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_SIZE_HELP = "a size in bytes or with a unit (MB, MiB, GB, GiB)"
+
+#: footprint sources shown by ``GET /api/resources``.
+DECLARED, ESTIMATED, MEASURED, ASSUMED = "declared", "estimated", "measured", "assumed"
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes for an int or a ``"24GiB"``-style string; ``None`` if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if value >= 0 and value == value and value != float("inf") else None
+    if not isinstance(value, str):
+        return None
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        return None
+    unit = _UNITS.get(match.group(2).lower())
+    if unit is None:
+        return None
+    return int(float(match.group(1)) * unit)
+
+
+def format_size(amount: int) -> str:
+    """``amount`` bytes, in GiB/MiB when exact, for problem lines."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if amount and amount % factor == 0:
+            return f"{amount // factor}{unit}"
+    return f"{amount} bytes"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a model holds of one resource while loaded."""
+
+    bytes: int
+    #: ``declared``, ``estimated``, ``measured``, or ``assumed`` (nothing
+    #: declared or estimable: the whole resource).
+    source: str
+
+
+def _frozen(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """The machine's resources and every model's footprint."""
+
+    #: resource name -> bytes the machine has.
+    totals: Mapping[str, int] = field(default_factory=_frozen)
+    #: model id -> resource name -> footprint (every model, every resource it holds).
+    footprints: Mapping[str, Mapping[str, Footprint]] = field(default_factory=_frozen)
+
+    def bytes_of(self, model: str) -> dict[str, int]:
+        """Bytes per resource ``model`` holds while loaded."""
+        return {name: fp.bytes for name, fp in self.footprints.get(model, {}).items()}
+
+
+def read_resources(
+    document: Mapping[str, Any], model_ids: Collection[str]
+) -> tuple[ResourcesConfig | None, list[str], list[str]]:
+    """The resources of a document (``None`` without a top-level
+    ``resources``), its problems and its warnings, one line each."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    models_doc = document.get("models") or {}
+    raw = document.get("resources")
+    if raw is None:
+        for model_id in sorted(model_ids):
+            entry = models_doc.get(model_id)
+            declared = entry.get("resources") if isinstance(entry, Mapping) else None
+            if isinstance(declared, Mapping):
+                for name in declared:
+                    problems.append(
+                        f"models.{model_id}.resources.{name}: undefined resource {name!r} "
+                        "(no top-level resources are defined)"
+                    )
+        return None, problems, warnings
+    if not isinstance(raw, Mapping):
+        return (
+            None,
+            [f"resources: must be a mapping of resource name to size, got {describe(raw)}"],
+            [],
+        )
+    totals: dict[str, int] = {}
+    for name, value in raw.items():
+        path = f"resources.{name}"
+        if value == "auto":
+            problems.append(f"{path}: 'auto' is not supported yet; give the size ({_SIZE_HELP})")
+            continue
+        size = parse_size(value)
+        if size is None:
+            problems.append(f"{path}: must be {_SIZE_HELP}, got {describe(value)}")
+        else:
+            totals[str(name)] = size
+    footprints: dict[str, Mapping[str, Footprint]] = {}
+    for model_id in sorted(model_ids):
+        entry = models_doc.get(model_id)
+        declared = entry.get("resources") if isinstance(entry, Mapping) else None
+        path = f"models.{model_id}.resources"
+        if declared is None:
+            warnings.append(
+                f"{path}: not declared; the model needs the whole machine (it runs alone)"
+            )
+            footprints[model_id] = MappingProxyType(
+                {name: Footprint(total, ASSUMED) for name, total in totals.items()}
+            )
+            continue
+        if not isinstance(declared, Mapping):
+            problems.append(
+                f"{path}: must be a mapping of resource name to size, got {describe(declared)}"
+            )
+            continue
+        held: dict[str, Footprint] = {}
+        for name, value in declared.items():
+            key = f"{path}.{name}"
+            if name not in raw:
+                defined = ", ".join(str(n) for n in raw) or "none"
+                problems.append(f"{key}: undefined resource {name!r} (defined: {defined})")
+                continue
+            if name not in totals:
+                continue  # its total is wrong, reported above
+            if value == "estimate":
+                warnings.append(
+                    f"{key}: 'estimate' is not supported yet; the model holds the whole "
+                    f"resource ({format_size(totals[name])})"
+                )
+                held[name] = Footprint(totals[name], ASSUMED)
+                continue
+            size = parse_size(value)
+            if size is None:
+                problems.append(f"{key}: must be {_SIZE_HELP} or 'estimate', got {describe(value)}")
+            elif size > totals[name]:
+                problems.append(
+                    f"{key}: {format_size(size)} is more than the machine has "
+                    f"({name}: {format_size(totals[name])})"
+                )
+            else:
+                held[name] = Footprint(size, DECLARED)
+        footprints[model_id] = MappingProxyType(held)
+    if problems:
+        return None, problems, warnings
+    return ResourcesConfig(MappingProxyType(totals), MappingProxyType(footprints)), [], warnings
+
+
+def placed_routing(
+    routing: RoutingConfig, resources: ResourcesConfig
+) -> tuple[RoutingConfig, list[str]]:
+    """``routing`` with its planner wrapped in the placement planner, and the
+    problems: a model that cannot fit beside what persistent groups may hold
+    (those are never evicted for memory)."""
+    base = routing.planner
+    pinned: frozenset[str] = frozenset()
+    problems: list[str] = []
+    if isinstance(base, GroupPlanner):
+        groups = dict(base.groups)
+        default = groups[DEFAULT_GROUP]
+        groups[DEFAULT_GROUP] = replace(default, swap=False, exclusive=False)
+        base = GroupPlanner(groups)
+        persistent = {
+            group_id: group
+            for group_id, group in groups.items()
+            if group.persistent and group_id != DEFAULT_GROUP
+        }
+        pinned = frozenset(m for group in persistent.values() for m in group.members)
+        for model_id in resources.footprints:
+            home = base.group_of(model_id)
+            for name, total in resources.totals.items():
+                held = 0
+                for group_id, group in persistent.items():
+                    if group_id == home:
+                        continue
+                    amounts = [
+                        resources.footprints[m][name].bytes
+                        for m in group.members
+                        if name in resources.footprints.get(m, {})
+                    ]
+                    held += (max(amounts) if group.swap else sum(amounts)) if amounts else 0
+                needs = resources.footprints[model_id].get(name)
+                if needs is not None and held and needs.bytes + held > total:
+                    problems.append(
+                        f"models.{model_id}.resources.{name}: {format_size(needs.bytes)} does "
+                        f"not fit beside the {format_size(held)} persistent groups may hold "
+                        f"({name}: {format_size(total)})"
+                    )
+    planner = PlacementPlanner(
+        resources.totals,
+        {model: resources.bytes_of(model) for model in resources.footprints},
+        base,
+        pinned,
+    )
+    return replace(routing, planner=planner), problems
