@@ -18,7 +18,7 @@ is a config error.  A model without ``resources`` needs the whole machine.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -35,6 +35,7 @@ __all__ = [
     "parse_size",
     "placed_routing",
     "read_resources",
+    "resources_json",
 ]
 
 _UNITS = {
@@ -245,3 +246,33 @@ def placed_routing(
         pinned,
     )
     return replace(routing, planner=planner), problems
+
+
+#: process states in which a model holds its footprint.
+HOLDING_STATES = frozenset({"starting", "ready", "stopping"})
+
+
+def resources_json(
+    resources: ResourcesConfig | None, state_of: Callable[[str], str]
+) -> dict[str, Any]:
+    """``GET /api/resources``: every resource's total and reserved bytes
+    (footprints of models starting, ready or stopping; ``free`` is null: no
+    probe yet) and every model's footprint with its source.  Empty without
+    a top-level ``resources``."""
+    if resources is None:
+        return {"resources": {}, "models": {}}
+    reserved = dict.fromkeys(resources.totals, 0)
+    for model, held in resources.footprints.items():
+        if state_of(model) in HOLDING_STATES:
+            for name, footprint in held.items():
+                reserved[name] += footprint.bytes
+    return {
+        "resources": {
+            name: {"total": total, "reserved": reserved[name], "free": None}
+            for name, total in resources.totals.items()
+        },
+        "models": {
+            model: {name: {"bytes": fp.bytes, "source": fp.source} for name, fp in held.items()}
+            for model, held in resources.footprints.items()
+        },
+    }
