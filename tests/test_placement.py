@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 from llamaswap.config import ConfigError, load_config_text
 from llamaswap.config.resources import parse_size
 from llamaswap.scheduling import Scheduler, Ticket, TicketStage
-from llamaswap.scheduling.groups import GroupPlanner
+from llamaswap.scheduling.groups import DEFAULT_GROUP, Group, GroupPlanner
 from llamaswap.scheduling.placement import (
     GIB,
     PlacementPlanner,
@@ -23,6 +23,9 @@ from llamaswap.scheduling.placement import (
 )
 from llamaswap.scheduling.planner import IBusyAwarePlanner, SingleModelPlanner
 from tests.test_scheduler import RecordingEffects
+from tests.test_scheduler_properties import _START_MODES as START_MODES
+from tests.test_scheduler_properties import World, play
+from tests.test_scheduler_properties import _actions as scheduler_actions
 
 
 def config(text: str) -> object:
@@ -396,3 +399,78 @@ class PlacementSchedulerTests(SynchronousTestCase):
         self.request("a")
         self.request("b")
         self.assertEqual(self.effects.swaps(), [("a", frozenset()), ("b", frozenset())])
+
+
+# -- the scheduler with the placement planner, by random interleavings ---------
+
+WORLD_MODELS = ("a", "b", "c", "d", "p", "solo")
+WORLD_TOTALS = {"gpu0": 24, "ram": 8}
+WORLD_FOOTPRINTS: Mapping[str, Mapping[str, int]] = {
+    "a": {"gpu0": 10, "ram": 2},
+    "b": {"gpu0": 10},
+    "c": {"gpu0": 12, "ram": 4},
+    "d": {"gpu0": 4, "ram": 4},
+    "p": {"gpu0": 2, "ram": 1},
+    "solo": {"gpu0": 22, "ram": 7},  # all that the pinned model leaves
+}
+
+
+class BudgetWorld(World):
+    """The scheduler property world, also checking after every step that
+    the models holding memory (starting, ready, stopping) fit the machine
+    and that a pinned model is never evicted."""
+
+    def check(self) -> None:
+        super().check()
+        holding = frozenset(
+            m for m, state in self.states.items() if state in ("starting", "ready", "stopping")
+        )
+        planner = self.planner
+        assert isinstance(planner, PlacementPlanner)
+        over = planner.shortfall(holding)
+        if over:
+            self.fail_check(f"over budget by {over}: {sorted(holding)}")
+
+    def start_swap(self, target: str, evict: frozenset[str]) -> None:
+        planner = self.planner
+        assert isinstance(planner, PlacementPlanner)
+        if evict & planner.pinned:
+            self.fail_check(f"swap to {target} evicts pinned {sorted(evict & planner.pinned)}")
+        super().start_swap(target, evict)
+
+
+class PlacementSchedulerPropertyTests(SynchronousTestCase):
+    @settings(
+        max_examples=100,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(
+        actions=scheduler_actions(WORLD_MODELS, [1.0, 10.0, 30.0]),
+        start_modes=START_MODES,
+        shutdown=st.booleans(),
+    )
+    def test_never_over_budget(
+        self, actions: list[tuple], start_modes: list[str], shutdown: bool
+    ) -> None:
+        """Random requests, answers, TTL stops, crashes and unloads: the
+        scheduler's invariants hold, loaded models always fit, the pinned
+        model is never evicted, every request ends."""
+        base = GroupPlanner(
+            {
+                "keep": Group(("p",), persistent=True, exclusive=False),
+                DEFAULT_GROUP: Group(swap=False, exclusive=False),
+            }
+        )
+        planner = PlacementPlanner(WORLD_TOTALS, WORLD_FOOTPRINTS, base, frozenset({"p"}))
+        world = BudgetWorld(
+            planner,
+            WORLD_MODELS,
+            dict.fromkeys(WORLD_MODELS, 3),
+            [],
+            max_wait=30.0,
+            start_modes=start_modes,
+        )
+        play(world, actions, shutdown)
+        world.check_rest(self)
