@@ -167,8 +167,8 @@ class ResourcesConfigTests(SynchronousTestCase):
         self.assertEqual(
             loaded.warnings,  # type: ignore[attr-defined]
             (
-                "models.b.resources.gpu0: 'estimate' is not supported yet; the model holds "
-                "the whole resource (24GiB)",
+                "models.b.resources.gpu0: cannot estimate (the command names no existing "
+                ".gguf file (-m)); the model holds the whole resource (24GiB)",
             ),
         )
         self.assertEqual(

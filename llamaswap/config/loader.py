@@ -283,7 +283,8 @@ def _read_sections(
     that can be wrong, each once; their problems go to ``report``."""
     routing, problems = read_routing(document, models.keys(), aliases)
     report.errors.extend(problems)
-    resources, problems, resource_warnings = read_resources(document, models.keys())
+    commands = {model_id: model.argv for model_id, model in models.items()}
+    resources, problems, resource_warnings = read_resources(document, commands)
     report.errors.extend(problems)
     report.warnings.extend(resource_warnings)
     if routing is not None and resources is not None:

@@ -9,20 +9,26 @@ The implicit default group (models in no configured group) then neither
 swaps nor is exclusive: only memory decides for those models.
 
 A size is a number of bytes or a number with a unit: ``B``, ``KB``, ``KiB``,
-``MB``, ``MiB``, ``GB``, ``GiB``, ``TB``, ``TiB``.  ``estimate`` (GGUF
-metadata) and ``auto`` (probing the device) are not supported yet: an
-``estimate`` footprint is the whole resource (a warning says so), ``auto``
-is a config error.  A model without ``resources`` needs the whole machine.
+``MB``, ``MiB``, ``GB``, ``GiB``, ``TB``, ``TiB``.  ``estimate`` reads the
+GGUF file the model's command names (:mod:`.estimate`): a resource whose name
+says host memory (``ram``, ``mem``, ``host``…) gets the part that stays on the
+host, any other the device part; when that is impossible the footprint is the
+whole resource (a warning says why).  A model without ``resources`` is
+estimated when its command names a GGUF file and the machine has one device
+(and at most one host resource); otherwise it needs the whole machine (it
+runs alone; a warning says so).  ``auto`` (probing the device) is not
+supported yet: a config error.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from llamaswap.config.estimate import Estimate, EstimateError, estimate, gguf_path
 from llamaswap.config.problems import describe
 from llamaswap.config.routing import RoutingConfig
 from llamaswap.scheduling.groups import DEFAULT_GROUP, GroupPlanner
@@ -112,11 +118,57 @@ class ResourcesConfig:
         return {name: fp.bytes for name, fp in self.footprints.get(model, {}).items()}
 
 
+#: resource names that mean host memory; every other name is a device.
+_HOST = re.compile(r"(ram|mem|memory|host|cpu|sys)", re.IGNORECASE)
+
+
+def is_host(name: str) -> bool:
+    """Whether resource ``name`` is host memory (``ram``, ``mem``, ``host``…):
+    estimates put the weights and KV cache that stay off the device there."""
+    return _HOST.match(name) is not None
+
+
+def _estimated_share(name: str, found: Estimate) -> int:
+    return found.host if is_host(name) else found.device
+
+
+def _undeclared(
+    argv: Sequence[str], totals: Mapping[str, int]
+) -> tuple[dict[str, Footprint] | None, str]:
+    """The estimated footprint of a model without ``resources`` whose command
+    names a GGUF file, or ``None`` and why it needs the whole machine."""
+    if gguf_path(argv) is None:
+        return None, "not declared"
+    try:
+        found = estimate(argv)
+    except EstimateError as exc:
+        return None, f"not declared and not estimable ({exc})"
+    devices = [name for name in totals if not is_host(name)]
+    hosts = [name for name in totals if is_host(name)]
+    held: dict[str, int] = {}
+    if not devices:
+        if len(hosts) != 1:
+            return None, "not declared, and the estimate fits no single host resource"
+        held[hosts[0]] = found.device + found.host
+    else:
+        if len(devices) != 1 or len(hosts) > 1:
+            return None, "not declared, and the machine has several devices to choose from"
+        held[devices[0]] = found.device
+        if hosts:
+            held[hosts[0]] = found.host
+    for name, amount in held.items():
+        if amount > totals[name]:
+            return None, f"estimated {format_size(amount)} of {name}, more than the machine has"
+    return {name: Footprint(amount, ESTIMATED) for name, amount in held.items()}, ""
+
+
 def read_resources(
-    document: Mapping[str, Any], model_ids: Collection[str]
+    document: Mapping[str, Any], commands: Mapping[str, Sequence[str]]
 ) -> tuple[ResourcesConfig | None, list[str], list[str]]:
     """The resources of a document (``None`` without a top-level
-    ``resources``), its problems and its warnings, one line each."""
+    ``resources``), its problems and its warnings, one line each.
+    ``commands`` maps every model id to its command's argv (for estimates)."""
+    model_ids = commands.keys()
     problems: list[str] = []
     warnings: list[str] = []
     models_doc = document.get("models") or {}
@@ -155,9 +207,11 @@ def read_resources(
         declared = entry.get("resources") if isinstance(entry, Mapping) else None
         path = f"models.{model_id}.resources"
         if declared is None:
-            warnings.append(
-                f"{path}: not declared; the model needs the whole machine (it runs alone)"
-            )
+            estimated, why = _undeclared(commands[model_id], totals)
+            if estimated is not None:
+                footprints[model_id] = MappingProxyType(estimated)
+                continue
+            warnings.append(f"{path}: {why}; the model needs the whole machine (it runs alone)")
             footprints[model_id] = MappingProxyType(
                 {name: Footprint(total, ASSUMED) for name, total in totals.items()}
             )
@@ -168,6 +222,7 @@ def read_resources(
             )
             continue
         held: dict[str, Footprint] = {}
+        found: Estimate | str | None = None  # the model's estimate, or why there is none
         for name, value in declared.items():
             key = f"{path}.{name}"
             if name not in raw:
@@ -177,11 +232,26 @@ def read_resources(
             if name not in totals:
                 continue  # its total is wrong, reported above
             if value == "estimate":
-                warnings.append(
-                    f"{key}: 'estimate' is not supported yet; the model holds the whole "
-                    f"resource ({format_size(totals[name])})"
-                )
-                held[name] = Footprint(totals[name], ASSUMED)
+                if found is None:
+                    try:
+                        found = estimate(commands[model_id])
+                    except EstimateError as exc:
+                        found = str(exc)
+                if isinstance(found, str):
+                    warnings.append(
+                        f"{key}: cannot estimate ({found}); the model holds the whole "
+                        f"resource ({format_size(totals[name])})"
+                    )
+                    held[name] = Footprint(totals[name], ASSUMED)
+                    continue
+                amount = _estimated_share(name, found)
+                if amount > totals[name]:
+                    problems.append(
+                        f"{key}: estimated {format_size(amount)} from {found.path}, more than "
+                        f"the machine has ({name}: {format_size(totals[name])})"
+                    )
+                else:
+                    held[name] = Footprint(amount, ESTIMATED)
                 continue
             size = parse_size(value)
             if size is None:
