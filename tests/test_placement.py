@@ -198,6 +198,17 @@ class ResourcesConfigTests(SynchronousTestCase):
                 "groups may hold (gpu0: 24GiB)",
             ),
         )
+        # a model that needs the whole machine can never run beside them
+        self.assertEqual(
+            problems(text.replace("groups:", "  d:\n    cmd: server --port ${PORT}\ngroups:")),
+            (
+                "models.b.resources.gpu0: 12GiB does not fit beside the 18GiB persistent "
+                "groups may hold (gpu0: 24GiB)",
+                "models.d.resources: needs the whole machine (nothing declared or "
+                "estimable), but persistent groups may hold 18GiB of gpu0; declare its "
+                "footprint",
+            ),
+        )
         # a persistent group that swaps holds one member at a time: 10GiB
         loaded = config(text.replace("swap: false", "swap: true"))
         planner = loaded.routing.planner  # type: ignore[attr-defined]

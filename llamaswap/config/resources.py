@@ -303,12 +303,20 @@ def placed_routing(
                     ]
                     held += (max(amounts) if group.swap else sum(amounts)) if amounts else 0
                 needs = resources.footprints[model_id].get(name)
-                if needs is not None and held and needs.bytes + held > total:
+                if needs is None or not held or needs.bytes + held <= total:
+                    continue
+                if needs.source == ASSUMED:
                     problems.append(
-                        f"models.{model_id}.resources.{name}: {format_size(needs.bytes)} does "
-                        f"not fit beside the {format_size(held)} persistent groups may hold "
-                        f"({name}: {format_size(total)})"
+                        f"models.{model_id}.resources: needs the whole machine (nothing "
+                        f"declared or estimable), but persistent groups may hold "
+                        f"{format_size(held)} of {name}; declare its footprint"
                     )
+                    break
+                problems.append(
+                    f"models.{model_id}.resources.{name}: {format_size(needs.bytes)} does "
+                    f"not fit beside the {format_size(held)} persistent groups may hold "
+                    f"({name}: {format_size(total)})"
+                )
     planner = PlacementPlanner(
         resources.totals,
         {model: resources.bytes_of(model) for model in resources.footprints},

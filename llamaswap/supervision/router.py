@@ -205,6 +205,13 @@ class Router:
         reasons: Mapping[str, str] = {}
         if isinstance(self.planner, PlacementPlanner):
             reasons = self.planner.reasons(target, running - {target}, evict)
+            for_memory = sorted(m for m, why in reasons.items() if why == "memory")
+            if for_memory:
+                log.info(
+                    "placement: {target} needs room; evicting {models} (lowest reload cost)",
+                    target=target,
+                    models=for_memory,
+                )
         defer.Deferred.fromCoroutine(self._swap(target, evict, reasons))
 
     def stop_models(self, models: frozenset[str]) -> None:
