@@ -485,3 +485,20 @@ class PlacementSchedulerPropertyTests(SynchronousTestCase):
         )
         play(world, actions, shutdown)
         world.check_rest(self)
+
+
+class SearchBoundTests(SynchronousTestCase):
+    def test_many_equal_models(self) -> None:
+        """Forty models of one size and cost: the search stays within its
+        budget and still frees enough with as few as possible."""
+        candidates = {f"m{i:02}": {"gpu0": 10} for i in range(40)}
+        chosen = cheapest_cover(candidates, {"gpu0": 150}, lambda m: 1.0)
+        assert chosen is not None
+        self.assertEqual(len(chosen), 15)
+
+    def test_budget_exhausted_keeps_a_cover(self) -> None:
+        """With no budget at all the greedy cover is the answer: still enough."""
+        candidates = {"a": {"gpu0": 5}, "b": {"gpu0": 5}, "c": {"gpu0": 10}}
+        costs = {"a": 1.0, "b": 1.0, "c": 1.5}
+        self.assertEqual(cheapest_cover(candidates, {"gpu0": 10}, costs.__getitem__, 0), {"a", "b"})
+        self.assertEqual(cheapest_cover(candidates, {"gpu0": 10}, costs.__getitem__), {"c"})

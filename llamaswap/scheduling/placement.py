@@ -17,10 +17,12 @@ only if no idle set makes room; the scheduler then sees a busy victim and
 queues the request until it drains (a model serving requests is never
 stopped).
 
-The search is exact: a depth-first walk over the candidates, cheapest first,
-pruned by cost and by what the remaining candidates could still free.  It
-runs only when the target does not fit, over the few models that hold some
-of a resource the target is short of.
+The search is a depth-first branch and bound over the candidates, cheapest
+first, seeded with the greedy cover and pruned by cost and by what the
+remaining candidates could still free: exact for the handful of models a
+machine holds, and bounded (:data:`SEARCH_BUDGET` nodes) for many.  It runs
+only when the target does not fit, over the models that hold some of a
+resource the target is short of.
 """
 
 from __future__ import annotations
@@ -90,15 +92,25 @@ class ReloadCosts:
         return count * math.exp(-(self._clock() - since) / self._tau) / self._tau
 
 
+#: search nodes one decision may visit; past that the best set found so far
+#: (at worst the greedy one) is taken, so a decision never stalls the reactor.
+SEARCH_BUDGET = 20_000
+
+
 def cheapest_cover(
     candidates: Mapping[str, Footprint],
     short: Mapping[str, int],
     cost: Callable[[str], float],
+    budget: int = SEARCH_BUDGET,
 ) -> frozenset[str] | None:
     """The set of ``candidates`` whose footprints add up to at least
-    ``short`` (bytes per resource) at the lowest summed ``cost``; ties go to
-    fewer models, then to the first names in sorted order.  ``None`` when even
-    all of them are not enough."""
+    ``short`` (bytes per resource) at the lowest summed ``cost``.  ``None``
+    when even all of them are not enough.
+
+    Branch and bound over the candidates that hold some of a short resource,
+    cheapest first (then by name), seeded with the greedy cover; among sets
+    of equal cost the first found wins.  Exact unless more than ``budget``
+    nodes would be visited; then the best set found so far is returned."""
     need = {name: amount for name, amount in short.items() if amount > 0}
     if not need:
         return frozenset()
@@ -119,27 +131,39 @@ def cheapest_cover(
         suffix[index] = [suffix[index + 1][k] + held[k] for k in range(width)]
     if any(suffix[0][k] < amounts[k] for k in range(width)):
         return None
-    best: list[tuple[float, int, tuple[str, ...]]] = []
+    # the greedy cover: cheapest first, each model that still helps
+    greedy: list[str] = []
+    spent = 0.0
+    missing = list(amounts)
+    for price, model, held in useful:
+        if any(missing[k] > 0 and held[k] > 0 for k in range(width)):
+            greedy.append(model)
+            spent += price
+            missing = [missing[k] - held[k] for k in range(width)]
+            if all(amount <= 0 for amount in missing):
+                break
+    best: list[tuple[float, tuple[str, ...]]] = [(spent, tuple(greedy))]
     chosen: list[str] = []
+    visits = [budget]
 
     def walk(index: int, spent: float, missing: tuple[int, ...]) -> None:
+        if spent >= best[0][0] or visits[0] <= 0:
+            return
+        visits[0] -= 1
         if all(amount <= 0 for amount in missing):
-            key = (spent, len(chosen), tuple(sorted(chosen)))
-            if not best or key < best[0]:
-                best[:] = [key]
+            best[0] = (spent, tuple(chosen))
             return
-        if index == len(useful) or (best and spent > best[0][0]):
-            return
-        if any(suffix[index][k] < missing[k] for k in range(width)):
+        if index == len(useful) or any(suffix[index][k] < missing[k] for k in range(width)):
             return
         price, model, held = useful[index]
-        chosen.append(model)
-        walk(index + 1, spent + price, tuple(missing[k] - held[k] for k in range(width)))
-        chosen.pop()
+        if any(missing[k] > 0 and held[k] > 0 for k in range(width)):
+            chosen.append(model)
+            walk(index + 1, spent + price, tuple(missing[k] - held[k] for k in range(width)))
+            chosen.pop()
         walk(index + 1, spent, missing)
 
     walk(0, 0.0, amounts)
-    return frozenset(best[0][2])
+    return frozenset(best[0][1])
 
 
 @implementer(IBusyAwarePlanner)
