@@ -553,7 +553,10 @@ class ModelsTests(BrowserTestCase):
             if card.get_attribute("data-state") != "stopped":
                 card.locator("[data-action=unload]").click()
                 page.wait_for_selector("article.model[data-model=beta][data-state=stopped]")
-            card.locator("[data-action=load]").click()
+            with page.expect_request(
+                lambda sent: sent.url.endswith("/api/models/load/beta") and sent.method == "POST"
+            ):
+                card.locator("[data-action=load]").click()
             page.wait_for_selector("article.model[data-model=beta][data-state=ready]")
             running = json.loads(self.stack.call("/running")[1])["running"]
             self.assertIn("beta", [r["model"] for r in running])

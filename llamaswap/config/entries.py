@@ -54,6 +54,7 @@ MODEL_KEYS = frozenset(
         "compat",
         "capabilities",
         "healthCheckTimeout",
+        "resources",
     }
 )
 

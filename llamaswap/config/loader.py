@@ -51,6 +51,7 @@ from llamaswap.config.model import (
 from llamaswap.config.peers import Peers, read_peers
 from llamaswap.config.problems import describe, in_file, missing_server_message
 from llamaswap.config.profiles import ProfilesConfig, planner_coexistence, read_profiles
+from llamaswap.config.resources import ResourcesConfig, placed_routing, read_resources
 from llamaswap.config.routing import RoutingConfig, read_routing
 from llamaswap.config.settings import (
     StoreConfig,
@@ -105,6 +106,7 @@ TOP_LEVEL_KEYS = frozenset(
         "groups",
         "matrix",
         "compat",
+        "resources",
     }
 )
 
@@ -269,6 +271,7 @@ def _build(raw: dict[str, Any]) -> Config:
         include_aliases_in_list=read_include_aliases(expanded),
         ignore_paths=sections.ignore_paths,
         preload=sections.preload,
+        resources=sections.resources,
         ui_session_headers=read_session_headers(expanded),
         allowed_hosts=allowed_hosts,
         allowed_origins=allowed_origins,
@@ -286,6 +289,7 @@ class _Sections:
     ignore_paths: tuple[re.Pattern[str], ...]
     preload: tuple[str, ...]
     store: StoreConfig
+    resources: ResourcesConfig | None = None
 
 
 def _read_sections(
@@ -298,6 +302,13 @@ def _read_sections(
     that can be wrong, each once; their problems go to ``report``."""
     routing, problems = read_routing(document, models.keys(), aliases)
     report.errors.extend(problems)
+    commands = {model_id: model.argv for model_id, model in models.items()}
+    resources, problems, resource_warnings = read_resources(document, commands)
+    report.errors.extend(problems)
+    report.warnings.extend(resource_warnings)
+    if routing is not None and resources is not None:
+        routing, problems = placed_routing(routing, resources)
+        report.errors.extend(problems)
     peers, problems, peer_warnings = read_peers(document, models.keys(), aliases)
     report.errors.extend(problems)
     can_coexist = planner_coexistence(routing.planner) if routing is not None else None
@@ -315,7 +326,9 @@ def _read_sections(
     report.errors.extend(problems)
     store, problems = read_store(document)
     report.errors.extend(problems)
-    return _Sections(peers, profiles, routing or RoutingConfig(), ignore_paths, preload, store)
+    return _Sections(
+        peers, profiles, routing or RoutingConfig(), ignore_paths, preload, store, resources
+    )
 
 
 def _log_level(fields: Fields) -> str:

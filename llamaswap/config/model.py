@@ -19,6 +19,7 @@ from llamaswap.config.browser import AllowedHosts, AllowedOrigins
 from llamaswap.config.filters import ModelFilters
 from llamaswap.config.peers import Peers, PeerTimeouts
 from llamaswap.config.profiles import ProfilesConfig
+from llamaswap.config.resources import ResourcesConfig
 from llamaswap.config.routing import RoutingConfig
 from llamaswap.config.settings import (
     DEFAULT_CAPTURE_BUFFER_MIB,
@@ -162,6 +163,9 @@ class Config:
     allowed_hosts: AllowedHosts = field(default_factory=AllowedHosts)
     #: ``allowedOrigins``: other sites whose pages may call management endpoints.
     allowed_origins: AllowedOrigins = field(default_factory=AllowedOrigins)
+    #: top-level ``resources`` and every model's footprint; ``None`` without
+    #: them (no placement: the routing planner alone decides).
+    resources: ResourcesConfig | None = None
     #: the fully macro-expanded document, only for :meth:`resolved_yaml`.
     _document: Mapping[str, Any] = field(default_factory=_frozen_map, repr=False)
 

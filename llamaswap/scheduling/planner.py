@@ -21,3 +21,14 @@ class SingleModelPlanner:
 
     def evict_set(self, target: str, running: frozenset[str]) -> frozenset[str]:
         return running - {target}
+
+
+class IBusyAwarePlanner(ISwapPlanner):
+    """A planner that can choose its victims around busy models."""
+
+    def evict_set_around(
+        target: str, running: frozenset[str], busy: frozenset[str]
+    ) -> frozenset[str]:
+        """As :meth:`ISwapPlanner.evict_set`, evicting models of ``busy``
+        (serving requests, starting, or already being evicted) only when no
+        set of idle ones would do; the scheduler then waits for them."""

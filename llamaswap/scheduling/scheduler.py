@@ -21,7 +21,7 @@ from types import MappingProxyType
 
 from zope.interface import Interface
 
-from llamaswap.scheduling.planner import ISwapPlanner
+from llamaswap.scheduling.planner import IBusyAwarePlanner, ISwapPlanner
 from llamaswap.scheduling.tickets import Ticket, TicketQueue, TicketStage
 
 __all__ = [
@@ -346,7 +346,7 @@ class Scheduler:
             swap.waiters.append(ticket)
             ticket._stage = TicketStage.WAITING
             return True
-        evict = frozenset(self._planner.evict_set(model, self._running(model)))
+        evict = self._plan(model)
         assert model not in evict, f"planner evicts its own target {model!r}"
         if self._collides(model, evict):
             return False
@@ -361,6 +361,18 @@ class Scheduler:
         ticket._stage = TicketStage.WAITING
         self._effects.start_swap(model, evict)
         return True
+
+    def _plan(self, target: str) -> frozenset[str]:
+        """The planner's evictions for ``target``; a busy-aware planner (the
+        placement planner) hears which models are serving, starting or being
+        evicted already, so it chooses idle victims where it can."""
+        running = self._running(target)
+        if IBusyAwarePlanner.providedBy(self._planner):
+            busy = set(self._in_flight) | self._swaps.keys()
+            for swap in self._swaps.values():
+                busy |= swap.evict
+            return frozenset(self._planner.evict_set_around(target, running, frozenset(busy)))
+        return frozenset(self._planner.evict_set(target, running))
 
     def _running(self, target: str) -> frozenset[str]:
         """Live processes plus the targets of other active swaps."""

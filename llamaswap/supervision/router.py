@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llamaswap.config import Config, ModelConfig
-from llamaswap.scheduling import IEffects, Scheduler, Ticket
+from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, Ticket
+from llamaswap.scheduling.placement import PlacementPlanner, ReloadCosts
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
 
 log = Logger()
@@ -75,8 +76,8 @@ class Lease:
 ProcessFactory = Callable[[ModelConfig], ModelProcess]
 #: ``on_evicted(model, reason)``: a starting or running model was stopped.
 #: ``reason``: ``swap`` (the scheduler made room), ``ttl``, ``reload``
-#: (replaced or removed), ``unload``, ``crash`` (died while ready); the set is
-#: open (``memory`` is to come).
+#: (replaced or removed), ``unload``, ``crash`` (died while ready), ``memory``
+#: (the placement planner made room); the set is open.
 EvictionListener = Callable[[str, str], None]
 
 
@@ -113,7 +114,10 @@ class Router:
         #: model id -> Deferred firing once its replaced process has stopped
         self._retiring: dict[str, defer.Deferred[None]] = {}
         routing = config.routing
-        self.planner = routing.planner
+        #: load times and request rates the placement planner prices evictions by
+        self.reload_costs = ReloadCosts(clock.seconds)
+        self._starting_since: dict[str, float] = {}
+        self.planner = self._priced(routing.planner)
         self.scheduler = Scheduler(
             self,
             self.planner,
@@ -177,6 +181,7 @@ class Router:
             return False
         process = self.processes[ticket.model]
         process.request_started()
+        self.reload_costs.requested(ticket.model)
         waiter.callback(Lease(self, ticket, self._upstreams[ticket.model], process))
         return True
 
@@ -192,12 +197,22 @@ class Router:
 
     def start_swap(self, target: str, evict: frozenset[str]) -> None:
         explain = getattr(self.planner, "explain", None)
+        running = frozenset(
+            m for m, p in self.processes.items() if p.state.value not in ("stopped", "shutdown")
+        )
         if explain is not None:
-            running = frozenset(
-                m for m, p in self.processes.items() if p.state.value not in ("stopped", "shutdown")
-            )
             log.info("{decision}", decision=explain(target, running - {target}).describe())
-        defer.Deferred.fromCoroutine(self._swap(target, evict))
+        reasons: Mapping[str, str] = {}
+        if isinstance(self.planner, PlacementPlanner):
+            reasons = self.planner.reasons(target, running - {target}, evict)
+            for_memory = sorted(m for m, why in reasons.items() if why == "memory")
+            if for_memory:
+                log.info(
+                    "placement: {target} needs room; evicting {models} (lowest reload cost)",
+                    target=target,
+                    models=for_memory,
+                )
+        defer.Deferred.fromCoroutine(self._swap(target, evict, reasons))
 
     def stop_models(self, models: frozenset[str]) -> None:
         stops = [self.processes[m].stop(reason="unload") for m in sorted(models)]
@@ -206,7 +221,9 @@ class Router:
 
     # -- operations -----------------------------------------------------------
 
-    async def _swap(self, target: str, evict: frozenset[str]) -> None:
+    async def _swap(
+        self, target: str, evict: frozenset[str], reasons: Mapping[str, str] | None = None
+    ) -> None:
         error: str | None = None
         try:
             if evict:
@@ -215,7 +232,10 @@ class Router:
                 )
                 timeout = self.config.health_check_timeout
                 await defer.gatherResults(
-                    [self.processes[m].stop(timeout, reason="swap") for m in sorted(evict)],
+                    [
+                        self.processes[m].stop(timeout, reason=(reasons or {}).get(m, "swap"))
+                        for m in sorted(evict)
+                    ],
                     consumeErrors=True,
                 )
             retried = False
@@ -282,11 +302,11 @@ class Router:
             model_id: model.proxy.rstrip("/").encode() for model_id, model in config.models.items()
         }
         routing = config.routing
-        self.planner = routing.planner
+        self.planner = self._priced(routing.planner)
         self.scheduler.reconfigure(
             {m: c.concurrency_limit for m, c in config.models.items()},
             routing.priorities,
-            routing.planner,
+            self.planner,
         )
         for process in retired:
             done = defer.Deferred.fromCoroutine(self._retire(process))
@@ -341,6 +361,12 @@ class Router:
         )
         return d.addCallback(lambda _: None)
 
+    def _priced(self, planner: ISwapPlanner) -> ISwapPlanner:
+        """The placement planner prices evictions by what this router learns."""
+        if isinstance(planner, PlacementPlanner):
+            return planner.with_costs(self.reload_costs)
+        return planner
+
     def _follow(self, process: ModelProcess) -> None:
         process.add_state_listener(self._on_state)
         process.add_eviction_listener(self._evicted)
@@ -350,5 +376,11 @@ class Router:
 
     def _on_state(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
         log.debug("{model} {old} -> {new}", model=process.model_id, old=old.value, new=new.value)
+        if new is ProcessState.STARTING:
+            self._starting_since[process.model_id] = self._clock.seconds()
+        else:
+            since = self._starting_since.pop(process.model_id, None)
+            if since is not None and new is ProcessState.READY:
+                self.reload_costs.loaded(process.model_id, self._clock.seconds() - since)
         if new is ProcessState.STOPPED:
             self.scheduler.state_changed(process.model_id)

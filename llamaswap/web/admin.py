@@ -14,10 +14,12 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llamaswap import __version__
+from llamaswap.config.resources import resources_json
 from llamaswap.observe.queries import activity_page_json, parse_activity_query
 from llamaswap.observe.recording import ActivityRecorder
+from llamaswap.scheduling import ShuttingDown
 from llamaswap.supervision.process import ProcessState
-from llamaswap.supervision.router import Router
+from llamaswap.supervision.router import RequestFailed, Router, TooManyRequests
 from llamaswap.supervision.selection import (
     ProfileRequestError,
     UnknownProfile,
@@ -225,3 +227,29 @@ class AdminApi:
         await self._router.unload([model_id])
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"OK"
+
+    @app.route("/api/resources", methods=["GET", "HEAD"])
+    def resources(self, request: Any) -> bytes:
+        processes = self._router.processes
+
+        def state_of(model_id: str) -> str:
+            process = processes.get(model_id)
+            return "stopped" if process is None else process.state.value
+
+        return _json(request, resources_json(self._routing.state.config.resources, state_of))
+
+    @app.route("/api/models/load/<path:name>", methods=["POST"])
+    async def load_one(self, request: Any, name: str) -> bytes:
+        """Start a model through the scheduler (as a preload does); answer
+        once it is ready, or with the error."""
+        model_id = self._routing.state.config.resolve(name)
+        if model_id is None:
+            return render_error(request, 404, "model not found")
+        try:
+            lease = await self._router.acquire(model_id)
+        except TooManyRequests:
+            return render_error(request, 429, "Too many requests")
+        except (RequestFailed, ShuttingDown) as exc:
+            return render_error(request, 502, f"loading {model_id} failed: {exc}")
+        lease.release()
+        return _json(request, {"model": model_id, "state": "ready"})

@@ -68,10 +68,10 @@ export function mount(main) {
     draw();
     store.refreshSoon();
     try {
-      // Any request through /upstream/<model>/ starts the model; /health is tiny.
-      await request(`/upstream/${upstreamPath(id)}/health`, { headers: { Accept: "*/*" } });
+      // Starts the model through the scheduler and answers once it is ready.
+      await request(`/api/models/load/${upstreamPath(id)}`, { method: "POST" });
     } catch (err) {
-      errors.set(id, err instanceof NotAvailable ? "this model cannot be loaded through /upstream" : err.message);
+      errors.set(id, err instanceof NotAvailable ? "this model cannot be loaded here" : err.message);
     } finally {
       busy.delete(id);
       store.refreshSoon();

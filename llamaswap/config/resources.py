@@ -1,0 +1,356 @@
+"""``resources:`` (what the machine has) and ``models.<id>.resources`` (what a
+model holds while loaded) -> the placement planner (docs/placement.md).
+
+Without a top-level ``resources`` nothing changes: the routing planner is
+used as configured.  With it, the routing planner becomes the base of a
+:class:`~llamaswap.scheduling.placement.PlacementPlanner`: models run side by
+side while their footprints fit, and groups or matrix sets still apply.
+The implicit default group (models in no configured group) then neither
+swaps nor is exclusive: only memory decides for those models.
+
+A size is a number of bytes or a number with a unit: ``B``, ``KB``, ``KiB``,
+``MB``, ``MiB``, ``GB``, ``GiB``, ``TB``, ``TiB``.  ``estimate`` reads the
+GGUF file the model's command names (:mod:`.estimate`): a resource whose name
+says host memory (``ram``, ``mem``, ``host``…) gets the part that stays on the
+host, any other the device part; when that is impossible the footprint is the
+whole resource (a warning says why).  A model without ``resources`` is
+estimated when its command names a GGUF file and the machine has one device
+(and at most one host resource); otherwise it needs the whole machine (it
+runs alone; a warning says so).  ``auto`` (probing the device) is not
+supported yet: a config error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+from llamaswap.config.estimate import Estimate, EstimateError, estimate, gguf_path
+from llamaswap.config.problems import describe
+from llamaswap.config.routing import RoutingConfig
+from llamaswap.scheduling.groups import DEFAULT_GROUP, GroupPlanner
+from llamaswap.scheduling.placement import PlacementPlanner
+
+__all__ = [
+    "Footprint",
+    "ResourcesConfig",
+    "format_size",
+    "parse_size",
+    "placed_routing",
+    "read_resources",
+    "resources_json",
+]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
+_SIZE_HELP = "a size in bytes or with a unit (MB, MiB, GB, GiB)"
+
+#: footprint sources shown by ``GET /api/resources``.
+DECLARED, ESTIMATED, MEASURED, ASSUMED = "declared", "estimated", "measured", "assumed"
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes for an int or a ``"24GiB"``-style string; ``None`` if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if value >= 0 and value == value and value != float("inf") else None
+    if not isinstance(value, str):
+        return None
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        return None
+    unit = _UNITS.get(match.group(2).lower())
+    if unit is None:
+        return None
+    return int(float(match.group(1)) * unit)
+
+
+def format_size(amount: int) -> str:
+    """``amount`` bytes, in GiB/MiB when exact, for problem lines."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if amount and amount % factor == 0:
+            return f"{amount // factor}{unit}"
+    return f"{amount} bytes"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a model holds of one resource while loaded."""
+
+    bytes: int
+    #: ``declared``, ``estimated``, ``measured``, or ``assumed`` (nothing
+    #: declared or estimable: the whole resource).
+    source: str
+
+
+def _frozen(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """The machine's resources and every model's footprint."""
+
+    #: resource name -> bytes the machine has.
+    totals: Mapping[str, int] = field(default_factory=_frozen)
+    #: model id -> resource name -> footprint (every model, every resource it holds).
+    footprints: Mapping[str, Mapping[str, Footprint]] = field(default_factory=_frozen)
+
+    def bytes_of(self, model: str) -> dict[str, int]:
+        """Bytes per resource ``model`` holds while loaded."""
+        return {name: fp.bytes for name, fp in self.footprints.get(model, {}).items()}
+
+
+#: resource names that mean host memory; every other name is a device.
+_HOST = re.compile(r"(ram|mem|memory|host|cpu|sys)", re.IGNORECASE)
+
+
+def is_host(name: str) -> bool:
+    """Whether resource ``name`` is host memory (``ram``, ``mem``, ``host``…):
+    estimates put the weights and KV cache that stay off the device there."""
+    return _HOST.match(name) is not None
+
+
+def _estimated_share(name: str, found: Estimate) -> int:
+    return found.host if is_host(name) else found.device
+
+
+def _undeclared(
+    argv: Sequence[str], totals: Mapping[str, int]
+) -> tuple[dict[str, Footprint] | None, str]:
+    """The estimated footprint of a model without ``resources`` whose command
+    names a GGUF file, or ``None`` and why it needs the whole machine."""
+    if gguf_path(argv) is None:
+        return None, "not declared"
+    try:
+        found = estimate(argv)
+    except EstimateError as exc:
+        return None, f"not declared and not estimable ({exc})"
+    devices = [name for name in totals if not is_host(name)]
+    hosts = [name for name in totals if is_host(name)]
+    held: dict[str, int] = {}
+    if not devices:
+        if len(hosts) != 1:
+            return None, "not declared, and the estimate fits no single host resource"
+        held[hosts[0]] = found.device + found.host
+    else:
+        if len(devices) != 1 or len(hosts) > 1:
+            return None, "not declared, and the machine has several devices to choose from"
+        held[devices[0]] = found.device
+        if hosts:
+            held[hosts[0]] = found.host
+    for name, amount in held.items():
+        if amount > totals[name]:
+            return None, f"estimated {format_size(amount)} of {name}, more than the machine has"
+    return {name: Footprint(amount, ESTIMATED) for name, amount in held.items()}, ""
+
+
+def read_resources(
+    document: Mapping[str, Any], commands: Mapping[str, Sequence[str]]
+) -> tuple[ResourcesConfig | None, list[str], list[str]]:
+    """The resources of a document (``None`` without a top-level
+    ``resources``), its problems and its warnings, one line each.
+    ``commands`` maps every model id to its command's argv (for estimates)."""
+    model_ids = commands.keys()
+    problems: list[str] = []
+    warnings: list[str] = []
+    models_doc = document.get("models") or {}
+    raw = document.get("resources")
+    if raw is None:
+        for model_id in sorted(model_ids):
+            entry = models_doc.get(model_id)
+            declared = entry.get("resources") if isinstance(entry, Mapping) else None
+            if isinstance(declared, Mapping):
+                for name in declared:
+                    problems.append(
+                        f"models.{model_id}.resources.{name}: undefined resource {name!r} "
+                        "(no top-level resources are defined)"
+                    )
+        return None, problems, warnings
+    if not isinstance(raw, Mapping):
+        return (
+            None,
+            [f"resources: must be a mapping of resource name to size, got {describe(raw)}"],
+            [],
+        )
+    totals: dict[str, int] = {}
+    for name, value in raw.items():
+        path = f"resources.{name}"
+        if value == "auto":
+            problems.append(f"{path}: 'auto' is not supported yet; give the size ({_SIZE_HELP})")
+            continue
+        size = parse_size(value)
+        if size is None:
+            problems.append(f"{path}: must be {_SIZE_HELP}, got {describe(value)}")
+        else:
+            totals[str(name)] = size
+    footprints: dict[str, Mapping[str, Footprint]] = {}
+    for model_id in sorted(model_ids):
+        entry = models_doc.get(model_id)
+        declared = entry.get("resources") if isinstance(entry, Mapping) else None
+        path = f"models.{model_id}.resources"
+        if declared is None:
+            estimated, why = _undeclared(commands[model_id], totals)
+            if estimated is not None:
+                footprints[model_id] = MappingProxyType(estimated)
+                continue
+            warnings.append(f"{path}: {why}; the model needs the whole machine (it runs alone)")
+            footprints[model_id] = MappingProxyType(
+                {name: Footprint(total, ASSUMED) for name, total in totals.items()}
+            )
+            continue
+        if not isinstance(declared, Mapping):
+            problems.append(
+                f"{path}: must be a mapping of resource name to size, got {describe(declared)}"
+            )
+            continue
+        held: dict[str, Footprint] = {}
+        found: Estimate | str | None = None  # the model's estimate, or why there is none
+        for name, value in declared.items():
+            key = f"{path}.{name}"
+            if name not in raw:
+                defined = ", ".join(str(n) for n in raw) or "none"
+                problems.append(f"{key}: undefined resource {name!r} (defined: {defined})")
+                continue
+            if name not in totals:
+                continue  # its total is wrong, reported above
+            if value == "estimate":
+                if found is None:
+                    try:
+                        found = estimate(commands[model_id])
+                    except EstimateError as exc:
+                        found = str(exc)
+                if isinstance(found, str):
+                    warnings.append(
+                        f"{key}: cannot estimate ({found}); the model holds the whole "
+                        f"resource ({format_size(totals[name])})"
+                    )
+                    held[name] = Footprint(totals[name], ASSUMED)
+                    continue
+                amount = _estimated_share(name, found)
+                if amount > totals[name]:
+                    problems.append(
+                        f"{key}: estimated {format_size(amount)} from {found.path}, more than "
+                        f"the machine has ({name}: {format_size(totals[name])})"
+                    )
+                else:
+                    held[name] = Footprint(amount, ESTIMATED)
+                continue
+            size = parse_size(value)
+            if size is None:
+                problems.append(f"{key}: must be {_SIZE_HELP} or 'estimate', got {describe(value)}")
+            elif size > totals[name]:
+                problems.append(
+                    f"{key}: {format_size(size)} is more than the machine has "
+                    f"({name}: {format_size(totals[name])})"
+                )
+            else:
+                held[name] = Footprint(size, DECLARED)
+        footprints[model_id] = MappingProxyType(held)
+    if problems:
+        return None, problems, warnings
+    return ResourcesConfig(MappingProxyType(totals), MappingProxyType(footprints)), [], warnings
+
+
+def placed_routing(
+    routing: RoutingConfig, resources: ResourcesConfig
+) -> tuple[RoutingConfig, list[str]]:
+    """``routing`` with its planner wrapped in the placement planner, and the
+    problems: a model that cannot fit beside what persistent groups may hold
+    (those are never evicted for memory)."""
+    base = routing.planner
+    pinned: frozenset[str] = frozenset()
+    problems: list[str] = []
+    if isinstance(base, GroupPlanner):
+        groups = dict(base.groups)
+        default = groups[DEFAULT_GROUP]
+        groups[DEFAULT_GROUP] = replace(default, swap=False, exclusive=False)
+        base = GroupPlanner(groups)
+        persistent = {
+            group_id: group
+            for group_id, group in groups.items()
+            if group.persistent and group_id != DEFAULT_GROUP
+        }
+        pinned = frozenset(m for group in persistent.values() for m in group.members)
+        for model_id in resources.footprints:
+            home = base.group_of(model_id)
+            for name, total in resources.totals.items():
+                held = 0
+                for group_id, group in persistent.items():
+                    if group_id == home:
+                        continue
+                    amounts = [
+                        resources.footprints[m][name].bytes
+                        for m in group.members
+                        if name in resources.footprints.get(m, {})
+                    ]
+                    held += (max(amounts) if group.swap else sum(amounts)) if amounts else 0
+                needs = resources.footprints[model_id].get(name)
+                if needs is None or not held or needs.bytes + held <= total:
+                    continue
+                if needs.source == ASSUMED:
+                    problems.append(
+                        f"models.{model_id}.resources: needs the whole machine (nothing "
+                        f"declared or estimable), but persistent groups may hold "
+                        f"{format_size(held)} of {name}; declare its footprint"
+                    )
+                    break
+                problems.append(
+                    f"models.{model_id}.resources.{name}: {format_size(needs.bytes)} does "
+                    f"not fit beside the {format_size(held)} persistent groups may hold "
+                    f"({name}: {format_size(total)})"
+                )
+    planner = PlacementPlanner(
+        resources.totals,
+        {model: resources.bytes_of(model) for model in resources.footprints},
+        base,
+        pinned,
+    )
+    return replace(routing, planner=planner), problems
+
+
+#: process states in which a model holds its footprint.
+HOLDING_STATES = frozenset({"starting", "ready", "stopping"})
+
+
+def resources_json(
+    resources: ResourcesConfig | None, state_of: Callable[[str], str]
+) -> dict[str, Any]:
+    """``GET /api/resources``: every resource's total and reserved bytes
+    (footprints of models starting, ready or stopping; ``free`` is null: no
+    probe yet) and every model's footprint with its source.  Empty without
+    a top-level ``resources``."""
+    if resources is None:
+        return {"resources": {}, "models": {}}
+    reserved = dict.fromkeys(resources.totals, 0)
+    for model, held in resources.footprints.items():
+        if state_of(model) in HOLDING_STATES:
+            for name, footprint in held.items():
+                reserved[name] += footprint.bytes
+    return {
+        "resources": {
+            name: {"total": total, "reserved": reserved[name], "free": None}
+            for name, total in resources.totals.items()
+        },
+        "models": {
+            model: {name: {"bytes": fp.bytes, "source": fp.source} for name, fp in held.items()}
+            for model, held in resources.footprints.items()
+        },
+    }

@@ -1,0 +1,257 @@
+"""The placement planner: models run side by side while their footprints fit.
+
+Every model holds a footprint while it is loaded (bytes per named resource:
+``gpu0``, ``ram``, ...); the machine has a total per resource.  To load a
+target, the planner first applies the configured group or matrix rules (the
+``base`` planner: extra constraints), then, if what stays plus the target
+does not fit, evicts more: the set of idle models that frees enough of every
+resource the target is short of at the lowest expected reload cost.
+
+Reload cost of a model = its load time (learned, else a proxy from its
+footprint) × its recent request rate (plus a small floor, so that a model
+nobody asked for lately is cheap but never free).  Models in ``pinned``
+(members of persistent groups) are never evicted for memory; the config
+check makes sure every model fits beside them.  Models in ``busy`` (serving
+requests, starting, or already being evicted by another swap) are evicted
+only if no idle set makes room; the scheduler then sees a busy victim and
+queues the request until it drains (a model serving requests is never
+stopped).
+
+The search is a depth-first branch and bound over the candidates, cheapest
+first, seeded with the greedy cover and pruned by cost and by what the
+remaining candidates could still free: exact for the handful of models a
+machine holds, and bounded (:data:`SEARCH_BUDGET` nodes) for many.  It runs
+only when the target does not fit, over the models that hold some of a
+resource the target is short of.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+from zope.interface import implementer
+
+from llamaswap.scheduling.planner import IBusyAwarePlanner, ISwapPlanner
+
+__all__ = [
+    "GIB",
+    "PlacementPlanner",
+    "ReloadCosts",
+    "cheapest_cover",
+]
+
+GIB = 1024**3
+#: bytes loaded per second when a model's load time is not known yet.
+PROXY_BYTES_PER_SECOND = 2 * GIB
+#: the request rate (per second) every model has at least.
+RATE_FLOOR = 1e-4
+#: the time constant (seconds) of the decaying request rate.
+RATE_TIME_CONSTANT = 600.0
+
+Footprint = Mapping[str, int]
+
+
+class ReloadCosts:
+    """What the planner learns at run time: load times and request rates.
+
+    Fed by the router (``loaded`` when a start ends ready, ``requested`` per
+    granted request); ``clock`` gives seconds.  Pure: no reactor, no I/O."""
+
+    def __init__(
+        self, clock: Callable[[], float], time_constant: float = RATE_TIME_CONSTANT
+    ) -> None:
+        self._clock = clock
+        self._tau = time_constant
+        self._load: dict[str, float] = {}
+        #: model -> (decayed request count, when it was last updated)
+        self._count: dict[str, tuple[float, float]] = {}
+
+    def loaded(self, model: str, seconds: float) -> None:
+        """A start of ``model`` took ``seconds`` (the latest one counts most)."""
+        previous = self._load.get(model)
+        self._load[model] = seconds if previous is None else 0.5 * (previous + seconds)
+
+    def requested(self, model: str) -> None:
+        """One request for ``model`` was granted now."""
+        now = self._clock()
+        count, since = self._count.get(model, (0.0, now))
+        self._count[model] = (count * math.exp(-(now - since) / self._tau) + 1.0, now)
+
+    def load_seconds(self, model: str) -> float | None:
+        """The learned load time, ``None`` before the first start."""
+        return self._load.get(model)
+
+    def rate(self, model: str) -> float:
+        """Recent requests per second (exponentially decaying)."""
+        entry = self._count.get(model)
+        if entry is None:
+            return 0.0
+        count, since = entry
+        return count * math.exp(-(self._clock() - since) / self._tau) / self._tau
+
+
+#: search nodes one decision may visit; past that the best set found so far
+#: (at worst the greedy one) is taken, so a decision never stalls the reactor.
+SEARCH_BUDGET = 20_000
+
+
+def cheapest_cover(
+    candidates: Mapping[str, Footprint],
+    short: Mapping[str, int],
+    cost: Callable[[str], float],
+    budget: int = SEARCH_BUDGET,
+) -> frozenset[str] | None:
+    """The set of ``candidates`` whose footprints add up to at least
+    ``short`` (bytes per resource) at the lowest summed ``cost``.  ``None``
+    when even all of them are not enough.
+
+    Branch and bound over the candidates that hold some of a short resource,
+    cheapest first (then by name), seeded with the greedy cover; among sets
+    of equal cost the first found wins.  Exact unless more than ``budget``
+    nodes would be visited; then the best set found so far is returned."""
+    need = {name: amount for name, amount in short.items() if amount > 0}
+    if not need:
+        return frozenset()
+    useful = sorted(
+        (
+            (cost(model), model, tuple(footprint.get(r, 0) for r in need))
+            for model, footprint in candidates.items()
+            if any(footprint.get(r, 0) > 0 for r in need)
+        ),
+        key=lambda item: (item[0], item[1]),
+    )
+    amounts = tuple(need.values())
+    width = len(amounts)
+    # suffix[i][k]: what candidates i.. can free of resource k at most
+    suffix = [[0] * width for _ in range(len(useful) + 1)]
+    for index in range(len(useful) - 1, -1, -1):
+        held = useful[index][2]
+        suffix[index] = [suffix[index + 1][k] + held[k] for k in range(width)]
+    if any(suffix[0][k] < amounts[k] for k in range(width)):
+        return None
+    # the greedy cover: cheapest first, each model that still helps
+    greedy: list[str] = []
+    spent = 0.0
+    missing = list(amounts)
+    for price, model, held in useful:
+        if any(missing[k] > 0 and held[k] > 0 for k in range(width)):
+            greedy.append(model)
+            spent += price
+            missing = [missing[k] - held[k] for k in range(width)]
+            if all(amount <= 0 for amount in missing):
+                break
+    best: list[tuple[float, tuple[str, ...]]] = [(spent, tuple(greedy))]
+    chosen: list[str] = []
+    visits = [budget]
+
+    def walk(index: int, spent: float, missing: tuple[int, ...]) -> None:
+        if spent >= best[0][0] or visits[0] <= 0:
+            return
+        visits[0] -= 1
+        if all(amount <= 0 for amount in missing):
+            best[0] = (spent, tuple(chosen))
+            return
+        if index == len(useful) or any(suffix[index][k] < missing[k] for k in range(width)):
+            return
+        price, model, held = useful[index]
+        if any(missing[k] > 0 and held[k] > 0 for k in range(width)):
+            chosen.append(model)
+            walk(index + 1, spent + price, tuple(missing[k] - held[k] for k in range(width)))
+            chosen.pop()
+        walk(index + 1, spent, missing)
+
+    walk(0, 0.0, amounts)
+    return frozenset(best[0][1])
+
+
+@implementer(IBusyAwarePlanner)
+class PlacementPlanner:
+    """Evictions so that every resource has room for the target.
+
+    ``totals``: bytes per resource.  ``footprints``: model -> bytes per
+    resource (a model not listed holds all of every resource: it runs alone).
+    ``base``: the group or matrix rules applied first.  ``pinned``: never
+    evicted for memory.  ``costs``: learned load times and request rates
+    (without it every model's cost is its footprint-size proxy).
+    """
+
+    def __init__(
+        self,
+        totals: Mapping[str, int],
+        footprints: Mapping[str, Footprint],
+        base: ISwapPlanner,
+        pinned: frozenset[str] = frozenset(),
+        costs: ReloadCosts | None = None,
+    ) -> None:
+        self.totals = MappingProxyType(dict(totals))
+        self.footprints = MappingProxyType(
+            {model: MappingProxyType(dict(fp)) for model, fp in footprints.items()}
+        )
+        self.base = base
+        self.pinned = frozenset(pinned)
+        self.costs = costs
+
+    def with_costs(self, costs: ReloadCosts) -> PlacementPlanner:
+        """The same planner, pricing evictions with ``costs``."""
+        return PlacementPlanner(self.totals, self.footprints, self.base, self.pinned, costs)
+
+    def footprint(self, model: str) -> Footprint:
+        """Bytes per resource ``model`` holds while loaded."""
+        return self.footprints.get(model, self.totals)
+
+    def reload_cost(self, model: str) -> float:
+        """Expected cost of evicting ``model``: load seconds × request rate."""
+        footprint = self.footprint(model)
+        size = max(footprint.values(), default=0)
+        proxy = max(size / PROXY_BYTES_PER_SECOND, 0.1)
+        costs = self.costs
+        if costs is None:
+            return proxy
+        load = costs.load_seconds(model)
+        return (proxy if load is None else load) * (costs.rate(model) + RATE_FLOOR)
+
+    def shortfall(self, models: frozenset[str]) -> dict[str, int]:
+        """Bytes per resource by which ``models`` together exceed the machine
+        (only resources that are over)."""
+        used = dict.fromkeys(self.totals, 0)
+        for model in models:
+            for name, amount in self.footprint(model).items():
+                used[name] = used.get(name, 0) + amount
+        return {
+            name: amount - self.totals.get(name, 0)
+            for name, amount in used.items()
+            if amount > self.totals.get(name, 0)
+        }
+
+    def evict_set(self, target: str, running: frozenset[str]) -> frozenset[str]:
+        return self.evict_set_around(target, running, frozenset())
+
+    def evict_set_around(
+        self, target: str, running: frozenset[str], busy: frozenset[str]
+    ) -> frozenset[str]:
+        evict = frozenset(self.base.evict_set(target, running)) - {target}
+        if target in running:
+            return evict  # it holds its footprint already
+        stay = running - evict - {target}
+        short = self.shortfall(stay | {target})
+        if not short:
+            return evict
+        footprints = {model: self.footprint(model) for model in stay - self.pinned}
+        idle = {model: fp for model, fp in footprints.items() if model not in busy}
+        for pool in (idle, footprints, {model: self.footprint(model) for model in stay}):
+            # the last pool (pinned too) is only reached if the config check
+            # was bypassed: never over budget wins over never evicting pins
+            more = cheapest_cover(pool, short, self.reload_cost)
+            if more is not None:
+                return evict | more
+        raise AssertionError(f"{target!r} is larger than the machine")  # checked at load
+
+    def reasons(
+        self, target: str, running: frozenset[str], evict: frozenset[str]
+    ) -> dict[str, str]:
+        """Why each of ``evict`` goes: ``swap`` (the group or matrix rules)
+        or ``memory`` (to make room)."""
+        by_rules = frozenset(self.base.evict_set(target, running))
+        return {model: "swap" if model in by_rules else "memory" for model in evict}
