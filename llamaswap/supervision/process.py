@@ -130,7 +130,9 @@ class ModelProcess:
         """
         if timeout is None:
             timeout = self.config.unload_timeout
-        self._core.stop_reason = reason
+        if self._state in _LIVE:
+            # A stop already under way (a TTL's, say) keeps its own reason.
+            self._core.stop_reason = reason
         stopped: Deferred[None] = self._core.drive(self._machine.stop, timeout)
         return stopped
 
