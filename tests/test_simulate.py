@@ -109,6 +109,7 @@ class HandCheckedTests(SynchronousTestCase):
         outcome = lru.run(requests)
         self.assertEqual(lru.loaded(), {"b", "c"})
         self.assertEqual(dict(outcome.evictions), {"memory": 1})
+        self.assertEqual(outcome.over_budget_starts, 0)
 
     def test_count_lru(self) -> None:
         sim = Simulation(
@@ -118,6 +119,15 @@ class HandCheckedTests(SynchronousTestCase):
         self.assertEqual(sim.loaded(), {"a", "c"})
         self.assertEqual((outcome.swaps, dict(outcome.evictions)), (3, {"swap": 1}))
         self.assertEqual(outcome.models["a"].waits, [2, 0])
+
+    def test_over_budget_starts_counted(self) -> None:
+        """Count-LRU knows no sizes: three 10 GiB models in 24 GiB overflow."""
+        sim = Simulation(
+            fitting(), dict.fromkeys("abc", 1.0), policy=lambda u: CountLRUPlanner(3, u)
+        )
+        outcome = sim.run(trace(("a", 0, 1), ("b", 10, 1), ("c", 20, 1)))
+        self.assertEqual(outcome.over_budget_starts, 1)
+        self.assertEqual(outcome.peak_reserved, {"gpu0": 30 * GIB})
 
     def test_count_lru_refuses_a_zero_limit(self) -> None:
         sim = Simulation(ONE_AT_A_TIME)
@@ -185,6 +195,7 @@ class HandCheckedTests(SynchronousTestCase):
                 "models",
                 "peak_reserved",
                 "totals",
+                "over_budget_starts",
                 "skipped",
                 "duration",
             },

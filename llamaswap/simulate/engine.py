@@ -156,6 +156,9 @@ class Outcome:
     peak_reserved: dict[str, int] = field(default_factory=dict)
     #: resource -> bytes the machine has (what ``peak_reserved`` is measured against).
     totals: dict[str, int] = field(default_factory=dict)
+    #: starts that left some resource reserved beyond its total (a real
+    #: machine would have run out of memory: the count-LRU policy can).
+    over_budget_starts: int = 0
     #: trace model names the config does not serve -> requests skipped.
     skipped: Counter[str] = field(default_factory=Counter)
     #: virtual seconds from the first arrival to the last event.
@@ -176,6 +179,7 @@ class Outcome:
             "models": {model: outcome.to_json() for model, outcome in sorted(self.models.items())},
             "peak_reserved": dict(self.peak_reserved),
             "totals": dict(self.totals),
+            "over_budget_starts": self.over_budget_starts,
             "skipped": dict(sorted(self.skipped.items())),
             "duration": round(self.duration, 3),
         }
@@ -436,7 +440,7 @@ class Simulation:
 
     def _set_state(self, model: str, state: str) -> None:
         self._state[model] = state
-        if state not in ("starting", "stopped"):
+        if state != "starting":
             return
         reserved = dict.fromkeys(self._totals, 0)
         for other, held in self._state.items():
@@ -446,3 +450,7 @@ class Simulation:
         peak = self.outcome.peak_reserved
         for name, amount in reserved.items():
             peak[name] = max(peak.get(name, 0), amount)
+        if state == "starting" and any(
+            amount > self._totals.get(name, 0) for name, amount in reserved.items()
+        ):
+            self.outcome.over_budget_starts += 1
