@@ -111,6 +111,39 @@ class HandCheckedTests(SynchronousTestCase):
         self.assertEqual(dict(outcome.evictions), {"memory": 1})
         self.assertEqual(outcome.over_budget_starts, 0)
 
+    def test_matrix_sets(self) -> None:
+        """a & b may run together, c alone: c evicts both, a evicts c."""
+        matrix = config(
+            {"a": {}, "b": {}, "c": {}},
+            routing={
+                "router": {
+                    "use": "matrix",
+                    "settings": {"matrix": {"sets": {"pair": "a & b", "solo": "c"}}},
+                }
+            },
+        )
+        sim = Simulation(matrix, dict.fromkeys("abc", 2.0))
+        outcome = sim.run(trace(("a", 0, 1), ("b", 10, 1), ("c", 20, 1), ("a", 30, 1)))
+        self.assertEqual((outcome.swaps, dict(outcome.evictions)), (4, {"swap": 3}))
+        self.assertEqual(sim.loaded(), {"a"})
+
+    def test_persistent_group_stays(self) -> None:
+        """c's persistent group is never evicted by the other group's loads;
+        c's group is exclusive, so asking for c again stops b (llama-swap's
+        rule even for a ready target) without loading anything."""
+        grouped = config(
+            {"a": {}, "b": {}, "c": {}},
+            groups={
+                "keep": {"persistent": True, "members": ["c"]},
+                "rest": {"members": ["a", "b"]},
+            },
+        )
+        sim = Simulation(grouped, dict.fromkeys("abc", 2.0))
+        outcome = sim.run(trace(("c", 0, 1), ("a", 10, 1), ("b", 20, 1), ("c", 30, 1)))
+        self.assertEqual((outcome.swaps, dict(outcome.evictions)), (3, {"swap": 2}))
+        self.assertEqual(outcome.models["c"].waits, [2, 0])
+        self.assertEqual(sim.loaded(), {"c"})
+
     def test_count_lru(self) -> None:
         sim = Simulation(
             ONE_AT_A_TIME, dict.fromkeys("abc", 2.0), policy=lambda u: CountLRUPlanner(2, u)
@@ -316,6 +349,21 @@ class StoreTraceTests(TestCase):
         self.assertEqual(outcome.swaps, 3)
         self.assertEqual(outcome.models["a"].waits, [1, 1, 0])
         self.assertEqual(outcome.models["b"].waits, [4.25])
+        # the console script on the same file: a's load time is the learned 1 s
+        one = write(self, json.dumps({"models": {m: {"cmd": "llama-server --port ${PORT}"}
+                                                 for m in "ab"}}), ".yaml")  # fmt: skip
+        out, err, code = await run([*LLAMASWAP, "simulate", one, "--trace", path, "--json"])
+        self.assertEqual(code, 0, err)
+        document = json.loads(out)
+        self.assertEqual(
+            document["load_times"],
+            {
+                "a": {"seconds": 1.0, "source": "learned"},
+                "b": {"seconds": 10.0, "source": "default"},
+            },
+        )
+        self.assertEqual(document["trace"]["requests"], 4)
+        self.assertEqual(document["configs"][0]["swaps"], 3)
 
     def test_not_a_store(self) -> None:
         path = write(self, "", suffix=".db")
