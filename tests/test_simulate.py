@@ -430,6 +430,7 @@ class CommandLineTests(TestCase):
         one, _, trace_path = self.files()
         for argv, message in [
             ([one], "needs --trace FILE"),
+            ([one, "--trace"], "option --trace requires argument"),
             (["--trace", trace_path], "needs one or two config files"),
             ([one, one, one, "--trace", trace_path], "needs one or two config files"),
             (

@@ -85,8 +85,7 @@ class SimulateOptions(Command):
         )
 
     def opt_load_time(self, value: str) -> None:
-        """MODEL=SECONDS: how long MODEL takes to load (repeatable; default:
-        learned from a store trace, else a guess from its footprint, else 10)."""
+        """MODEL=SECONDS: how long MODEL loads (repeatable; else learned from a store trace, else guessed from its footprint, else 10)."""  # noqa: E501
         from llamaswap.simulate.command import parse_load_time
 
         try:
@@ -109,7 +108,9 @@ class SimulateOptions(Command):
                 break
             if arg.startswith("-") and arg != "-":
                 flags.append(arg)
-                if arg in takes_value and args:
+                if arg in takes_value:
+                    if not args:
+                        raise usage.UsageError(f"option {arg} requires argument")
                     flags.append(args.pop(0))
             else:
                 paths.append(arg)
