@@ -12,6 +12,8 @@ import sqlite3
 import tempfile
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -452,3 +454,64 @@ class CommandLineTests(TestCase):
         out, err, code = await run([*LLAMASWAP, "simulate", one, "--trace", yaml_trace])
         self.assertEqual((code, out), (1, ""))
         self.assertIn(f"{yaml_trace}:1: not JSON", err)
+
+
+_MODELS = ("a", "b", "c", "d")
+_requests = st.lists(
+    st.tuples(
+        st.sampled_from(_MODELS),
+        st.integers(0, 600).map(lambda tenths: tenths / 10),
+        st.integers(0, 100).map(lambda tenths: tenths / 10),
+    ),
+    max_size=40,
+)
+_sizes = st.fixed_dictionaries({m: st.integers(1, 24) for m in _MODELS})
+
+
+class PropertyTests(SynchronousTestCase):
+    """Whatever the trace: every request ends, nothing waits a negative time,
+    and policies that know sizes never go over budget."""
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(_requests, _sizes, st.sampled_from(["ours", "memory-LRU", "count-LRU"]))
+    def test_invariants(
+        self, rows: list[tuple[str, float, float]], sizes: dict[str, int], policy: str
+    ) -> None:
+        placed = config(
+            {m: {"resources": {"gpu0": f"{sizes[m]}GiB"}} for m in _MODELS},
+            resources={"gpu0": "24GiB"},
+        )
+        resources = placed.resources
+        assert resources is not None
+        footprints = {m: resources.bytes_of(m) for m in _MODELS}
+        policies: dict[str, Any] = {
+            "ours": None,
+            "memory-LRU": lambda u: MemoryLRUPlanner(resources.totals, footprints, u),
+            "count-LRU": lambda u: CountLRUPlanner(2, u),
+        }
+        sim = Simulation(placed, dict.fromkeys(_MODELS, 3.0), policy=policies[policy])
+        outcome = sim.run(trace(*rows))
+        ended = sum(m.served + m.rejected + m.failed for m in outcome.models.values())
+        self.assertEqual(ended, len(rows))
+        self.assertTrue(all(w >= 0 for w in outcome.all_waits()))
+        self.assertEqual(outcome.swaps * 3.0, outcome.load_seconds)
+        if policy != "count-LRU":
+            self.assertEqual(outcome.over_budget_starts, 0)
+            self.assertLessEqual(outcome.peak_reserved["gpu0"], 24 * GIB)
+
+    @settings(max_examples=30, deadline=None, derandomize=True)
+    @given(_requests)
+    def test_one_at_a_time_holds_one(self, rows: list[tuple[str, float, float]]) -> None:
+        """Without resources, at most one model holds its footprint at once."""
+        one = config({m: {} for m in _MODELS})
+        sim = Simulation(
+            one,
+            dict.fromkeys(_MODELS, 3.0),
+            footprints={m: {"gpu0": 10 * GIB} for m in _MODELS},
+            totals={"gpu0": 10 * GIB},
+        )
+        outcome = sim.run(trace(*rows))
+        self.assertEqual(outcome.over_budget_starts, 0)
+        ended = sum(m.served + m.rejected for m in outcome.models.values())
+        self.assertEqual(ended, len(rows))
+        self.assertEqual(sum(m.failed for m in outcome.models.values()), 0)
