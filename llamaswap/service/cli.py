@@ -4,7 +4,8 @@
 ``twistd -n --pidfile= llamaswap`` would, with the same options;
 ``llamaswap --demo`` runs the bundled demo; ``llamaswap check-config CONFIG``
 validates a config and prints it resolved (secrets masked unless
-``--show-secrets``).  Each command is a
+``--show-secrets``); ``llamaswap simulate CONFIG [OTHER] --trace FILE``
+replays a trace through configs (:mod:`llamaswap.simulate`).  Each command is a
 :class:`Command` (its options and its ``run``) listed in
 :attr:`CommandLine.subCommands`.
 """
@@ -62,6 +63,76 @@ def check_config(options: CheckConfigOptions) -> int:
     return 0
 
 
+class SimulateOptions(Command):
+    longdesc = (
+        "Replay a request trace (the activity store's SQLite file, store.path, or JSON lines"
+        ' of {"model", "arrival", "duration"} in seconds) through the scheduler and planners'
+        " of CONFIG (and OTHER_CONFIG) on a virtual clock, and print per config: swaps,"
+        " seconds spent loading, queue wait p50/p99 per model and peak reserved per"
+        " resource.  See docs/placement.md."
+    )
+    optParameters = [["trace", "t", None, "The trace file (required)."]]
+    optFlags = [["json", None, "Print JSON for machines."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["load-times"] = {}
+
+    def getSynopsis(self) -> str:
+        return (
+            "Usage: llamaswap simulate CONFIG [OTHER_CONFIG] --trace FILE"
+            " [--load-time MODEL=SECONDS ...] [--json]"
+        )
+
+    def opt_load_time(self, value: str) -> None:
+        """MODEL=SECONDS: how long MODEL loads (repeatable; else learned from a store trace, else guessed from its footprint, else 10)."""  # noqa: E501
+        from llamaswap.simulate.command import parse_load_time
+
+        try:
+            model, seconds = parse_load_time(value)
+        except ValueError as exc:
+            raise usage.UsageError(str(exc)) from None
+        self["load-times"][model] = seconds
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # getopt stops at the first file name, and the synopsis puts the
+        # options after the configs: take the file names out first.
+        args = list(sys.argv[1:] if options is None else options)
+        takes_value = {"--trace", "-t", "--load-time"}
+        flags: list[str] = []
+        paths: list[str] = []
+        while args:
+            arg = args.pop(0)
+            if arg == "--":
+                paths.extend(args)
+                break
+            if arg.startswith("-") and arg != "-":
+                flags.append(arg)
+                if arg in takes_value:
+                    if not args:
+                        raise usage.UsageError(f"option {arg} requires argument")
+                    flags.append(args.pop(0))
+            else:
+                paths.append(arg)
+        super().parseOptions([*flags, "--", *paths])
+
+    def parseArgs(self, *paths: str) -> None:
+        if len(paths) not in (1, 2):
+            raise usage.UsageError("needs one or two config files")
+        self["paths"] = paths
+
+    def postOptions(self) -> None:
+        if not self["trace"]:
+            raise usage.UsageError("needs --trace FILE")
+
+    def run(self) -> int:
+        from llamaswap.simulate.command import simulate
+
+        return simulate(
+            self["paths"], self["trace"], self["load-times"], as_json=bool(self["json"])
+        )
+
+
 class CommandLine(Options):
     """The service's options plus the commands; without a command it runs."""
 
@@ -77,6 +148,7 @@ class CommandLine(Options):
     )
     subCommands = [
         ["check-config", None, CheckConfigOptions, "Validate a config and print it resolved."],
+        ["simulate", None, SimulateOptions, "Replay a request trace through configs."],
     ]
 
     def postOptions(self) -> None:
