@@ -27,6 +27,7 @@ from llamaswap.config import ConfigError, load_config_text
 from llamaswap.config.devices import GIB, DeviceError, SystemDevices, host_reserve
 from llamaswap.config.resources import read_resources
 from llamaswap.observe.footprints import command_key
+from llamaswap.observe.prometheus import Metrics
 from llamaswap.service.wiring import build_service
 from llamaswap.supervision.process import ProcessState
 from llamaswap.supervision.room import out_of_memory, wait_for_room
@@ -318,3 +319,29 @@ class FootprintStoreTests(SynchronousTestCase):
     def test_command_key(self) -> None:
         self.assertEqual(command_key(["a", "b"]), command_key(("a", "b")))
         self.assertNotEqual(command_key(["a", "b"]), command_key(["a b"]))
+
+
+class ResourceGaugeTests(SynchronousTestCase):
+    def test_gauges_follow_the_report(self) -> None:
+        """Each report sets total, reserved and free per resource; a free
+        figure without a probe has no series, and a resource a reload
+        removed loses its series."""
+        metrics = Metrics(system=False)
+        metrics.resources(
+            {
+                "resources": {
+                    "gpu0": {"total": 24 * GIB, "reserved": 10 * GIB, "free": 13 * GIB},
+                    "disk": {"total": GIB, "reserved": 0, "free": None},
+                }
+            }
+        )
+        text = metrics.render()[0].decode()
+        self.assertEqual(gauge(text, "reserved", "gpu0"), 10 * GIB)
+        self.assertEqual(gauge(text, "free", "gpu0"), 13 * GIB)
+        self.assertEqual(gauge(text, "total", "disk"), GIB)
+        self.assertNotIn('llamaswap_resource_free_bytes{resource="disk"}', text)
+        metrics.resources({"resources": {"gpu0": {"total": 24 * GIB, "reserved": 0, "free": None}}})
+        text = metrics.render()[0].decode()
+        self.assertNotIn('resource="disk"', text)
+        self.assertNotIn('llamaswap_resource_free_bytes{resource="gpu0"}', text)
+        self.assertEqual(gauge(text, "reserved", "gpu0"), 0)
