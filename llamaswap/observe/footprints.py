@@ -128,6 +128,7 @@ class ResourceMonitor:
         self.free: dict[str, int | None] = {}
         self._measuring: set[str] = set()
         self._last: dict[str, Any] | None = None
+        self._stopped = False
         self._ticker = task.LoopingCall(self.tick)
         self._ticker.clock = clock
         self._adopt(config)
@@ -141,6 +142,7 @@ class ResourceMonitor:
     async def _start(self) -> None:
         if self._resources is None:
             return
+        self._stopped = False
         try:
             self._kept.update(await self._store.footprints())
         except Exception as exc:
@@ -150,6 +152,8 @@ class ResourceMonitor:
             self._ticker.start(self._interval, now=True)
 
     def stop(self) -> None:
+        """Stop measuring; figures still on their way are dropped."""
+        self._stopped = True
         if self._ticker.running:
             self._ticker.stop()
 
@@ -259,8 +263,8 @@ class ResourceMonitor:
             return
         finally:
             self._measuring.discard(model)
-        if process.pid != pid or self._commands.get(model) != command:
-            return  # restarted or changed meanwhile: this figure is stale
+        if self._stopped or process.pid != pid or self._commands.get(model) != command:
+            return  # stopping, restarted or changed meanwhile: this figure is stale
         self._learn(model, command, held)
 
     def _learn(self, model: str, command: str, held: Mapping[str, int]) -> None:

@@ -8,7 +8,6 @@ that owns them all.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from twisted.internet import threads
@@ -98,7 +97,10 @@ def build_service(
         devices=devices or system_devices(),
         store=recorder.store,
         clock=reactor,
-        run=partial(threads.deferToThreadPool, reactor, reactor.getThreadPool()),
+        # the thread pool is asked for only when used (a resources config)
+        run=lambda fn, *args: threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), fn, *args
+        ),
         listeners=(bus.resources, metrics.resources),
     )
     router.probe_free = resources.probe
