@@ -119,7 +119,7 @@ class ResourcesConfigTests(SynchronousTestCase):
 
     def test_bad_sizes(self) -> None:
         found = problems(
-            "resources:\n  gpu0: lots\n  ram: auto\n"
+            "resources:\n  gpu0: lots\n  vram: auto\n"
             "models:\n  a:\n    cmd: s ${PORT}\n    resources: {gpu0: many}\n"
         )
         self.assertEqual(
@@ -127,8 +127,9 @@ class ResourcesConfigTests(SynchronousTestCase):
             (
                 "resources.gpu0: must be a size in bytes or with a unit (MB, MiB, GB, GiB), "
                 "got 'lots'",
-                "resources.ram: 'auto' is not supported yet; give the size (a size in bytes "
-                "or with a unit (MB, MiB, GB, GiB))",
+                "resources.vram: 'auto' needs a probe-able name (gpu<N> for an NVIDIA "
+                "device, ram for host memory); give the size (a size in bytes or with a unit "
+                "(MB, MiB, GB, GiB))",
             ),
         )
         found = problems(

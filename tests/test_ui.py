@@ -215,7 +215,12 @@ def _http(url: str, method: str = "GET", body: Any = None, headers: Any = None) 
 class Stack:
     """llamaswap (a subprocess) serving demo models ``alpha`` and ``beta``."""
 
-    def __init__(self, api_keys: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        api_keys: list[str] | None = None,
+        resources: dict[str, Any] | None = None,
+        footprints: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.directory = tempfile.mkdtemp(prefix="llamaswap-ui-")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -236,6 +241,10 @@ class Stack:
         document: dict[str, Any] = {"healthCheckTimeout": 15, "models": models}
         if api_keys:
             document["apiKeys"] = api_keys
+        if resources:
+            document["resources"] = resources
+            for name, held in (footprints or {}).items():
+                models[name]["resources"] = held
         self.config = os.path.join(self.directory, "config.yaml")
         with open(self.config, "w") as f:
             json.dump(document, f)  # JSON is YAML
@@ -323,7 +332,7 @@ _lock = threading.Lock()
 
 
 def _cleanup() -> None:
-    for key in ("browser", "stack", "keyed"):
+    for key in ("browser", "stack", "keyed", "placed"):
         thing = _shared.pop(key, None)
         if thing is not None:
             try:
@@ -567,6 +576,60 @@ class ModelsTests(BrowserTestCase):
             self.assertNotIn("beta", [r["model"] for r in running])
 
         self.in_browser(scenario)
+
+
+class ResourceBarTests(BrowserTestCase):
+    def test_resource_bars(self) -> None:
+        """With a top-level ``resources`` the models page shows one bar per
+        resource: each loaded model's share with its footprint's source,
+        reserved/total and the probed free memory; the bars follow loads
+        live (``resources`` events), and a footprint measured above its
+        declared size shows as measured."""
+        placed: Stack = shared(
+            "placed",
+            lambda: Stack(
+                resources={"gpu0": "24GiB", "ram": "8GiB"},
+                footprints={
+                    "alpha": {"gpu0": "10GiB", "ram": "1GiB"},
+                    "beta": {"gpu0": "12GiB", "ram": "1MiB"},
+                },
+            ),
+        )
+
+        def scenario(page: Any) -> None:
+            page.goto("/ui/models")
+            gpu = page.locator("#resources [data-resource=gpu0]")
+            gpu.wait_for()
+            self.assertIn("24.0 GiB", gpu.locator("[data-role=figures]").inner_text())
+            ram_figures = page.locator("#resources [data-resource=ram] [data-role=figures]")
+            self.assertRegex(ram_figures.inner_text(), r"GiB free|MiB free")
+            alpha = page.locator("article.model[data-model=alpha]")
+            self.assertIn(
+                "gpu0 10.0 GiB · declared", alpha.locator("[data-role=footprint]").inner_text()
+            )
+            for name in ("alpha", "beta"):
+                page.locator(f"article.model[data-model={name}] [data-action=load]").click()
+                page.wait_for_selector(f"article.model[data-model={name}][data-state=ready]")
+            page.wait_for_selector("#resources [data-resource=gpu0] .seg[data-model=alpha]")
+            page.wait_for_selector("#resources [data-resource=gpu0] .seg[data-model=beta]")
+            self.assertIn(
+                "22.0 GiB reserved of 24.0 GiB",
+                gpu.locator("[data-role=figures]").inner_text(),
+            )
+            self.assertEqual(
+                gpu.locator(".seg[data-model=alpha]").get_attribute("title"),
+                "alpha: 10.0 GiB (declared)",
+            )
+            # beta's demo server holds far more than the 1 MiB declared
+            page.wait_for_selector(
+                "#resources [data-resource=ram] .legend li[data-model=beta] "
+                "[data-role=source]:text-is('measured')"
+            )
+            self.screenshot(page, "models-resources")
+            placed.call("/api/models/unload", "POST")
+            page.wait_for_selector("#resources [data-resource=gpu0] .seg", state="detached")
+
+        self.in_browser(scenario, stack=placed)
 
 
 class ActivityTests(BrowserTestCase):

@@ -16,8 +16,9 @@ host, any other the device part; when that is impossible the footprint is the
 whole resource (a warning says why).  A model without ``resources`` is
 estimated when its command names a GGUF file and the machine has one device
 (and at most one host resource); otherwise it needs the whole machine (it
-runs alone; a warning says so).  ``auto`` (probing the device) is not
-supported yet: a config error.
+runs alone; a warning says so).  ``auto`` as a machine's size is probed
+(:mod:`.devices`): ``gpu<N>`` is NVIDIA device N's memory (NVML), a host name
+is ``MemTotal`` less a reserve (:func:`~.devices.host_reserve`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from llamaswap.config.devices import (
+    DeviceError,
+    DeviceLayer,
+    gpu_index,
+    host_reserve,
+    system_devices,
+)
 from llamaswap.config.estimate import Estimate, EstimateError, estimate, gguf_path
 from llamaswap.config.problems import describe
 from llamaswap.config.routing import RoutingConfig
@@ -37,6 +45,8 @@ from llamaswap.scheduling.placement import PlacementPlanner
 __all__ = [
     "Footprint",
     "ResourcesConfig",
+    "auto_total",
+    "effective_footprints",
     "format_size",
     "parse_size",
     "placed_routing",
@@ -162,12 +172,34 @@ def _undeclared(
     return {name: Footprint(amount, ESTIMATED) for name, amount in held.items()}, ""
 
 
+def auto_total(name: str, devices: DeviceLayer) -> int:
+    """The size of resource ``name`` given as ``auto``: NVIDIA device N's
+    memory for ``gpu<N>``, ``MemTotal`` less :func:`host_reserve` for a host
+    name.  :class:`ValueError` saying why when it cannot be probed."""
+    index = gpu_index(name)
+    try:
+        if index is not None:
+            return devices.gpu_total(index)
+        if is_host(name):
+            total = devices.host_total()
+            return total - host_reserve(total)
+    except DeviceError as exc:
+        raise ValueError(f"'auto' cannot probe it ({exc}); give the size ({_SIZE_HELP})") from None
+    raise ValueError(
+        f"'auto' needs a probe-able name (gpu<N> for an NVIDIA device, ram for host "
+        f"memory); give the size ({_SIZE_HELP})"
+    )
+
+
 def read_resources(
-    document: Mapping[str, Any], commands: Mapping[str, Sequence[str]]
+    document: Mapping[str, Any],
+    commands: Mapping[str, Sequence[str]],
+    devices: DeviceLayer | None = None,
 ) -> tuple[ResourcesConfig | None, list[str], list[str]]:
     """The resources of a document (``None`` without a top-level
     ``resources``), its problems and its warnings, one line each.
-    ``commands`` maps every model id to its command's argv (for estimates)."""
+    ``commands`` maps every model id to its command's argv (for estimates);
+    ``devices`` probes ``auto`` sizes (default: the real machine)."""
     model_ids = commands.keys()
     problems: list[str] = []
     warnings: list[str] = []
@@ -194,7 +226,10 @@ def read_resources(
     for name, value in raw.items():
         path = f"resources.{name}"
         if value == "auto":
-            problems.append(f"{path}: 'auto' is not supported yet; give the size ({_SIZE_HELP})")
+            try:
+                totals[str(name)] = auto_total(str(name), devices or system_devices())
+            except ValueError as exc:
+                problems.append(f"{path}: {exc}")
             continue
         size = parse_size(value)
         if size is None:
@@ -330,27 +365,51 @@ def placed_routing(
 HOLDING_STATES = frozenset({"starting", "ready", "stopping"})
 
 
+def effective_footprints(
+    resources: ResourcesConfig, measured: Callable[[str], Mapping[str, int]] | None = None
+) -> dict[str, dict[str, Footprint]]:
+    """Every model's footprint as planning sees it: the larger of the
+    declared (or estimated) one and the measured one (``measured(model)``:
+    bytes per resource), capped at the machine's total; ``source`` is
+    ``measured`` where the measurement wins."""
+    result: dict[str, dict[str, Footprint]] = {}
+    for model, held in resources.footprints.items():
+        seen = measured(model) if measured is not None else {}
+        mine = {}
+        for name, footprint in held.items():
+            amount = min(seen.get(name, 0), resources.totals.get(name, 0))
+            mine[name] = Footprint(amount, MEASURED) if amount > footprint.bytes else footprint
+        result[model] = mine
+    return result
+
+
 def resources_json(
-    resources: ResourcesConfig | None, state_of: Callable[[str], str]
+    resources: ResourcesConfig | None,
+    state_of: Callable[[str], str],
+    measured: Callable[[str], Mapping[str, int]] | None = None,
+    free: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
-    """``GET /api/resources``: every resource's total and reserved bytes
-    (footprints of models starting, ready or stopping; ``free`` is null: no
-    probe yet) and every model's footprint with its source.  Empty without
-    a top-level ``resources``."""
+    """``GET /api/resources``: every resource's total, reserved bytes
+    (footprints of models starting, ready or stopping) and free bytes
+    (``free``: what a probe last reported; null without one) and every
+    model's footprint with its source (``measured``: see
+    :func:`effective_footprints`).  Empty without a top-level ``resources``."""
     if resources is None:
         return {"resources": {}, "models": {}}
+    footprints = effective_footprints(resources, measured)
     reserved = dict.fromkeys(resources.totals, 0)
-    for model, held in resources.footprints.items():
+    for model, held in footprints.items():
         if state_of(model) in HOLDING_STATES:
             for name, footprint in held.items():
                 reserved[name] += footprint.bytes
+    probed = free or {}
     return {
         "resources": {
-            name: {"total": total, "reserved": reserved[name], "free": None}
+            name: {"total": total, "reserved": reserved[name], "free": probed.get(name)}
             for name, total in resources.totals.items()
         },
         "models": {
             model: {name: {"bytes": fp.bytes, "source": fp.source} for name, fp in held.items()}
-            for model, held in resources.footprints.items()
+            for model, held in footprints.items()
         },
     }

@@ -48,6 +48,8 @@ class DemoSettings:
     startup_delay: float = 0.0
     tokens_per_second: float = 0.0
     max_tokens_default: int = DEFAULT_MAX_TOKENS
+    #: MiB of memory allocated and touched at start and held (footprint tests).
+    hold_mib: int = 0
 
     def reply_text(self) -> str:
         """The reply with ``{model}`` replaced by the model name."""

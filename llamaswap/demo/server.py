@@ -100,7 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokens generated when a request sets no limit (default %(default)s)",
     )
+    parser.add_argument(
+        "--hold-mib",
+        type=_non_negative(int),
+        default=0,
+        metavar="N",
+        help="allocate and touch N MiB at start and hold them (a known memory footprint)",
+    )
     return parser
+
+
+def hold_memory(mib: int) -> bytearray:
+    """``mib`` MiB allocated with every page written, so they are resident."""
+    held = bytearray(mib * 1024 * 1024)
+    page = 4096
+    held[::page] = b"\x01" * len(range(0, len(held), page))
+    return held
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> tuple[DemoSettings, str, int]:
@@ -112,6 +127,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[DemoSettings, str
         startup_delay=args.startup_delay,
         tokens_per_second=args.tokens_per_second,
         max_tokens_default=args.max_tokens_default,
+        hold_mib=args.hold_mib,
     )
     return settings, args.host, args.port
 
@@ -119,6 +135,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[DemoSettings, str
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo server until SIGTERM/SIGINT; returns the exit status."""
     settings, host, port = parse_settings(argv)
+    held = hold_memory(settings.hold_mib)  # noqa: F841 (held until exit)
     from twisted.internet import reactor
 
     globalLogBeginner.beginLoggingTo(

@@ -32,6 +32,8 @@ __all__ = [
     "INT64_MAX",
     "SCHEMA",
     "insert_entry",
+    "keep_footprint",
+    "read_footprints",
     "prepare_connection",
     "read_stats",
     "recent_entries",
@@ -62,6 +64,13 @@ CREATE INDEX IF NOT EXISTS idx_activity_created_id
     ON activity (ts_created DESC, id DESC);
 CREATE INDEX IF NOT EXISTS idx_activity_model_created_id
     ON activity (model_id, ts_created DESC, id DESC);
+CREATE TABLE IF NOT EXISTS footprints (
+    model_id TEXT NOT NULL,
+    command TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (model_id, command, resource)
+);
 """
 
 #: Sort keys of `ActivityQuery` -> columns.  Only these names reach SQL text.
@@ -273,3 +282,27 @@ def recent_entries(txn: adbapi.Transaction, n: int) -> list[ActivityEntry]:
     rows = [_entry(row) for row in txn.fetchall()]
     rows.reverse()
     return rows
+
+
+# --------------------------------------------------------------------------
+# Measured footprints (the placement planner's, per model and command)
+
+
+def read_footprints(txn: adbapi.Transaction) -> dict[tuple[str, str], dict[str, int]]:
+    """Every kept footprint: (model, command hash) -> resource -> bytes."""
+    txn.execute("SELECT model_id, command, resource, bytes FROM footprints")
+    kept: dict[tuple[str, str], dict[str, int]] = {}
+    for model, command, resource, amount in txn.fetchall():
+        kept.setdefault((model, command), {})[resource] = int(amount)
+    return kept
+
+
+def keep_footprint(
+    txn: adbapi.Transaction, model: str, command: str, footprint: Mapping[str, int]
+) -> None:
+    """Replace what is kept for ``model`` and ``command`` by ``footprint``."""
+    txn.execute("DELETE FROM footprints WHERE model_id = ? AND command = ?", (model, command))
+    txn.executemany(
+        "INSERT INTO footprints (model_id, command, resource, bytes) VALUES (?, ?, ?, ?)",
+        [(model, command, name, _int64(amount)) for name, amount in sorted(footprint.items())],
+    )

@@ -34,7 +34,11 @@ ACTIVITY = "activity"
 INFLIGHT = "inflight"
 PROFILE_CHANGED = "profileChanged"
 UI_CONFIG = "uiConfig"
-KINDS = frozenset({MODEL_STATUS, LOG_DATA, ACTIVITY, INFLIGHT, PROFILE_CHANGED, UI_CONFIG})
+#: the ``GET /api/resources`` body, whenever it changes (placement).
+RESOURCES = "resources"
+KINDS = frozenset(
+    {MODEL_STATUS, LOG_DATA, ACTIVITY, INFLIGHT, PROFILE_CHANGED, UI_CONFIG, RESOURCES}
+)
 
 #: Events a subscriber may have queued before events are dropped (llama-swap: 1024).
 SUBSCRIBER_LIMIT = 1024
@@ -176,6 +180,9 @@ class EventBus:
 
     def ui_config(self, config: Mapping[str, Any]) -> Event | None:
         return self.publish(UI_CONFIG, dict(config))
+
+    def resources(self, report: Mapping[str, Any]) -> Event | None:
+        return self.publish(RESOURCES, dict(report))
 
 
 # -- payloads ----------------------------------------------------------------

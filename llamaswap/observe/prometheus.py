@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -150,6 +150,20 @@ class Metrics:
             ["key", "kind"],
             registry=registry,
         )
+        self._resource_gauges = {
+            figure: Gauge(
+                f"llamaswap_resource_{figure}_bytes",
+                f"Placement: the {meaning} of each configured resource (bytes)",
+                ["resource"],
+                registry=registry,
+            )
+            for figure, meaning in (
+                ("total", "size"),
+                ("reserved", "footprints of the models starting, ready or stopping"),
+                ("free", "free memory a probe last reported (absent without a probe)"),
+            )
+        }
+        self._resource_names: set[str] = set()
         #: model -> the states it has series for (a dict keeps their order).
         self._states: dict[str, dict[str, None]] = {}
         #: every metric with a ``model`` label: a removed model's series go.
@@ -254,6 +268,23 @@ class Metrics:
         known.setdefault(state)
         for each in known:
             self._state.labels(model, each).set(1 if each == state else 0)
+
+    def resources(self, report: Mapping[str, Any]) -> None:
+        """The ``GET /api/resources`` body changed: set the resource gauges
+        (total, reserved, free); resources no longer configured lose theirs,
+        and ``free`` has no series while no probe answers."""
+        figures: Mapping[str, Mapping[str, Any]] = report.get("resources", {})
+        for name in self._resource_names - set(figures):
+            for gauge in self._resource_gauges.values():
+                gauge.remove_by_labels({"resource": name})
+        self._resource_names = set(figures)
+        for name, values in figures.items():
+            for figure, gauge in self._resource_gauges.items():
+                value = values.get(figure)
+                if value is None:
+                    gauge.remove_by_labels({"resource": name})
+                else:
+                    gauge.labels(name).set(value)
 
     def retain_models(self, models: Collection[str]) -> None:
         """``models`` are the local models configured now (at start and after

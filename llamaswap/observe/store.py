@@ -31,7 +31,9 @@ from llamaswap.observe.activity import ActivityEntry
 from llamaswap.observe.activitysql import (
     INT64_MAX,
     insert_entry,
+    keep_footprint,
     prepare_connection,
+    read_footprints,
     read_stats,
     recent_entries,
     select_entries,
@@ -91,6 +93,12 @@ class IActivityStore(Interface):
     def recent(n: int | None = None) -> Deferred[list[ActivityEntry]]:
         """The newest ``n`` rows, oldest first (``None``: the store's default window)."""
 
+    def footprints() -> Deferred[dict[tuple[str, str], dict[str, int]]]:
+        """Every measured footprint kept: (model, command hash) -> resource -> bytes."""
+
+    def keep_footprint(model: str, command: str, footprint: Mapping[str, int]) -> Deferred[None]:
+        """Keep ``footprint`` (bytes per resource) for ``model`` run by ``command``."""
+
     def close() -> Deferred[None]:
         """Finish pending work and release the store; later calls fail with `StoreClosed`."""
 
@@ -108,6 +116,7 @@ class MemoryActivityStore:
     def __init__(self, log: ActivityLog) -> None:
         self.log = log
         self._closed = False
+        self._footprints: dict[tuple[str, str], dict[str, int]] = {}
 
     def _check(self) -> None:
         if self._closed:
@@ -157,6 +166,19 @@ class MemoryActivityStore:
         if self._closed:
             return fail(StoreClosed("activity store is closed"))
         return succeed(self.log.recent(n))
+
+    def footprints(self) -> Deferred[dict[tuple[str, str], dict[str, int]]]:
+        if self._closed:
+            return fail(StoreClosed("activity store is closed"))
+        return succeed({key: dict(held) for key, held in self._footprints.items()})
+
+    def keep_footprint(
+        self, model: str, command: str, footprint: Mapping[str, int]
+    ) -> Deferred[None]:
+        if self._closed:
+            return fail(StoreClosed("activity store is closed"))
+        self._footprints[(model, command)] = dict(footprint)
+        return succeed(None)
 
     def close(self) -> Deferred[None]:
         self._closed = True
@@ -268,6 +290,14 @@ class SqliteActivityStore:
         d = self._run(recent_entries, min(n, INT64_MAX))
         d.addCallback(self._live)
         return d
+
+    def footprints(self) -> Deferred[dict[tuple[str, str], dict[str, int]]]:
+        return self._run(read_footprints)
+
+    def keep_footprint(
+        self, model: str, command: str, footprint: Mapping[str, int]
+    ) -> Deferred[None]:
+        return self._run(keep_footprint, model, command, dict(footprint))
 
     def close(self) -> Deferred[None]:
         """Fire once queued statements have run and the connection is closed.

@@ -51,13 +51,16 @@ RATE_FLOOR = 1e-4
 RATE_TIME_CONSTANT = 600.0
 
 Footprint = Mapping[str, int]
+_NOTHING: Footprint = MappingProxyType({})
 
 
 class ReloadCosts:
-    """What the planner learns at run time: load times and request rates.
+    """What the planner learns at run time: load times, request rates and
+    measured footprints.
 
     Fed by the router (``loaded`` when a start ends ready, ``requested`` per
-    granted request); ``clock`` gives seconds.  Pure: no reactor, no I/O."""
+    granted request) and the footprint meter (``measured``); ``clock`` gives
+    seconds.  Pure: no reactor, no I/O."""
 
     def __init__(
         self, clock: Callable[[], float], time_constant: float = RATE_TIME_CONSTANT
@@ -67,6 +70,21 @@ class ReloadCosts:
         self._load: dict[str, float] = {}
         #: model -> (decayed request count, when it was last updated)
         self._count: dict[str, tuple[float, float]] = {}
+        #: model -> bytes per resource its processes were measured holding
+        self._measured: dict[str, Mapping[str, int]] = {}
+
+    def measured(self, model: str, footprint: Mapping[str, int] | None) -> None:
+        """``model``'s processes hold ``footprint`` (bytes per resource; the
+        planner uses the larger of it and the configured one); ``None``
+        forgets it (the model's command changed)."""
+        if footprint is None:
+            self._measured.pop(model, None)
+        else:
+            self._measured[model] = MappingProxyType(dict(footprint))
+
+    def measured_of(self, model: str) -> Mapping[str, int]:
+        """What ``model`` was measured holding (empty when never measured)."""
+        return self._measured.get(model, _NOTHING)
 
     def loaded(self, model: str, seconds: float) -> None:
         """A start of ``model`` took ``seconds`` (the latest one counts most)."""
@@ -198,8 +216,16 @@ class PlacementPlanner:
         return PlacementPlanner(self.totals, self.footprints, self.base, self.pinned, costs)
 
     def footprint(self, model: str) -> Footprint:
-        """Bytes per resource ``model`` holds while loaded."""
-        return self.footprints.get(model, self.totals)
+        """Bytes per resource ``model`` holds while loaded: the configured
+        footprint, or the measured one where larger (capped at the total)."""
+        configured = self.footprints.get(model, self.totals)
+        measured = self.costs.measured_of(model) if self.costs is not None else _NOTHING
+        if not measured:
+            return configured
+        return {
+            name: max(amount, min(measured.get(name, 0), self.totals.get(name, 0)))
+            for name, amount in configured.items()
+        }
 
     def reload_cost(self, model: str) -> float:
         """Expected cost of evicting ``model``: load seconds × request rate."""

@@ -14,6 +14,7 @@ from llamaswap import __version__
 from llamaswap.config import Config
 from llamaswap.core.text import count_of
 from llamaswap.observe.events import EventBus, follow_processes, model_status_records
+from llamaswap.observe.footprints import ResourceMonitor
 from llamaswap.observe.inflight import InflightTracker
 from llamaswap.observe.logs import LogHub
 from llamaswap.observe.prometheus import Metrics
@@ -59,6 +60,7 @@ class LlamaSwapService(service.Service):
         loading: LoadingProgress,
         log_observer: ILogObserver,
         unbridge: Callable[[], None],
+        resources: ResourceMonitor | None = None,
     ) -> None:
         self.config = config
         self._reactor = reactor
@@ -79,6 +81,10 @@ class LlamaSwapService(service.Service):
         self._stdout_subscription: Any = None
         #: called for every state change of every process, current or future
         self.process_listeners: list[StateListener] = [self._state_metric, loading.changed]
+        #: measured footprints, free memory, the resources report (placement)
+        self.resources = resources
+        if resources is not None:
+            self.process_listeners.append(resources.changed)
         metrics.retain_models(config.models)
         for process in router.processes.values():
             self._watch(process)
@@ -118,6 +124,8 @@ class LlamaSwapService(service.Service):
         globalLogPublisher.addObserver(self._log_observer)
         if self.logs.log_to_stdout in ("upstream", "both"):
             self._stdout_subscription = self.logs.upstream.subscribe(write_stdout)
+        if self.resources is not None:
+            self.resources.start()
         log.info(
             "llamaswap {version} managing {count}: {models}",
             version=__version__,
@@ -165,6 +173,8 @@ class LlamaSwapService(service.Service):
         for process in created:
             self._watch(process)
         self.app.reconfigure(config)
+        if self.resources is not None:
+            self.resources.reconfigure(config)
         set_log_level(config.log_level)
         self.logs.set_log_level(config.log_level)
         self.logs.set_time_format(config.log_time_format)
@@ -185,6 +195,8 @@ class LlamaSwapService(service.Service):
         self.streams.close_all()
         self.inflight.close()
         self.loading.stop()
+        if self.resources is not None:
+            self.resources.stop()
         log.info("stopping every model process")
         timeout = max([m.unload_timeout for m in self.config.models.values()] or [10])
         d = self.router.shutdown(timeout)

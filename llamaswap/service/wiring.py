@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import threads
+
 from llamaswap.config import Config, ConfigError
+from llamaswap.config.devices import DeviceLayer, system_devices
 from llamaswap.observe.activity import ActivityEntry
 from llamaswap.observe.captures import CaptureCache, CaptureEncoder
 from llamaswap.observe.events import EventBus, bridge_logs, ui_config_payload
+from llamaswap.observe.footprints import ResourceMonitor
 from llamaswap.observe.inflight import InflightTracker
 from llamaswap.observe.logs import LogHub
 from llamaswap.observe.prometheus import Metrics
@@ -59,6 +63,7 @@ def build_service(
     sources: Sources = (None, None),
     *,
     loopback_only: bool = False,
+    devices: DeviceLayer | None = None,
 ) -> LlamaSwapService:
     """The service for ``config``.
 
@@ -66,7 +71,9 @@ def build_service(
     upstream and peer connections); ``sources`` (config file, config dir)
     are what a reload re-reads; ``loopback_only`` says that the server
     listens on loopback addresses only (the DNS-rebinding guard then
-    accepts only loopback names and ``allowedHosts`` in ``Host``)."""
+    accepts only loopback names and ``allowedHosts`` in ``Host``);
+    ``devices`` is what footprints are measured and free memory probed
+    with (default: the real machine, NVML for NVIDIA devices)."""
     logs = LogHub(config.log_to_stdout, None, config.log_time_format)
     bus = EventBus()
     unbridge = bridge_logs(logs, bus)
@@ -84,6 +91,19 @@ def build_service(
 
     client = UpstreamClient(reactor)
     recorder = build_recorder(config, reactor, metrics, bus)
+    resources = ResourceMonitor(
+        config,
+        router,
+        devices=devices or system_devices(),
+        store=recorder.store,
+        clock=reactor,
+        # the thread pool is asked for only when used (a resources config)
+        run=lambda fn, *args: threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), fn, *args
+        ),
+        listeners=(bus.resources, metrics.resources),
+    )
+    router.probe_free = resources.probe
     # The streams ask the app and the service (below) only while serving a
     # request; both exist by then, and the service's config is the current one.
     app: LlamaSwapApp
@@ -109,6 +129,7 @@ def build_service(
         reactor=reactor,
         on_profile_changed=lambda active: core.profile_changed(active),
         loopback_only=loopback_only,
+        resource_report=resources.report,
     )
     core = LlamaSwapService(
         config,
@@ -127,5 +148,6 @@ def build_service(
         loading=LoadingProgress(reactor, router, bus, metrics),
         log_observer=logs.proxy_observer(config.log_level),
         unbridge=unbridge,
+        resources=resources,
     )
     return core

@@ -23,6 +23,7 @@ from llamaswap.config import Config, ModelConfig
 from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, Ticket
 from llamaswap.scheduling.placement import PlacementPlanner, ReloadCosts
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
+from llamaswap.supervision.room import FreeProbe, more_room, out_of_memory, wait_for_room
 
 log = Logger()
 
@@ -117,6 +118,9 @@ class Router:
         #: load times and request rates the placement planner prices evictions by
         self.reload_costs = ReloadCosts(clock.seconds)
         self._starting_since: dict[str, float] = {}
+        #: what is free per resource (the resource monitor's probe): after
+        #: evictions for memory a start waits until the room shows
+        self.probe_free: FreeProbe | None = None
         self.planner = self._priced(routing.planner)
         self.scheduler = Scheduler(
             self,
@@ -238,6 +242,8 @@ class Router:
                     ],
                     consumeErrors=True,
                 )
+                if "memory" in (reasons or {}).values():
+                    await self._await_room(target)
             retried = False
             while True:
                 if not self.scheduler.is_swapping(target):
@@ -260,6 +266,8 @@ class Router:
                         continue
                     if not exc.died or retried:
                         raise
+                    if out_of_memory(str(exc)):
+                        await self._make_more_room(target)
                     # A server that died while starting gets one fresh start
                     # before its waiting requests see the error, so that a
                     # single transient crash at load time does not fail them.
@@ -276,6 +284,45 @@ class Router:
             log.failure("swap to {target} failed", Failure(), target=target)
             error = str(exc) or type(exc).__name__
         self.scheduler.swap_done(target, error)
+
+    async def _await_room(self, target: str) -> None:
+        """Evicted for memory: wait (bounded) until the probe shows the room."""
+        if self.probe_free is None or not isinstance(self.planner, PlacementPlanner):
+            return
+        needs = self.planner.footprint(target)
+        if not await wait_for_room(needs, self.probe_free, self._clock):
+            log.warn(
+                "placement: {target}: the evicted memory does not show as free yet; starting anyway",
+                target=target,
+            )
+
+    async def _make_more_room(self, target: str) -> None:
+        """``target`` died out of memory while starting: evict more idle models."""
+        if not isinstance(self.planner, PlacementPlanner):
+            return
+        snapshot = self.scheduler.snapshot()
+        busy = set(snapshot.in_flight) | set(snapshot.swaps)
+        for victims in snapshot.swaps.values():
+            busy |= victims
+        running = frozenset(
+            m for m, p in self.processes.items() if p.state.value not in ("stopped", "shutdown")
+        )
+        more = more_room(self.planner, target, running, frozenset(busy - {target}))
+        if not more:
+            return
+        log.warn(
+            "placement: {target} ran out of memory while starting; evicting {models} as well",
+            target=target,
+            models=sorted(more),
+        )
+        await defer.gatherResults(
+            [
+                self.processes[m].stop(self.config.health_check_timeout, reason="memory")
+                for m in sorted(more)
+            ],
+            consumeErrors=True,
+        )
+        await self._await_room(target)
 
     def reconfigure(self, config: Config, build: ProcessFactory) -> list[ModelProcess]:
         """Adopt a reloaded configuration without dropping requests.

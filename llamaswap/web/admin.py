@@ -50,7 +50,9 @@ class AdminApi:
         router: Router,
         recorder: ActivityRecorder,
         on_profile_changed: Callable[[str | None], None],
+        resource_report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        self._resource_report = resource_report
         self._routing = routing
         self._router = router
         self._recorder = recorder
@@ -230,6 +232,8 @@ class AdminApi:
 
     @app.route("/api/resources", methods=["GET", "HEAD"])
     def resources(self, request: Any) -> bytes:
+        if self._resource_report is not None:
+            return _json(request, self._resource_report())
         processes = self._router.processes
 
         def state_of(model_id: str) -> str:

@@ -59,13 +59,14 @@ class LlamaSwapApp:
         reactor: Any,
         on_profile_changed: Callable[[str | None], None],
         loopback_only: bool,
+        resource_report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._routing = Routing(config, router, reactor)
         self._streams = streams
         serving = RequestServer(self._routing, router, client, recorder, inflight, metrics, reactor)
         websockets = WebSocketRelay(self._routing, router, reactor)
         self._models = ModelRequests(self._routing, serving, websockets)
-        self._admin = AdminApi(self._routing, router, recorder, on_profile_changed)
+        self._admin = AdminApi(self._routing, router, recorder, on_profile_changed, resource_report)
         self._guard = BrowserGuard(loopback_only=loopback_only)
 
     def resource(self) -> Resource:

@@ -20,6 +20,7 @@ class Store {
     this.inflightLive = false;   // true once /api/events delivered inflight data
     this.profile = undefined;    // active profile from profileChanged
     this.uiConfig = null;
+    this.resources = null;       // last /api/resources body (resources events)
     this.mode = "connecting";    // live | polling | offline | connecting
     this.eventsAvailable = null; // null: unknown yet
     this.started = false;
@@ -143,6 +144,7 @@ class Store {
         this.refreshModels();
         break;
       case "uiConfig": this.uiConfig = data; this.emit("uiConfig", data); break;
+      case "resources": this.resources = data; this.emit("resources", data); break;
       default: break;
     }
   }

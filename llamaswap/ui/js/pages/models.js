@@ -8,6 +8,17 @@ export function upstreamPath(id) {
   return id.split("/").map(encodeURIComponent).join("/");
 }
 
+// Placement: which states hold a model's footprint (as the server counts them).
+const HOLDING = new Set(["starting", "ready", "stopping"]);
+const SERIES = 6; // colours .seg.c0 … .seg.c5
+
+export function fmtSize(n) {
+  if (n === null || n === undefined) return "–";
+  const units = [["GiB", 1024 ** 3], ["MiB", 1024 ** 2], ["KiB", 1024]];
+  for (const [unit, size] of units) if (n >= size) return `${(n / size).toFixed(1)} ${unit}`;
+  return `${n} B`;
+}
+
 const CAPABILITY_LABELS = {
   vision: "vision",
   audio_transcriptions: "transcription",
@@ -35,10 +46,71 @@ export function mount(main) {
     h("input", { type: "checkbox", onchange: (e) => { showUnlisted = e.target.checked; draw(); } }), "show unlisted");
   const profileBox = h("span");
   const unloadAll = h("button.danger", { type: "button", onclick: onUnloadAll, title: "Stop every running model" }, "Unload all");
+  // Placement (/api/resources): one bar per resource, each loaded model's share.
+  let resources = store.resources;
+  const resourceBox = h("section.resources#resources", { hidden: true, "aria-label": "Resources" });
 
   replace(main,
     h("div.page-head", h("div.title", h("h1", "Models"), summary), profileBox, search, unlistedToggle, unloadAll),
-    info, grid);
+    info, resourceBox, grid);
+
+  async function loadResources() {
+    try {
+      resources = await getJSON("/api/resources");
+    } catch (err) {
+      resources = null;
+      if (!(err instanceof NotAvailable)) console.warn("resources:", err.message);
+    }
+    drawResources();
+    draw();
+  }
+
+  function colourOf(id) {
+    const ids = Object.keys(resources?.models || {}).sort();
+    return `c${Math.max(ids.indexOf(id), 0) % SERIES}`;
+  }
+
+  function resourceBar(name, figures) {
+    const total = figures.total || 1;
+    const holders = Object.entries(resources.models || {})
+      .filter(([id, held]) => held[name] && HOLDING.has(store.stateOf(id)))
+      .sort(([a], [b]) => a.localeCompare(b));
+    const pct = (n) => `${Math.min(100, (100 * n) / total).toFixed(2)}%`;
+    const free = figures.free;
+    const bar = h("div.bar", { role: "img", "aria-label": `${name}: ${fmtSize(figures.reserved)} reserved of ${fmtSize(figures.total)}` },
+      holders.map(([id, held]) => h(`span.seg.${colourOf(id)}`, {
+        style: { width: pct(held[name].bytes) },
+        title: `${id}: ${fmtSize(held[name].bytes)} (${held[name].source})`,
+        dataset: { model: id, source: held[name].source },
+      })),
+      free === null || free === undefined || free >= total ? null
+        : h("span.free-mark", { style: { left: pct(Math.max(total - free, 0)) }, title: `${fmtSize(free)} free (probe)` }));
+    const legend = holders.map(([id, held]) => h("li", { dataset: { model: id } },
+      h(`span.swatch.${colourOf(id)}`), h("code", id), ` ${fmtSize(held[name].bytes)} `,
+      h("span.tag", { dataset: { role: "source" } }, held[name].source)));
+    return h("div.resource", { dataset: { resource: name } },
+      h("div.row", h("code.name", name),
+        h("span.small.muted", { dataset: { role: "figures" } },
+          `${fmtSize(figures.reserved)} reserved of ${fmtSize(figures.total)} · `,
+          free === null || free === undefined ? "free unknown" : `${fmtSize(free)} free`)),
+      bar,
+      legend.length ? h("ul.legend", legend) : null);
+  }
+
+  function drawResources() {
+    const names = Object.keys(resources?.resources || {});
+    resourceBox.hidden = names.length === 0;
+    if (!names.length) { replace(resourceBox); return; }
+    replace(resourceBox, names.map((name) => resourceBar(name, resources.resources[name])));
+  }
+
+  function footprintLine(id) {
+    const held = resources?.models?.[id];
+    if (!held || !Object.keys(held).length) return null;
+    return h("div.meta", { dataset: { role: "footprint" } }, "holds ",
+      Object.entries(held).map(([name, fp]) => h("span.tag", { title: `footprint source: ${fp.source}` },
+        `${name} ${fmtSize(fp.bytes)} · ${fp.source}`)));
+  }
 
   async function onUnloadAll() {
     if (!unloadAllArmed) {
@@ -196,6 +268,7 @@ export function mount(main) {
       m.description ? h("div.desc", m.description) : null,
       tags.length ? h("div", tags) : null,
       details,
+      local ? footprintLine(realId) : null,
       errors.has(m.id) ? h("p.error", errors.get(m.id)) : null,
       actions.length ? h("div.actions", actions) : null);
   }
@@ -223,12 +296,19 @@ export function mount(main) {
 
   const offs = [
     store.on("models", draw),
-    store.on("status", draw),
+    store.on("status", () => {
+      draw();
+      drawResources();
+      // Without the event stream, reserved amounts are polled with the states.
+      if (store.mode !== "live") loadResources();
+    }),
     store.on("profile", drawProfiles),
+    store.on("resources", (data) => { resources = data; drawResources(); draw(); }),
   ];
   draw();
   store.refreshModels();
   loadProfiles();
+  loadResources();
   return () => {
     offs.forEach((off) => off());
     clearTimeout(unloadAllArmed);
