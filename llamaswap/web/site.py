@@ -11,11 +11,12 @@ from twisted.web.server import Request, Site
 
 from llamaswap.core.twistedweb import after_flush
 from llamaswap.observe.logformat import request_access_line
+from llamaswap.web.plainrequest import PlainBodyRequest
 
 log = Logger()
 
 
-class LlamaSwapRequest(Request):
+class LlamaSwapRequest(PlainBodyRequest, Request):
     """A request whose body is always buffered in memory.
 
     Twisted spools bodies over 100 kB to a temporary file; we need every body
