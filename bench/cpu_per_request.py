@@ -138,6 +138,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy one more round into PREFIX.txt")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, log)")
+    ap.add_argument(
+        "--root", default=str(ROOT), help="checkout whose llamaswap is measured (A/B runs)"
+    )
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed (apt-get install wrk)")
@@ -156,7 +159,7 @@ def main() -> int:
         "    checkEndpoint: /health\n"
         "    concurrencyLimit: 256\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": args.root}
     log = (work / "llamaswap.log").open("wb")
     proc = subprocess.Popen(
         [

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from llamaswap.core.endpoints import UpstreamEndpoints
 from llamaswap.core.twistedweb import quiet_http_client_factories
+from llamaswap.upstream.lean import LeanAgent
 
 log = Logger()
 
@@ -183,12 +184,21 @@ class UpstreamClient:
         self._pool.maxPersistentPerHost = max_per_host
         self._pool.cachedConnectionTimeout = idle_timeout  # type: ignore[assignment]
         self._pool.retryAutomatically = True
-        self._agent = Agent.usingEndpointFactory(
-            reactor, UpstreamEndpoints(reactor, connect_timeout), pool=self._pool
+        endpoints = UpstreamEndpoints(reactor, connect_timeout)
+        # Plain-HTTP requests go through the lean client (llamaswap.upstream.lean),
+        # the rest through Agent and its pool.
+        self._agent = LeanAgent(
+            reactor,
+            endpoints,
+            Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool),
+            max_per_host=max_per_host,
+            idle_timeout=idle_timeout,
         )
 
     def close(self) -> defer.Deferred[None]:
-        return self._pool.closeCachedConnections()
+        return defer.gatherResults(
+            [self._pool.closeCachedConnections(), self._agent.close()]
+        ).addCallback(lambda _: None)
 
     async def _send(self, method: bytes, url: bytes, headers: Headers, body: bytes) -> IResponse:
         producer = BytesProducer(body) if body or method not in (b"GET", b"HEAD") else None
