@@ -124,6 +124,8 @@ class LeanAgentTests(SynchronousTestCase):
         response = self.successResultOf(d)
         self.assertEqual((response.code, response.phrase, response.length), (200, b"OK", 5))
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        # As with Agent, connection-control headers are not the content's.
+        self.assertFalse(response.headers.hasHeader(b"content-length"))
         body = _Body()
         response.deliverBody(body)
         self.assertEqual(body.data, [b"hel"])

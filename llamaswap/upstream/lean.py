@@ -37,6 +37,20 @@ from zope.interface import implementer
 #: largest response head accepted
 MAX_HEAD = 64 * 1024
 _NO_BODY_CODES = frozenset({204, 304})
+#: headers about the connection, not the content: kept out of ``response.headers``
+#: (as ``Agent`` does, see ``HTTPParser.CONNECTION_CONTROL_HEADERS``)
+_CONNECTION_CONTROL = frozenset(
+    {
+        b"content-length",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
 _IDLE, _WAITING, _BODY, _CLOSED = range(4)
 _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
 
@@ -242,8 +256,9 @@ class _Connection(Protocol):
             if not colon or not name or name[-1:] in (b" ", b"\t"):
                 raise _BadResponse(f"bad header line {line[:80]!r}")
             value = value.strip(b" \t")
-            headers.addRawHeader(name, value)
             lower = name.lower()
+            if lower not in _CONNECTION_CONTROL:
+                headers.addRawHeader(name, value)
             if lower == b"content-length":
                 if not value.isdigit() or (length is not None and int(value) != length):
                     raise _BadResponse("bad content-length")
