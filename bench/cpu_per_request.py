@@ -136,6 +136,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ttft", action="store_true", help="also the yardstick's streaming TTFT")
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy one more round into PREFIX.txt")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, log)")
     ap.add_argument(
@@ -199,6 +200,29 @@ def main() -> int:
                 flush=True,
             )
         print(f"CPU median_us_per_req={statistics.median(per_req):.0f}")
+        stream_client = SHARED_UPSTREAM.parent / "stream_client.py"
+        if args.ttft and stream_client.exists():
+            # The yardstick's streaming B: 200 chunks 1 ms apart, time to first token.
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(stream_client),
+                    "--url",
+                    base,
+                    "--model",
+                    "m1",
+                    "--n",
+                    "20",
+                    "--chunks",
+                    "200",
+                    "--delay-ms",
+                    "1",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            print(out)
         if args.profile:
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             raw = Path(args.profile + ".raw")
