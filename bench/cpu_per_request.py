@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import pstats
 import re
 import shutil
 import signal
@@ -136,6 +137,11 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--calls",
+        action="store_true",
+        help="count Python function calls per request (cProfile; load-independent)",
+    )
     ap.add_argument("--ttft", action="store_true", help="also the yardstick's streaming TTFT")
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy one more round into PREFIX.txt")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, log)")
@@ -162,35 +168,60 @@ def main() -> int:
     )
     env = {**os.environ, "PYTHONPATH": args.root}
     log = (work / "llamaswap.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "llamaswap",
-            "-c",
-            str(config),
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-        ],
-        cwd=work,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+
+    def start(profile: Path | None = None) -> subprocess.Popen[bytes]:
+        profiling = (
+            [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
+        )
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                *profiling,
+                "-n",
+                "--pidfile=",
+                "llamaswap",
+                "-c",
+                str(config),
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    idle_calls = 0
+    if args.calls:
+        # Calls made by start-up and shut-down alone, to subtract.
+        idle = start(work / "idle.prof")
+        wait_ok(f"http://127.0.0.1:{port}/health")
+        wait_ok(f"http://127.0.0.1:{port}/v1/chat/completions", b'{"model":"m1","messages":[]}')
+        stop(idle)
+        idle_calls = pstats.Stats(str(work / "idle.prof")).total_calls  # type: ignore[attr-defined]
+    proc = start(work / "load.prof" if args.calls else None)
     base = f"http://127.0.0.1:{port}"
     url = f"{base}/v1/chat/completions"
     try:
         wait_ok(f"{base}/health")
         wait_ok(url, b'{"model":"m1","messages":[]}')
-        wrk(url, args.concurrency, 2, lua)  # warm-up
+        total_reqs = wrk(url, args.concurrency, 2, lua)["reqs"]  # warm-up
         per_req: list[float] = []
         for _ in range(args.rounds):
             before = cpu_seconds(proc.pid)
             result = wrk(url, args.concurrency, args.duration, lua)
             used = cpu_seconds(proc.pid) - before
+            total_reqs += result["reqs"]
             per_req.append(used / result["reqs"] * 1e6)
             print(
                 f"c={args.concurrency} reqs={int(result['reqs'])} cpu_s={used:.2f} "
@@ -249,12 +280,16 @@ def main() -> int:
             prof.wait()
             summarize_profile(raw, Path(args.profile + ".txt"))
             print(f"profile: {args.profile}.txt")
+        if args.calls:
+            stop(proc)
+            calls = pstats.Stats(str(work / "load.prof")).total_calls  # type: ignore[attr-defined]
+            print(
+                f"CALLS python_calls_per_req={(calls - idle_calls) / total_reqs:.0f}"
+                f" (deterministic: cProfile's call count, start-up subtracted)"
+            )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            stop(proc)
         log.close()
         if args.keep:
             print(f"kept {work}")
