@@ -110,10 +110,15 @@ class LeanAgentTests(SynchronousTestCase):
         self.agent.request(b"GET", b"http://127.0.0.1:8080", headers, None)
         self.assertEqual(self.conn()[1].value(), b"GET / HTTP/1.1\r\nHost: client.example\r\n\r\n")
 
-    def test_https_and_other_producers_go_to_the_fallback(self) -> None:
+    def test_https_other_producers_and_unsafe_request_lines_go_to_the_fallback(self) -> None:
         self.agent.request(b"GET", b"https://h/x", Headers(), None)
         self.agent.request(b"POST", b"http://h/y", Headers(), object())  # type: ignore[arg-type]
-        self.assertEqual(self.fallback.requests, [b"https://h/x", b"http://h/y"])
+        self.agent.request(b"GET", b"http://h/a b\r\nX: y", Headers(), None)
+        self.agent.request(b"G T", b"http://h/", Headers(), None)
+        self.assertEqual(
+            self.fallback.requests,
+            [b"https://h/x", b"http://h/y", b"http://h/a b\r\nX: y", b"http://h/"],
+        )
         self.assertEqual(self.endpoint.protocols, [])
 
     def test_content_length_and_reuse(self) -> None:

@@ -21,6 +21,7 @@ connection); cancelling the request's Deferred aborts the connection.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet import defer
@@ -34,6 +35,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+#: bytes that must not appear in a request line (controls, space, DEL)
+_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 #: largest response head accepted
 MAX_HEAD = 64 * 1024
 _NO_BODY_CODES = frozenset({204, 304})
@@ -473,7 +476,13 @@ class LeanAgent:
         bodyProducer: IBodyProducer | None = None,
     ) -> defer.Deferred[IResponse]:
         body = getattr(bodyProducer, "body", None) if bodyProducer is not None else b""
-        if not isinstance(body, bytes) or not uri.startswith(b"http://"):
+        if (
+            not isinstance(body, bytes)
+            or not uri.startswith(b"http://")
+            or _UNSAFE.search(uri)
+            or _UNSAFE.search(method)
+        ):
+            # Agent validates what we would not send as is (and raises).
             return self._fallback.request(method, uri, headers, bodyProducer)
         slash = uri.find(b"/", 7)
         origin, path = (uri, b"/") if slash == -1 else (uri[:slash], uri[slash:])
