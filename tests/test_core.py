@@ -87,3 +87,23 @@ class TwistedWebTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(calls, ["now", "late"])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_after_flush_calls_of_one_pass_share_delayed_calls(self) -> None:
+        """Calls made in one pass cost one pair of delayed calls, run in
+        order, and one that fails is logged without stopping the rest."""
+        clock = Clock()
+        calls: list[str] = []
+
+        def fail() -> None:
+            raise ValueError("boom")
+
+        after_flush(clock, calls.append, "a")
+        after_flush(clock, fail)
+        after_flush(clock, calls.append, "b")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0)
+        self.assertEqual(calls, ["a", "b"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        after_flush(clock, calls.append, "c")
+        clock.advance(0)
+        self.assertEqual(calls, ["a", "b", "c"])

@@ -446,6 +446,20 @@ class TimeoutTests(UpstreamEdgeCase):
                 self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL), 7)
         clock.advance(10)  # the TLS handshake time-out ends the TLS connection
 
+    async def test_keepalive_on_lean_client_connections(self) -> None:
+        """Plain-HTTP requests go through the lean client: its connections
+        are made by the same tuned endpoints (TCP keep-alive on)."""
+        import socket
+
+        front = self.front_for(Script([OK]), keepalive=7)
+        response = await treq.get(front + "/v1/models", pool=self.pool)
+        self.assertEqual(await response.content(), b"ok")
+        [idle] = self.client._agent._idle.values()
+        handle = idle[0].transport.getHandle()
+        self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            self.assertEqual(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE), 7)
+
 
 class ServiceTests(TestCase):
     """The whole service: peer time-outs applied, retries in /metrics."""

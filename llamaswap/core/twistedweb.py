@@ -36,6 +36,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+_log = Logger()
 
 __all__ = [
     "after_flush",
@@ -104,5 +107,25 @@ def after_flush(reactor: IReactorTime, fn: Callable[..., object], *args: Any) ->
     comes *after* the delayed calls due now; one call scheduled from another
     runs after that pass.  Bookkeeping done this way (access log, activity
     rows) no longer delays the bytes the client is waiting for.
+
+    Calls made in the same reactor pass share one pair of delayed calls and
+    run in the order they were made (a failing one is logged and does not
+    stop the others).
     """
-    reactor.callLater(0, reactor.callLater, 0, fn, *args)
+    queue = _after_flush.get(reactor)
+    if queue is None:
+        queue = _after_flush[reactor] = []
+        reactor.callLater(0, reactor.callLater, 0, _run_after_flush, reactor)
+    queue.append((fn, args))
+
+
+#: reactor -> the calls waiting for its next I/O pass
+_after_flush: dict[Any, list[tuple[Callable[..., object], tuple[Any, ...]]]] = {}
+
+
+def _run_after_flush(reactor: Any) -> None:
+    for fn, args in _after_flush.pop(reactor, ()):
+        try:
+            fn(*args)
+        except Exception:
+            _log.failure("error in {fn!r}", fn=fn)

@@ -14,12 +14,18 @@ method: the upstream may have started a generation.  Twisted's own automatic
 retry (idempotent methods on reused connections) is off, so GET follows the
 same rule.  An optional response-header time-out (our own reactor timer)
 aborts a request whose response headers do not arrive in time.
+
+Plain-HTTP requests go out through the lean client
+(:mod:`llamaswap.upstream.lean`), the rest through Twisted's ``Agent``; both
+use the same tuned endpoints, tell reused from new pooled connections, keep
+the response's connection-control headers apart (:func:`_control_values`)
+and are closed by :meth:`UpstreamClient.close` and ``retire``.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from weakref import WeakKeyDictionary, WeakSet
 
@@ -50,6 +56,7 @@ from llamaswap.core.twistedweb import (
     response_connection_headers,
     tls_handshake_pending,
 )
+from llamaswap.upstream.lean import LeanAgent, LeanResponse, StaleConnection
 
 log = Logger()
 
@@ -151,9 +158,7 @@ def copy_response_headers(response: IResponse, request: Any) -> None:
     # Twisted keeps ``Connection`` out of ``response.headers``: it is among
     # the connection-control headers kept when the response arrived.
     connection = list(response.headers.getRawHeaders(b"connection", []))
-    control = _connection_control.get(response)
-    if control is not None:
-        connection.extend(control.getRawHeaders(b"connection", []))
+    connection.extend(_control_values(response, b"connection"))
     dropped = set(HOP_BY_HOP)
     for value in connection:
         dropped.update(t.strip().lower() for t in value.split(b",") if t.strip())
@@ -215,9 +220,13 @@ class _Relay(Protocol):
 _connection_control: WeakKeyDictionary[IResponse, Headers] = WeakKeyDictionary()
 
 
-class _StaleConnection(Exception):
-    """A reused pooled connection was closed by the upstream before any
-    response byte: the request may be sent once more on a new connection."""
+def _control_values(response: IResponse, name: bytes) -> Sequence[bytes]:
+    """The values of the connection-control header ``name`` (lower case) of
+    ``response``, from the lean client or from Twisted's."""
+    if isinstance(response, LeanResponse):
+        return response.control.get(name, [])
+    control = _connection_control.get(response)
+    return control.getRawHeaders(name, []) if control is not None else []
 
 
 def _closed_before_response(exc: BaseException) -> bool:
@@ -241,7 +250,7 @@ class _Connection:
     Keeps the response's connection-control headers (for
     :func:`copy_response_headers` and a 304's ``Content-Length``), and turns
     the failure of a *reused* connection closed before any response byte
-    into :class:`_StaleConnection`."""
+    into :class:`StaleConnection`."""
 
     def __init__(self, protocol: Any, reused: bool) -> None:
         self._protocol = protocol
@@ -259,7 +268,7 @@ class _Connection:
 
         def failed(reason: Failure) -> Failure:
             if self._reused and _closed_before_response(reason.value):
-                raise _StaleConnection(_describe(reason.value))
+                raise StaleConnection(_describe(reason.value))
             return reason
 
         return d.addCallbacks(arrived, failed)
@@ -431,21 +440,31 @@ class UpstreamClient:
             keepalive or 0,
             tls_handshake_timeout or 0,
         )
-        self._agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool)
-        self._resend_agent = Agent.usingEndpointFactory(
+        # Plain-HTTP requests go through the lean client (llamaswap.upstream.lean)
+        # and its own pool, the rest through Agent and ``self._pool``.
+        self._agent = LeanAgent(
             reactor,
             endpoints,
-            pool=_NewConnections(self._pool),
+            Agent.usingEndpointFactory(reactor, endpoints, pool=self._pool),
+            max_per_host=max_per_host,
+            idle_timeout=idle_timeout,
+        )
+        self._resend_agent = self._agent.new_connections(
+            Agent.usingEndpointFactory(reactor, endpoints, pool=_NewConnections(self._pool))
         )
 
     def close(self) -> defer.Deferred[None]:
-        return self._pool.closeCachedConnections()
+        return defer.gatherResults(
+            [self._pool.closeCachedConnections(), self._agent.close()]
+        ).addCallback(lambda _: None)
 
     def retire(self) -> defer.Deferred[None]:
         """Close the idle connections now, and those in use once their
         request is done (a client replaced by another)."""
         self._pool.cachedConnectionTimeout = 0
-        return self.close()
+        return defer.gatherResults(
+            [self._pool.closeCachedConnections(), self._agent.retire()]
+        ).addCallback(lambda _: None)
 
     async def _send(
         self,
@@ -458,7 +477,7 @@ class UpstreamClient:
         producer = BytesProducer(body) if body or method not in (b"GET", b"HEAD") else None
         try:
             return await self._agent.request(method, url, headers, producer)
-        except _StaleConnection as exc:
+        except StaleConnection as exc:
             # The upstream closed an idle pooled connection while our request
             # was on its way: it never reached the application, so it is
             # sent once more, on a new connection.
@@ -535,8 +554,7 @@ class UpstreamClient:
             # No body follows.  A HEAD response keeps the upstream's
             # Content-Length (copied above), so does a 304; none is made up.
             if response.code == 304:
-                control = _connection_control.get(response)
-                length = control.getRawHeaders(_CONTENT_LENGTH) if control is not None else None
+                length = _control_values(response, _CONTENT_LENGTH)
                 if length:
                     request.responseHeaders.setRawHeaders(_CONTENT_LENGTH, length[:1])
             response.deliverBody(_Discard())

@@ -7,19 +7,26 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
 from llamaswap.core.twistedweb import after_flush
 from llamaswap.observe.logformat import request_access_line
 from llamaswap.web.limits import IDLE_TIMEOUT, BoundedRequest, bound_channel
+from llamaswap.web.plainrequest import PlainBodyRequest
 
 log = Logger()
 
 
-class LlamaSwapRequest(BoundedRequest):
+class LlamaSwapRequest(BoundedRequest, PlainBodyRequest, Request):
     """A request whose body is always buffered in memory, up to
-    ``maxRequestBodySize`` (:class:`~llamaswap.web.limits.BoundedRequest`)."""
+    ``maxRequestBodySize`` (:class:`~llamaswap.web.limits.BoundedRequest`),
+    and read without Twisted's form parsing
+    (:class:`~llamaswap.web.plainrequest.PlainBodyRequest`).
+
+    The order matters: ``BoundedRequest.requestReceived`` (a refused request
+    goes no further) runs first and hands on to ``PlainBodyRequest``'s, which
+    replaces ``Request``'s and does not call it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
