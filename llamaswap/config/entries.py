@@ -55,6 +55,7 @@ MODEL_KEYS = frozenset(
         "capabilities",
         "healthCheckTimeout",
         "resources",
+        "files",
     }
 )
 
@@ -215,6 +216,7 @@ def model_config(
         capabilities=_capabilities(entry.get("capabilities")),
         ignore_websockets=model_id == COMFYUI_MODEL_ID or _ignores_websockets(entry.get("compat")),
         timeouts=timeouts,
+        files=fields.strings("files"),
     )
 
 

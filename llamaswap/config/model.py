@@ -100,6 +100,9 @@ class ModelConfig:
     #: not configured (the shared client's).  A reload that changes them
     #: keeps the process: only the connections are replaced.
     timeouts: PeerTimeouts | None = field(default=None, compare=False)
+    #: ``files``: the model's weight files (prewarm, loading progress); empty
+    #: = the ``-m``/``--model`` path of the command.  Not compared on reload.
+    files: tuple[str, ...] = field(default=(), compare=False)
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from llamaswap.config import Config, ModelConfig
 from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, Ticket
 from llamaswap.scheduling.placement import PlacementPlanner, ReloadCosts
+from llamaswap.supervision.prewarm import Prewarm, PrewarmFactory, prewarm_for
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
 
 log = Logger()
@@ -100,8 +101,12 @@ class Router:
         *,
         clock: IReactorTime,
         on_evicted: EvictionListener = _ignore_eviction,
+        prewarm: PrewarmFactory = prewarm_for,
     ) -> None:
         self.config = config
+        #: model id -> the prewarm reading its files while its start waits
+        self._prewarm_factory = prewarm
+        self._prewarms: dict[str, Prewarm] = {}
         self._clock = clock
         self._on_evicted = on_evicted
         self.processes = dict(processes)
@@ -151,6 +156,7 @@ class Router:
             if self._waiters.pop(ticket, None) is not None:
                 self._queue_positions.pop(ticket, None)
                 self.scheduler.cancel(ticket)
+                self._end_prewarm(ticket.model)
 
         waiter: defer.Deferred[Lease] = defer.Deferred(withdraw)
         self._waiters[ticket] = waiter
@@ -177,6 +183,7 @@ class Router:
     def grant(self, ticket: Ticket) -> bool:
         waiter = self._waiters.pop(ticket, None)
         self._queue_positions.pop(ticket, None)
+        self._end_prewarm(ticket.model)
         if waiter is None or waiter.called:
             return False
         process = self.processes[ticket.model]
@@ -188,12 +195,14 @@ class Router:
     def fail(self, ticket: Ticket, message: str) -> None:
         waiter = self._waiters.pop(ticket, None)
         self._queue_positions.pop(ticket, None)
+        self._end_prewarm(ticket.model)
         if waiter is not None and not waiter.called:
             waiter.errback(RequestFailed(message))
 
     def queue_position(self, ticket: Ticket, position: int) -> None:
         if ticket in self._waiters:
             self._queue_positions[ticket] = position
+            self._prewarm(ticket.model)
 
     def start_swap(self, target: str, evict: frozenset[str]) -> None:
         explain = getattr(self.planner, "explain", None)
@@ -212,9 +221,13 @@ class Router:
                     target=target,
                     models=for_memory,
                 )
+        if evict or target in self._retiring:
+            self._prewarm(target)  # the start waits for the evictions
         defer.Deferred.fromCoroutine(self._swap(target, evict, reasons))
 
     def stop_models(self, models: frozenset[str]) -> None:
+        for model in models:
+            self._end_prewarm(model, force=True)
         stops = [self.processes[m].stop(reason="unload") for m in sorted(models)]
         if self._collected_stops is not None:
             self._collected_stops.extend(stops)
@@ -275,7 +288,57 @@ class Router:
         except Exception as exc:  # a bug, not a start failure: still answer every waiter
             log.failure("swap to {target} failed", Failure(), target=target)
             error = str(exc) or type(exc).__name__
+        self._end_prewarm(target, force=True)
         self.scheduler.swap_done(target, error)
+
+    # -- prewarm --------------------------------------------------------------
+
+    def _prewarm(self, model_id: str) -> None:
+        """Read the model's files into the page cache while its start waits
+        (:mod:`llamaswap.supervision.prewarm`); once per wait."""
+        process = self.processes.get(model_id)
+        if model_id in self._prewarms or process is None:
+            return
+        if process.state in (ProcessState.READY, ProcessState.STARTING):
+            return  # nothing to wait for, or its own load reads the files
+        prewarm = self._prewarm_factory(process.config)
+        if prewarm is None:
+            return
+        self._prewarms[model_id] = prewarm
+        log.info(
+            "{model}: prewarming {files} while its start waits",
+            model=model_id,
+            files=list(prewarm.paths),
+        )
+        prewarm.start().addBoth(self._prewarmed, model_id, prewarm)
+
+    def _prewarmed(self, result: int | Failure, model_id: str, prewarm: Prewarm) -> int:
+        if self._prewarms.get(model_id) is prewarm:
+            del self._prewarms[model_id]
+        if isinstance(result, Failure):
+            log.failure("{model}: prewarm failed", result, model=model_id)
+            return 0
+        for problem in prewarm.skipped:
+            log.info("{model}: prewarm skipped {problem}", model=model_id, problem=problem)
+        log.info(
+            "{model}: prewarm read {mib:.0f} MiB{how}",
+            model=model_id,
+            mib=result / (1 << 20),
+            how=" (cancelled)" if prewarm.cancelled else "",
+        )
+        return result
+
+    def _end_prewarm(self, model_id: str, *, force: bool = False) -> None:
+        """Cancel the model's prewarm once no start waits for it (``force``:
+        its swap ended or was called off)."""
+        if model_id not in self._prewarms:
+            return
+        if not force and (
+            self.scheduler.is_swapping(model_id)
+            or any(t.model == model_id for t in self._queue_positions)
+        ):
+            return
+        self._prewarms.pop(model_id).cancel()
 
     def reconfigure(self, config: Config, build: ProcessFactory) -> list[ModelProcess]:
         """Adopt a reloaded configuration without dropping requests.
@@ -352,6 +415,8 @@ class Router:
     def shutdown(self, timeout: float) -> defer.Deferred[None]:
         """Fail everything waiting and stop every process; fires when all
         children are gone."""
+        for prewarm in self._prewarms.values():
+            prewarm.cancel()
         self.scheduler.shutdown()
         retiring = [_quietly(d) for d in self._retiring.values()]
         d = defer.gatherResults(
