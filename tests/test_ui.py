@@ -568,6 +568,54 @@ class ModelsTests(BrowserTestCase):
 
         self.in_browser(scenario)
 
+    def test_loading_progress_bar(self) -> None:
+        """A starting model's card shows ``loadingProgress``'s percent as a
+        bar and its ``eta_s`` as the time left."""
+        events = [
+            {"type": "modelStatus", "data": json.dumps([{"id": "beta", "state": "starting"}])},
+            {
+                "type": "loadingProgress",
+                "data": json.dumps(
+                    {
+                        "models": [
+                            {
+                                "id": "beta",
+                                "state": "starting",
+                                "elapsed_s": 3.0,
+                                "queue_length": 1,
+                                "percent": 42.0,
+                                "eta_s": 6.2,
+                            }
+                        ]
+                    }
+                ),
+            },
+        ]
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+        running = json.dumps({"running": [{"model": "beta", "state": "starting"}]})
+
+        def scenario(page: Any) -> None:
+            page.route(
+                "**/api/events",
+                lambda route: route.fulfill(
+                    status=200, content_type="text/event-stream", body=body
+                ),
+            )
+            page.route(
+                "**/running",
+                lambda route: route.fulfill(
+                    status=200, content_type="application/json", body=running
+                ),
+            )
+            page.goto("/ui/models")
+            bar = page.locator("article.model[data-model=beta] [data-role=loading]")
+            bar.wait_for()
+            self.assertEqual(bar.locator("progress").evaluate("p => p.value"), 42)
+            self.assertEqual(bar.locator(".meta").inner_text(), "42% · about 6 s left")
+            self.screenshot(page, "models-loading")
+
+        self.in_browser(scenario)
+
 
 class ActivityTests(BrowserTestCase):
     def test_new_request_and_capture(self) -> None:

@@ -86,6 +86,10 @@ def _ignore_eviction(model: str, reason: str) -> None:
     pass
 
 
+def _no_progress(model: str) -> None:
+    return None
+
+
 @implementer(IEffects)
 class Router:
     """Routes admitted requests to ready model processes.
@@ -107,6 +111,9 @@ class Router:
         #: model id -> the prewarm reading its files while its start waits
         self._prewarm_factory = prewarm
         self._prewarms: dict[str, Prewarm] = {}
+        #: ``load_progress(model)``: the ``percent``/``eta_s`` of a loading
+        #: model (set by the service's loading progress), ``None`` otherwise.
+        self.load_progress: Callable[[str], Mapping[str, float | None] | None] = _no_progress
         self._clock = clock
         self._on_evicted = on_evicted
         self.processes = dict(processes)

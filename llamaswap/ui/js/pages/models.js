@@ -197,7 +197,17 @@ export function mount(main) {
       tags.length ? h("div", tags) : null,
       details,
       errors.has(m.id) ? h("p.error", errors.get(m.id)) : null,
+      state === "starting" ? loadingBar(store.loading.get(realId)) : null,
       actions.length ? h("div.actions", actions) : null);
+  }
+
+  // A starting model's load: a bar for the percent read, and the time left.
+  function loadingBar(p) {
+    if (!p || p.percent == null) return null;
+    const left = p.eta_s != null ? ` · about ${Math.round(p.eta_s)} s left` : "";
+    return h("div.loading", { dataset: { role: "loading" } },
+      h("progress", { max: 100, value: p.percent }),
+      h("span.meta", `${Math.round(p.percent)}%${left}`));
   }
 
   function draw() {
@@ -224,6 +234,7 @@ export function mount(main) {
   const offs = [
     store.on("models", draw),
     store.on("status", draw),
+    store.on("loading", draw),
     store.on("profile", drawProfiles),
   ];
   draw();
