@@ -21,6 +21,7 @@ from llamaswap.config.peers import Peers, PeerTimeouts
 from llamaswap.config.profiles import ProfilesConfig
 from llamaswap.config.resources import ResourcesConfig
 from llamaswap.config.routing import RoutingConfig
+from llamaswap.config.sleep import SleepConfig
 from llamaswap.config.settings import (
     DEFAULT_CAPTURE_BUFFER_MIB,
     DEFAULT_MAX_REQUEST_BODY_SIZE,
@@ -103,6 +104,8 @@ class ModelConfig:
     #: ``files``: the model's weight files (prewarm, loading progress); empty
     #: = the ``-m``/``--model`` path of the command.  Not compared on reload.
     files: tuple[str, ...] = field(default=(), compare=False)
+    #: ``sleep``: put to sleep instead of stopped by swaps; ``None`` = no sleep tier.
+    sleep: SleepConfig | None = None
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
