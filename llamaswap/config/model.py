@@ -21,7 +21,6 @@ from llamaswap.config.peers import Peers, PeerTimeouts
 from llamaswap.config.profiles import ProfilesConfig
 from llamaswap.config.resources import ResourcesConfig
 from llamaswap.config.routing import RoutingConfig
-from llamaswap.config.sleep import SleepConfig
 from llamaswap.config.settings import (
     DEFAULT_CAPTURE_BUFFER_MIB,
     DEFAULT_MAX_REQUEST_BODY_SIZE,
@@ -29,6 +28,7 @@ from llamaswap.config.settings import (
     StoreConfig,
     default_ignore_paths,
 )
+from llamaswap.config.sleep import SleepConfig
 from llamaswap.core.secrets import (
     MASK,
     is_secret_name,
