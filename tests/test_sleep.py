@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from typing import Any
 
+import treq
 from twisted.internet.defer import Deferred, succeed
 
+from llamaswap.config import load_config_text
 from llamaswap.config.fields import Report
 from llamaswap.config.sleep import SleepConfig, read_sleep
+from llamaswap.scheduling.placement import GIB, PlacementPlanner
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
+from tests.support import PYTHON, REPO, free_port, pid_alive, poll_until
 from tests.test_process import ProcessTestCase
+from tests.test_service import ServiceTestCase
 
 S = ProcessState
 
@@ -234,3 +240,158 @@ class SleepTTLTests(SleepTestCase):
         process = self.asleep()
         self.assert_no_timers()
         self.assertEqual(process.state, S.SLEEPING)
+
+
+# --------------------------------------------------------------------------
+# Placement: what a sleeping model holds
+
+
+class _NoRules:
+    def evict_set(self, target: str, running: frozenset[str]) -> frozenset[str]:
+        return frozenset()
+
+
+class PlacementSleepTests(ProcessTestCase):
+    def planner(self) -> PlacementPlanner:
+        gib = GIB
+        planner = PlacementPlanner(
+            {"gpu0": 10 * gib, "ram": 32 * gib},
+            {
+                "a": {"gpu0": 8 * gib, "ram": 4 * gib},
+                "b": {"gpu0": 8 * gib, "ram": 4 * gib},
+                "c": {"gpu0": 1 * gib, "ram": 26 * gib},
+            },
+            _NoRules(),  # type: ignore[arg-type]
+            asleep={"a": {"ram": 4 * gib}},
+        )
+        return planner
+
+    def test_sleep_frees_the_device(self) -> None:
+        """b needs a's GPU memory: a asleep (RAM only) is enough."""
+        planner = self.planner()
+        self.assertEqual(planner.evict_set("b", frozenset({"a"})), {"a"})
+        self.assertTrue(
+            planner.sleep_is_enough("b", frozenset({"a"}), frozenset({"a"}), frozenset({"a"}))
+        )
+
+    def test_sleeping_models_hold_their_asleep_footprint(self) -> None:
+        """With a asleep (4 GiB RAM) and b ready, c (26 GiB RAM) does not
+        fit: the cheapest cover may stop the sleeper."""
+        planner = self.planner()
+        planner.sleeping = lambda: frozenset({"a"})
+        self.assertEqual(
+            planner.shortfall(frozenset({"b", "c"}), frozenset({"a"})), {"ram": 2 * GIB}
+        )
+        planner.reload_cost = {"a": 1.0, "b": 5.0}.__getitem__  # type: ignore[method-assign]
+        self.assertEqual(planner.evict_set("c", frozenset({"b"})), {"a"})
+        planner.reload_cost = {"a": 5.0, "b": 1.0}.__getitem__  # type: ignore[method-assign]
+        self.assertEqual(planner.evict_set("c", frozenset({"b"})), {"b"})
+
+    def test_sleep_not_enough_when_its_ram_is_needed(self) -> None:
+        planner = self.planner()
+        self.assertFalse(
+            planner.sleep_is_enough("c", frozenset({"a", "b"}), frozenset({"a"}), frozenset({"a"}))
+        )
+
+    def test_asleep_footprint_defaults_to_host_memory(self) -> None:
+        config = load_config_text(
+            json.dumps(
+                {
+                    "resources": {"gpu0": "10GiB", "ram": "32GiB"},
+                    "models": {
+                        "a": {
+                            "cmd": "srv --port ${PORT}",
+                            "resources": {"gpu0": "8GiB", "ram": "4GiB"},
+                            "sleep": True,
+                        },
+                        "b": {
+                            "cmd": "srv --port ${PORT}",
+                            "resources": {"gpu0": "8GiB", "ram": "4GiB"},
+                            "sleep": {"resources": {"ram": "6GiB"}},
+                        },
+                    },
+                }
+            )
+        )
+        planner = config.routing.planner
+        assert isinstance(planner, PlacementPlanner)
+        self.assertEqual(dict(planner.asleep_footprint("a")), {"ram": 4 * GIB})
+        self.assertEqual(dict(planner.asleep_footprint("b")), {"ram": 6 * GIB})
+
+
+# --------------------------------------------------------------------------
+# End to end: demo upstreams that implement /sleep and /wake_up
+
+
+def demo(name: str, **keys: Any) -> dict[str, Any]:
+    port = free_port()
+    entry: dict[str, Any] = {
+        "cmd": f"{PYTHON} -m llamaswap.demo --host 127.0.0.1 --port {port} --model {name}",
+        "proxy": f"http://127.0.0.1:{port}",
+        "env": [f"PYTHONPATH={REPO}"],
+    }
+    entry.update(keys)
+    return entry
+
+
+class ServiceSleepTests(ServiceTestCase):
+    async def chat_ok(self, model: str) -> None:
+        response = await self.chat(model)
+        body = await response.content()
+        self.assertEqual(response.code, 200, body)
+
+    async def test_swap_puts_to_sleep_and_a_request_wakes(self) -> None:
+        """A swap away from a model with ``sleep`` puts it to sleep (its
+        server lives on, answers 503 to inference); ``/running`` and
+        ``/v1/models`` say sleeping; a request for it wakes the same server."""
+        await self.start({"a": demo("a", sleep=True), "b": demo("b")})
+        await self.chat_ok("a")
+        pid = self.router.processes["a"].pid
+        await self.chat_ok("b")
+        self.assertEqual(self.state("a"), ProcessState.SLEEPING)
+        self.assertEqual(self.router.processes["a"].pid, pid)
+        self.assertTrue(pid_alive(pid))
+        upstream = self.config.models["a"].proxy
+        direct = await treq.post(
+            upstream + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            pool=self.pool,
+        )
+        self.assertEqual(direct.code, 503)
+        await direct.content()
+        running = await (await treq.get(self.url + "/running", pool=self.pool)).json()
+        states = {r["model"]: r["state"] for r in running["running"]}
+        self.assertEqual(states, {"a": "sleeping", "b": "ready"})
+        listed = await (await treq.get(self.url + "/v1/models", pool=self.pool)).json()
+        status = {m["id"]: m["status"]["value"] for m in listed["data"]}
+        self.assertEqual(status["a"], "sleeping")
+        events = [r for r in self.service.model_status() if r["id"] == "a"]
+        self.assertEqual(events[0]["state"], "sleeping")
+        await self.chat_ok("a")
+        self.assertEqual(self.state("a"), ProcessState.READY)
+        self.assertEqual(self.router.processes["a"].pid, pid)
+        self.assertEqual(self.state("b"), ProcessState.STOPPED)
+        await self.settled()
+
+    async def test_failed_wake_restarts(self) -> None:
+        await self.start({"a": demo("a", sleep={"wake": ["POST /no-such-call"]}), "b": demo("b")})
+        await self.chat_ok("a")
+        pid = self.router.processes["a"].pid
+        await self.chat_ok("b")
+        self.assertEqual(self.state("a"), ProcessState.SLEEPING)
+        await self.chat_ok("a")
+        self.assertNotEqual(self.router.processes["a"].pid, pid)
+        await poll_until(lambda: not pid_alive(pid))
+        await self.settled()
+
+    async def test_ttl_sleeps_then_stops(self) -> None:
+        await self.start({"a": demo("a", ttl=1, sleep={"ttl": 3})})
+        await self.chat_ok("a")
+        pid = self.router.processes["a"].pid
+        await poll_until(lambda: self.state("a") is ProcessState.SLEEPING, timeout=5)
+        self.assertTrue(pid_alive(pid))
+        asked = await treq.get(self.config.models["a"].proxy + "/is_sleeping", pool=self.pool)
+        self.assertEqual(await asked.json(), {"is_sleeping": True})
+        await poll_until(lambda: self.state("a") is ProcessState.STOPPED, timeout=8)
+        await poll_until(lambda: not pid_alive(pid))
+        await self.settled()

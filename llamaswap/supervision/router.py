@@ -230,7 +230,13 @@ class Router:
                 )
         if evict or target in self._retiring:
             self._prewarm(target)  # the start waits for the evictions
-        defer.Deferred.fromCoroutine(self._swap(target, evict, reasons))
+        awake = frozenset(
+            m
+            for m, p in self.processes.items()
+            if p.state.value not in ("stopped", "shutdown", "sleeping")
+        )
+        asleep = self._to_sleep(target, evict, awake)
+        defer.Deferred.fromCoroutine(self._swap(target, evict, reasons, asleep))
 
     def stop_models(self, models: frozenset[str]) -> None:
         for model in models:
@@ -242,18 +248,28 @@ class Router:
     # -- operations -----------------------------------------------------------
 
     async def _swap(
-        self, target: str, evict: frozenset[str], reasons: Mapping[str, str] | None = None
+        self,
+        target: str,
+        evict: frozenset[str],
+        reasons: Mapping[str, str] | None = None,
+        asleep: Iterable[str] = (),
     ) -> None:
         error: str | None = None
         try:
             if evict:
+                sleepers = frozenset(asleep)
                 log.info(
-                    "swapping to {target}: stopping {evict}", target=target, evict=sorted(evict)
+                    "swapping to {target}: stopping {evict}{sleep}",
+                    target=target,
+                    evict=sorted(evict - sleepers),
+                    sleep=f", putting to sleep {sorted(sleepers)}" if sleepers else "",
                 )
                 timeout = self.config.health_check_timeout
                 await defer.gatherResults(
                     [
-                        self.processes[m].stop(timeout, reason=(reasons or {}).get(m, "swap"))
+                        (self.processes[m].sleep if m in sleepers else self.processes[m].stop)(
+                            timeout, reason=(reasons or {}).get(m, "swap")
+                        )
                         for m in sorted(evict)
                     ],
                     consumeErrors=True,
@@ -436,8 +452,30 @@ class Router:
     def _priced(self, planner: ISwapPlanner) -> ISwapPlanner:
         """The placement planner prices evictions by what this router learns."""
         if isinstance(planner, PlacementPlanner):
-            return planner.with_costs(self.reload_costs)
+            priced = planner.with_costs(self.reload_costs)
+            priced.sleeping = self._sleeping
+            return priced
         return planner
+
+    def _sleeping(self) -> frozenset[str]:
+        return frozenset(m for m, p in self.processes.items() if p.state is ProcessState.SLEEPING)
+
+    def _to_sleep(self, target: str, evict: frozenset[str], running: frozenset[str]) -> set[str]:
+        """Which of ``evict`` are put to sleep instead of stopped: ready models
+        with a sleep tier, while (with placement) the target still fits
+        beside them asleep."""
+        asleep: set[str] = set()
+        for model in sorted(evict):
+            process = self.processes[model]
+            if not process.can_sleep or process.state is not ProcessState.READY:
+                continue
+            planner = self.planner
+            if isinstance(planner, PlacementPlanner) and not planner.sleep_is_enough(
+                target, running, evict, frozenset(asleep | {model})
+            ):
+                continue
+            asleep.add(model)
+        return asleep
 
     def _follow(self, process: ModelProcess) -> None:
         process.add_state_listener(self._on_state)
@@ -454,5 +492,5 @@ class Router:
             since = self._starting_since.pop(process.model_id, None)
             if since is not None and new is ProcessState.READY:
                 self.reload_costs.loaded(process.model_id, self._clock.seconds() - since)
-        if new is ProcessState.STOPPED:
+        if new is ProcessState.STOPPED or new is ProcessState.SLEEPING:
             self.scheduler.state_changed(process.model_id)
