@@ -347,6 +347,7 @@ class ServiceSleepTests(ServiceTestCase):
         await self.start({"a": demo("a", sleep=True), "b": demo("b")})
         await self.chat_ok("a")
         pid = self.router.processes["a"].pid
+        learned = self.service.loading.learned["a"]
         await self.chat_ok("b")
         self.assertEqual(self.state("a"), ProcessState.SLEEPING)
         self.assertEqual(self.router.processes["a"].pid, pid)
@@ -371,6 +372,8 @@ class ServiceSleepTests(ServiceTestCase):
         self.assertEqual(self.state("a"), ProcessState.READY)
         self.assertEqual(self.router.processes["a"].pid, pid)
         self.assertEqual(self.state("b"), ProcessState.STOPPED)
+        # A wake is not a load: the learned load time (the ETA's base) stays.
+        self.assertEqual(self.service.loading.learned["a"], learned)
         await self.settled()
 
     async def test_failed_wake_restarts(self) -> None:

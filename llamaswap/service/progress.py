@@ -93,6 +93,8 @@ class LoadingProgress:
         #: model id -> the output of its current start (tail) and its subscription
         self._output: dict[str, bytearray] = {}
         self._subscriptions: dict[str, LogSubscription] = {}
+        #: models starting by waking from sleep
+        self._waking: set[str] = set()
         #: models with a /proc sample under way
         self._sampling: set[str] = set()
         #: model id -> learned load time (seconds), from the store
@@ -152,6 +154,8 @@ class LoadingProgress:
         if since is None:
             return None
         elapsed = self._clock.seconds() - since
+        if model_id in self._waking:
+            return {"percent": None, "eta_s": None}
         percent = self.percent(model_id)
         return {
             "percent": percent,
@@ -162,6 +166,8 @@ class LoadingProgress:
         """A :data:`StateListener`: note starts, and their end."""
         model_id = process.model_id
         if new is ProcessState.STARTING:
+            if old is ProcessState.SLEEPING:
+                self._waking.add(model_id)  # a wake: no files read, not a load to learn
             self._since[model_id] = self._clock.seconds()
             self._read.pop(model_id, None)
             self._follow_output(model_id)
@@ -169,6 +175,8 @@ class LoadingProgress:
                 self._ticker.start(1.0, now=True)
             return
         started = self._since.pop(model_id, None)
+        waking = model_id in self._waking
+        self._waking.discard(model_id)
         self._read.pop(model_id, None)
         self._output.pop(model_id, None)
         subscription = self._subscriptions.pop(model_id, None)
@@ -178,7 +186,8 @@ class LoadingProgress:
             seconds = self._clock.seconds() - started
             self._metrics.model_loaded(model_id, seconds)
             self._metrics.swap(model_id)
-            self._learn(model_id, seconds)
+            if not waking:
+                self._learn(model_id, seconds)
         if not self._since and self._ticker.running:
             self._ticker.stop()
         self.publish()

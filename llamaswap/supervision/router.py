@@ -322,8 +322,8 @@ class Router:
         process = self.processes.get(model_id)
         if model_id in self._prewarms or process is None:
             return
-        if process.state in (ProcessState.READY, ProcessState.STARTING):
-            return  # nothing to wait for, or its own load reads the files
+        if process.state in (ProcessState.READY, ProcessState.STARTING, ProcessState.SLEEPING):
+            return  # nothing to wait for, its own load reads the files, or a wake needs none
         prewarm = self._prewarm_factory(process.config)
         if prewarm is None:
             return
