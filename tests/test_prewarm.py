@@ -112,6 +112,11 @@ class ThreadTests(TestCase):
         self.assertEqual(await done, MIB)
 
 
+def slow_to_stop() -> dict[str, Any]:
+    """A model whose stop takes about a second (its cmdStop waits, then kills)."""
+    return responder_model(free_port(), cmdStop="sh -c 'sleep 1; kill -KILL ${PID}'")
+
+
 class _HeldPrewarm(Prewarm):
     """A prewarm whose reading thread finishes only when the test says."""
 
@@ -127,10 +132,9 @@ class RouterPrewarmTests(ServiceTestCase):
         (weights,) = files(self, MIB)
         await self.start(
             {
-                "a": responder_model(free_port(), "--ignore-sigterm"),
+                "a": slow_to_stop(),
                 "b": responder_model(free_port(), files=[weights]),
             },
-            healthCheckTimeout=3,
         )
         made: list[Prewarm] = []
 
@@ -160,6 +164,43 @@ class RouterPrewarmTests(ServiceTestCase):
         made[0].finish.callback(0)
         await self.settled()
 
+    async def test_queued_behind_another_swap_prewarms(self) -> None:
+        """A request for c queued behind the swap to b (both evict a, which
+        is slow to stop) prewarms c's files while it waits."""
+        (weights,) = files(self, MIB)
+        await self.start(
+            {
+                "a": slow_to_stop(),
+                "b": responder_model(free_port()),
+                "c": responder_model(free_port(), files=[weights]),
+            },
+        )
+        made: dict[str, _HeldPrewarm] = {}
+
+        def factory(config: ModelConfig) -> Prewarm | None:
+            prewarm = prewarm_for(config)
+            if prewarm is None:
+                return None
+            made[config.id] = _HeldPrewarm(prewarm.paths)
+            return made[config.id]
+
+        self.router._prewarm_factory = factory
+        response = await self.chat("a")
+        await response.content()
+        to_b = defer.ensureDeferred(self.chat("b"))
+        await poll_until(lambda: self.router.scheduler.is_swapping("b"))
+        to_c = defer.ensureDeferred(self.chat("c"))
+        await poll_until(lambda: "c" in made)
+        self.assertEqual(self.router.scheduler.snapshot().queued, ("c",))
+        self.assertEqual(made["c"].paths, (weights,))
+        self.assertFalse(made["c"].cancelled)
+        for pending in (to_b, to_c):
+            answered = await pending
+            await answered.content()
+        self.assertTrue(made["c"].cancelled)  # its swap is over
+        made["c"].finish.callback(0)
+        await self.settled()
+
     async def test_unload_cancels_the_prewarm(self) -> None:
         weights, made = await self._slow_swap()
         pending = defer.ensureDeferred(self.chat("b"))
@@ -178,10 +219,9 @@ class RouterPrewarmTests(ServiceTestCase):
         (weights,) = files(self, 2 * MIB)
         await self.start(
             {
-                "a": responder_model(free_port(), "--ignore-sigterm"),
+                "a": slow_to_stop(),
                 "b": responder_model(free_port(), files=[weights]),
             },
-            healthCheckTimeout=2,
         )
         made: list[Prewarm] = []
 
