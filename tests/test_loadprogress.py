@@ -40,6 +40,17 @@ sys.stdin.read()
 """
 
 
+MAPPER = """
+import mmap, sys
+f = open(sys.argv[1], "rb")
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+m.madvise(mmap.MADV_RANDOM)  # no readahead: only touched pages are resident
+total = sum(m[i] for i in range(0, int(sys.argv[2]), mmap.PAGESIZE))
+print("mapped", flush=True)
+sys.stdin.read()
+"""
+
+
 class GroupBytesReadTests(SynchronousTestCase):
     def test_bytes_a_real_process_group_read(self) -> None:
         """A child in its own group that read 3 of 8 MiB of the file (from
@@ -57,6 +68,23 @@ class GroupBytesReadTests(SynchronousTestCase):
         sizes = file_sizes([path])
         self.assertEqual(sum(sizes.values()), 8 * MIB)
         read = group_bytes_read(child.pid, sizes)
+        self.assertGreaterEqual(read, 3 * MIB)
+        self.assertLess(read, 8 * MIB)
+
+    def test_pages_a_real_process_mapped(self) -> None:
+        """An mmap loader (llama.cpp's default) that touched 3 of 8 MiB of
+        the file's pages shows 3 MiB, even when they came from the page cache."""
+        path = weights(self, 8 * MIB)
+        child = subprocess.Popen(
+            [sys.executable, "-c", MAPPER, path, str(3 * MIB)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.addCleanup(child.wait)
+        self.addCleanup(child.stdin.close)  # type: ignore[union-attr]
+        self.assertEqual(child.stdout.readline(), b"mapped\n")  # type: ignore[union-attr]
+        read = group_bytes_read(child.pid, file_sizes([path]))
         self.assertGreaterEqual(read, 3 * MIB)
         self.assertLess(read, 8 * MIB)
 

@@ -2,14 +2,18 @@
 
 Two sources, both read while the model starts:
 
-* the process group's reads, from ``/proc``: per member, the larger of the
+* the process group's reads, from ``/proc``: per member, the largest of the
   bytes it read from disk (``read_bytes`` in ``/proc/<pid>/io``, which an
-  ``mmap`` load faulting its pages in also counts) and the offsets of its
-  open descriptors on the model's files (``/proc/<pid>/fdinfo``: a
-  ``read()`` loader's progress, even when the page cache answered), summed
-  over the group against the files' total size (:func:`group_bytes_read`);
-* llama-server's load log: llama.cpp prints one ``.`` per percent of the
-  tensors loaded (:func:`log_percent`).
+  ``mmap`` load faulting its pages in from disk also counts), the offsets of
+  its open descriptors on the model's files (``/proc/<pid>/fdinfo``: a
+  ``read()`` loader's progress, even when the page cache answered) and the
+  resident part of its mappings of those files (``Rss`` in
+  ``/proc/<pid>/smaps``: an ``mmap`` loader's, llama.cpp's default, even
+  from the page cache), summed over the group against the files' total size
+  (:func:`group_bytes_read`);
+* llama-server's load log: llama.cpp's default progress prints one ``.`` per
+  percent of the tensors loaded (:func:`log_percent`; newer llama-server
+  builds report progress only to their router mode, so there is no line).
 
 :func:`group_bytes_read` reads ``/proc`` and is meant for a thread.
 """
@@ -55,6 +59,22 @@ def _offsets(pid: int, files: frozenset[str]) -> int:
     return total
 
 
+def _mapped(pid: int, files: frozenset[str]) -> int:
+    """Resident bytes of ``pid``'s mappings of ``files``."""
+    total = 0
+    counting = False
+    for line in _read(f"/proc/{pid}/smaps").splitlines():
+        first = line.split(None, 1)[0] if line else ""
+        if first.endswith(":"):
+            if counting and first == "Rss:":
+                total += int(line.split()[1]) * 1024
+            continue
+        # a mapping's header: address perms offset dev inode [pathname]
+        parts = line.split(None, 5)
+        counting = len(parts) == 6 and parts[5] in files
+    return total
+
+
 def _members(pgid: int) -> list[int]:
     members = []
     for pid in psutil.pids():
@@ -86,7 +106,7 @@ def group_bytes_read(pgid: int, sizes: Mapping[str, int]) -> int:
     total = 0
     for pid in _members(pgid):
         try:
-            total += max(_disk_reads(pid), _offsets(pid, files))
+            total += max(_disk_reads(pid), _offsets(pid, files), _mapped(pid, files))
         except (OSError, ValueError):
             continue  # gone, or not ours to read
     return min(total, sum(sizes.values()))
