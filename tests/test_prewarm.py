@@ -67,6 +67,24 @@ class PrewarmTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(prewarm.start()), 3 * MIB)
         self.assertEqual(sum(chunks), 3 * MIB)
 
+    def test_concurrent_prewarms_share_the_ram(self) -> None:
+        """A prewarm that starts while another reads gets what the first
+        has not claimed; once the first is done, its claim is free again."""
+        first_paths, second_paths = files(self, 2 * MIB), files(self, 2 * MIB)
+        budget = lambda: 3 * MIB  # noqa: E731
+        second = Prewarm(second_paths, budget=budget, run=now, chunk=MIB)
+        started: list[defer.Deferred[int]] = []
+
+        def after_chunk(n: int) -> None:
+            if not started:
+                started.append(second.start())
+
+        first = Prewarm(first_paths, budget=budget, run=now, chunk=MIB, on_chunk=after_chunk)
+        self.assertEqual(self.successResultOf(first.start()), 2 * MIB)
+        self.assertEqual(self.successResultOf(started[0]), MIB)
+        third = Prewarm(second_paths, budget=budget, run=now, chunk=MIB)
+        self.assertEqual(self.successResultOf(third.start()), 2 * MIB)
+
     def test_no_ram_no_reading(self) -> None:
         prewarm = Prewarm(files(self, MIB), budget=lambda: 0, run=now, chunk=MIB)
         self.assertEqual(self.successResultOf(prewarm.start()), 0)

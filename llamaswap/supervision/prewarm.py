@@ -10,14 +10,16 @@ The reading runs in a thread (never on the reactor): per file a
 ``posix_fadvise(WILLNEED)`` hint for the part to be read, then a read loop in
 chunks that checks for cancellation between chunks.  It never reads more
 than the RAM available when it began (``psutil.virtual_memory().available``
-less :data:`RAM_RESERVE`), and it stops at the first cancel.
+less :data:`RAM_RESERVE`) less what prewarms still running have claimed
+(page cache counts as available, so concurrent prewarms share one budget),
+and it stops at the first cancel.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import psutil
 from twisted.internet import threads
@@ -32,6 +34,10 @@ CHUNK = 8 << 20
 RAM_RESERVE = 512 << 20
 
 _MODEL_FLAGS = ("-m", "--model")
+
+#: bytes claimed by the prewarms reading now (shared by every thread).
+_claims_lock = threading.Lock()
+_claimed = [0]
 
 #: ``run(work)``: runs ``work`` off the reactor; fires with its result.
 ThreadRunner = Callable[[Callable[[], int]], "Deferred[int]"]
@@ -52,19 +58,6 @@ def model_files(config: ModelConfig) -> tuple[str, ...]:
     return tuple(path for path in found if path)
 
 
-def file_sizes(paths: Iterable[str]) -> dict[str, int]:
-    """Size of each path that is a readable regular file (others are left out)."""
-    sizes = {}
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if os.path.isfile(path):
-            sizes[path] = st.st_size
-    return sizes
-
-
 def available_ram() -> int:
     """RAM a prewarm may fill: what the system calls available, less the reserve."""
     return max(0, psutil.virtual_memory().available - RAM_RESERVE)
@@ -78,7 +71,8 @@ class Prewarm:
     """One cancellable read of ``paths`` into the page cache.
 
     ``budget()`` is the most it may read (default: :func:`available_ram`),
-    asked once when it starts; ``run`` is the thread seam; ``on_chunk(n)``
+    asked once in the reading thread when it starts, less what other
+    prewarms reading at the time claimed; ``run`` is the thread seam; ``on_chunk(n)``
     (called in the reading thread) hears of each chunk read, for tests.
     """
 
@@ -111,13 +105,28 @@ class Prewarm:
         """Begin reading; the result fires with the bytes read (also when
         cancelled: with what was read until then)."""
         if self.done is None:
-            limit = self._budget()
-            self.done = self._run(lambda: self._read_all(limit))
+            self.done = self._run(self._claim_and_read)
         return self.done
 
     def cancel(self) -> None:
         """Stop after the chunk being read (safe from any thread)."""
         self._cancelled.set()
+
+    def _claim_and_read(self) -> int:
+        wanted = 0
+        for path in self.paths:
+            try:
+                wanted += os.stat(path).st_size
+            except OSError:
+                continue  # reported when it is read
+        with _claims_lock:
+            limit = min(wanted, max(0, self._budget() - _claimed[0]))
+            _claimed[0] += limit
+        try:
+            return self._read_all(limit)
+        finally:
+            with _claims_lock:
+                _claimed[0] -= limit
 
     def _read_all(self, limit: int) -> int:
         buffer = bytearray(self._chunk)
