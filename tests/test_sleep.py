@@ -348,6 +348,7 @@ class ServiceSleepTests(ServiceTestCase):
         await self.chat_ok("a")
         pid = self.router.processes["a"].pid
         learned = self.service.loading.learned["a"]
+        priced = self.router.reload_costs.load_seconds("a")
         await self.chat_ok("b")
         self.assertEqual(self.state("a"), ProcessState.SLEEPING)
         self.assertEqual(self.router.processes["a"].pid, pid)
@@ -372,8 +373,10 @@ class ServiceSleepTests(ServiceTestCase):
         self.assertEqual(self.state("a"), ProcessState.READY)
         self.assertEqual(self.router.processes["a"].pid, pid)
         self.assertEqual(self.state("b"), ProcessState.STOPPED)
-        # A wake is not a load: the learned load time (the ETA's base) stays.
+        # A wake is not a load: the learned load times (the ETA's base, the
+        # placement planner's reload cost) stay.
         self.assertEqual(self.service.loading.learned["a"], learned)
+        self.assertEqual(self.router.reload_costs.load_seconds("a"), priced)
         await self.settled()
 
     async def test_failed_wake_restarts(self) -> None:

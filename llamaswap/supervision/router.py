@@ -487,7 +487,8 @@ class Router:
     def _on_state(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
         log.debug("{model} {old} -> {new}", model=process.model_id, old=old.value, new=new.value)
         if new is ProcessState.STARTING:
-            self._starting_since[process.model_id] = self._clock.seconds()
+            if old is not ProcessState.SLEEPING:  # a wake is not a load to price
+                self._starting_since[process.model_id] = self._clock.seconds()
         else:
             since = self._starting_since.pop(process.model_id, None)
             if since is not None and new is ProcessState.READY:
