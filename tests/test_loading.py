@@ -339,6 +339,26 @@ class QueuePositionTests(SynchronousTestCase):
         h.stream.stop()
 
 
+class LoadProgressTests(SynchronousTestCase):
+    def test_each_new_tenth_is_typed_with_the_time_left(self) -> None:
+        """The model's load percent replaces a dot when it reaches a new
+        tenth (with ``eta_s`` as the time left); the snapshot carries both."""
+        loading: list[dict[str, float | None] | None] = [{"percent": 4.0, "eta_s": None}]
+        h = Harness(pick="high", load_progress=lambda: loading[0])
+        h.until(0.8)
+        loading[0] = {"percent": 23.5, "eta_s": 6.4}
+        h.until(1.6)
+        loading[0] = {"percent": 27.0, "eta_s": 5.0}  # same tenth: a dot
+        h.until(2.3)
+        self.assertEqual(h.request.text(), HEADER + ".\nLoaded 24%, about 6 s left .")
+        self.assertEqual(h.stream.progress()["percent"], 27.0)
+        self.assertEqual(h.stream.progress()["eta_s"], 5.0)
+        loading[0] = None  # ready: nothing more to say about the load
+        h.until(3.1)
+        self.assertTrue(h.request.text().endswith(" .."))
+        h.stream.stop()
+
+
 class FinishTests(SynchronousTestCase):
     def test_done_line_has_real_elapsed_time(self) -> None:
         """finish() writes the completion lines with the time since start()."""

@@ -577,6 +577,58 @@ class ModelsTests(BrowserTestCase):
 
         self.in_browser(scenario)
 
+    def test_loading_progress_bar_and_sleeping(self) -> None:
+        """A starting model's card shows ``loadingProgress``'s percent as a
+        bar and its ``eta_s`` as the time left; a sleeping model's card says so."""
+        states = [{"id": "beta", "state": "starting"}, {"id": "alpha", "state": "sleeping"}]
+        events = [
+            {"type": "modelStatus", "data": json.dumps(states)},
+            {
+                "type": "loadingProgress",
+                "data": json.dumps(
+                    {
+                        "models": [
+                            {
+                                "id": "beta",
+                                "state": "starting",
+                                "elapsed_s": 3.0,
+                                "queue_length": 1,
+                                "percent": 42.0,
+                                "eta_s": 6.2,
+                            }
+                        ]
+                    }
+                ),
+            },
+        ]
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+        running = json.dumps({"running": [{"model": s["id"], "state": s["state"]} for s in states]})
+
+        def scenario(page: Any) -> None:
+            page.route(
+                "**/api/events",
+                lambda route: route.fulfill(
+                    status=200, content_type="text/event-stream", body=body
+                ),
+            )
+            page.route(
+                "**/running",
+                lambda route: route.fulfill(
+                    status=200, content_type="application/json", body=running
+                ),
+            )
+            page.goto("/ui/models")
+            bar = page.locator("article.model[data-model=beta] [data-role=loading]")
+            bar.wait_for()
+            self.assertEqual(bar.locator("progress").evaluate("p => p.value"), 42)
+            self.assertEqual(bar.locator(".meta").inner_text(), "42% · about 6 s left")
+            alpha = page.locator("article.model[data-model=alpha][data-state=sleeping]")
+            self.assertEqual(alpha.locator("[data-role=state]").inner_text(), "sleeping")
+            self.assertEqual(alpha.locator("[data-role=loading]").count(), 0)
+            self.screenshot(page, "models-loading")
+
+        self.in_browser(scenario)
+
 
 class ResourceBarTests(BrowserTestCase):
     def test_resource_bars(self) -> None:

@@ -24,6 +24,7 @@ from llamaswap.config.macros import (
 from llamaswap.config.model import DEFAULT_CONCURRENCY_LIMIT, ModelConfig, freeze
 from llamaswap.config.peers import MODEL_TIMEOUT_DEFAULTS, read_timeouts
 from llamaswap.config.problems import url_problem
+from llamaswap.config.sleep import read_sleep
 
 DEFAULT_PROXY = "http://localhost:${PORT}"
 DEFAULT_CHECK_ENDPOINT = "/health"
@@ -55,6 +56,8 @@ MODEL_KEYS = frozenset(
         "capabilities",
         "healthCheckTimeout",
         "resources",
+        "files",
+        "sleep",
     }
 )
 
@@ -215,6 +218,8 @@ def model_config(
         capabilities=_capabilities(entry.get("capabilities")),
         ignore_websockets=model_id == COMFYUI_MODEL_ID or _ignores_websockets(entry.get("compat")),
         timeouts=timeouts,
+        files=fields.strings("files"),
+        sleep=read_sleep(entry.get("sleep"), f"{path}.sleep", report),
     )
 
 

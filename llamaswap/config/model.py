@@ -28,6 +28,7 @@ from llamaswap.config.settings import (
     StoreConfig,
     default_ignore_paths,
 )
+from llamaswap.config.sleep import SleepConfig
 from llamaswap.core.secrets import (
     MASK,
     is_secret_name,
@@ -100,6 +101,11 @@ class ModelConfig:
     #: not configured (the shared client's).  A reload that changes them
     #: keeps the process: only the connections are replaced.
     timeouts: PeerTimeouts | None = field(default=None, compare=False)
+    #: ``files``: the model's weight files (prewarm, loading progress); empty
+    #: = the ``-m``/``--model`` path of the command.  Not compared on reload.
+    files: tuple[str, ...] = field(default=(), compare=False)
+    #: ``sleep``: put to sleep instead of stopped by swaps; ``None`` = no sleep tier.
+    sleep: SleepConfig | None = None
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}

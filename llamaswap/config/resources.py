@@ -122,6 +122,8 @@ class ResourcesConfig:
     totals: Mapping[str, int] = field(default_factory=_frozen)
     #: model id -> resource name -> footprint (every model, every resource it holds).
     footprints: Mapping[str, Mapping[str, Footprint]] = field(default_factory=_frozen)
+    #: model id -> bytes per resource held while asleep (models with ``sleep`` only).
+    asleep: Mapping[str, Mapping[str, int]] = field(default_factory=_frozen)
 
     def bytes_of(self, model: str) -> dict[str, int]:
         """Bytes per resource ``model`` holds while loaded."""
@@ -299,9 +301,50 @@ def read_resources(
             else:
                 held[name] = Footprint(size, DECLARED)
         footprints[model_id] = MappingProxyType(held)
+    asleep = _asleep_footprints(models_doc, footprints, totals, problems)
     if problems:
         return None, problems, warnings
-    return ResourcesConfig(MappingProxyType(totals), MappingProxyType(footprints)), [], warnings
+    return (
+        ResourcesConfig(
+            MappingProxyType(totals), MappingProxyType(footprints), MappingProxyType(asleep)
+        ),
+        [],
+        warnings,
+    )
+
+
+def _asleep_footprints(
+    models_doc: Mapping[str, Any],
+    footprints: Mapping[str, Mapping[str, Footprint]],
+    totals: Mapping[str, int],
+    problems: list[str],
+) -> dict[str, Mapping[str, int]]:
+    """What each model with ``sleep`` holds while asleep: its
+    ``sleep.resources``, else its host memory as when loaded (nothing on devices)."""
+    asleep: dict[str, Mapping[str, int]] = {}
+    for model_id, held in footprints.items():
+        entry = models_doc.get(model_id)
+        sleep = entry.get("sleep") if isinstance(entry, Mapping) else None
+        if not sleep:
+            continue
+        declared = sleep.get("resources") if isinstance(sleep, Mapping) else None
+        if not isinstance(declared, Mapping):
+            asleep[model_id] = MappingProxyType(
+                {name: fp.bytes for name, fp in held.items() if is_host(name)}
+            )
+            continue
+        amounts: dict[str, int] = {}
+        for name, value in declared.items():
+            key = f"models.{model_id}.sleep.resources.{name}"
+            size = parse_size(value)
+            if name not in totals:
+                problems.append(f"{key}: undefined resource {name!r}")
+            elif size is None:
+                problems.append(f"{key}: must be {_SIZE_HELP}, got {describe(value)}")
+            else:
+                amounts[str(name)] = size
+        asleep[model_id] = MappingProxyType(amounts)
+    return asleep
 
 
 def placed_routing(
@@ -357,6 +400,7 @@ def placed_routing(
         {model: resources.bytes_of(model) for model in resources.footprints},
         base,
         pinned,
+        asleep=resources.asleep,
     )
     return replace(routing, planner=planner), problems
 
@@ -402,6 +446,9 @@ def resources_json(
         if state_of(model) in HOLDING_STATES:
             for name, footprint in held.items():
                 reserved[name] += footprint.bytes
+        elif state_of(model) == "sleeping":
+            for name, amount in resources.asleep.get(model, {}).items():
+                reserved[name] += amount
     probed = free or {}
     return {
         "resources": {

@@ -31,6 +31,9 @@ BUILD_INFO = "b0-llamaswap-demo"
 # Floor for durations in timings, so tokens-per-second never divides by zero.
 MIN_MS = 0.001
 
+#: seconds between the reads of ``--load-file``.
+LOAD_STEP = 0.05
+
 _WORDISH = re.compile(r"\s*\S+")
 
 
@@ -50,6 +53,10 @@ class DemoSettings:
     max_tokens_default: int = DEFAULT_MAX_TOKENS
     #: MiB of memory allocated and touched at start and held (footprint tests).
     hold_mib: int = 0
+    #: a file read while loading, at ``load_rate`` MiB/s (0: at once), as a
+    #: server reads its weights; the load ends when the file is read.
+    load_file: str | None = None
+    load_rate: float = 0.0
 
     def reply_text(self) -> str:
         """The reply with ``{model}`` replaced by the model name."""
@@ -154,7 +161,9 @@ class DemoModel:
         log.info(
             "loading model {model} (simulated, {delay}s)", model=self.settings.model, delay=delay
         )
-        if delay <= 0:
+        if self.settings.load_file is not None:
+            self._read_weights(self.settings.load_file, self.settings.load_rate)
+        elif delay <= 0:
             self._finish_loading()
         else:
             self._load_call = self.clock.callLater(delay, self._finish_loading)
@@ -164,6 +173,21 @@ class DemoModel:
         if self._load_call is not None and self._load_call.active():
             self._load_call.cancel()
         self._load_call = None
+
+    def _read_weights(self, path: str, rate_mib: float) -> None:
+        """Read ``path`` in steps of :data:`LOAD_STEP` seconds at ``rate_mib``
+        MiB/s (a demo process, so plain blocking reads), then finish loading."""
+        weights = open(path, "rb")  # noqa: SIM115 - closed when the read ends
+        per_step = int(rate_mib * (1 << 20) * LOAD_STEP) if rate_mib > 0 else 1 << 30
+
+        def step() -> None:
+            if weights.read(per_step):
+                self._load_call = self.clock.callLater(LOAD_STEP, step)
+                return
+            weights.close()
+            self._finish_loading()
+
+        self._load_call = self.clock.callLater(0, step)
 
     def when_loaded(self) -> Deferred[None]:
         """A Deferred that fires once the model has loaded."""

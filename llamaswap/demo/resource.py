@@ -51,6 +51,10 @@ class DemoResource(Resource):
         name = self._settings.model
         self._health_ok = dumps({"status": "ok"})
         self._loading = error_body(503, "Loading model")
+        self._sleeping = error_body(503, "Model is sleeping")
+        #: put to sleep by ``POST /sleep`` (vLLM's sleep mode): inference
+        #: answers 503 until ``POST /wake_up``.
+        self.asleep = False
         self._models_body = dumps(
             {
                 "models": [
@@ -99,9 +103,14 @@ class DemoResource(Resource):
             b"/completion": {b"POST": generation.native_completion},
             b"/v1/embeddings": embeddings,
             b"/embeddings": embeddings,
+            b"/sleep": {b"POST": self._sleep},
+            b"/wake_up": {b"POST": self._wake_up},
+            b"/is_sleeping": {b"GET": self._is_sleeping},
         }
         # Like llama-server, these answer while the model is still loading.
         self._while_loading = {b"/health", b"/v1/health", b"/v1/models", b"/models"}
+        #: these answer while asleep
+        self._while_asleep = {*self._while_loading, b"/sleep", b"/wake_up", b"/is_sleeping"}
 
     # -- dispatch ----------------------------------------------------------
 
@@ -118,6 +127,8 @@ class DemoResource(Resource):
             return error_response(request, 405, "Method Not Allowed")
         if not self._model.loaded and path not in self._while_loading:
             return json_response(request, 503, self._loading)
+        if self.asleep and path not in self._while_asleep:
+            return json_response(request, 503, self._sleeping)
         try:
             return handler(request)
         except BadRequest as error:
@@ -132,6 +143,20 @@ class DemoResource(Resource):
 
     def _models(self, request: Request) -> bytes:
         return json_response(request, 200, self._models_body)
+
+    def _sleep(self, request: Request) -> bytes:
+        self.asleep = True
+        args: dict[bytes, list[bytes]] = request.args or {}
+        log.info("sleeping (level {depth})", depth=args.get(b"level", [b"1"])[0].decode())
+        return json_response(request, 200, dumps({"status": "ok"}))
+
+    def _wake_up(self, request: Request) -> bytes:
+        self.asleep = False
+        log.info("awake")
+        return json_response(request, 200, dumps({"status": "ok"}))
+
+    def _is_sleeping(self, request: Request) -> bytes:
+        return json_response(request, 200, dumps({"is_sleeping": self.asleep}))
 
     def _props(self, request: Request) -> bytes:
         return json_response(request, 200, self._props_body)

@@ -80,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulated model load time; /health answers 503 until it has passed",
     )
     parser.add_argument(
+        "--load-file",
+        default=None,
+        metavar="PATH",
+        help="a file read while loading (as weights are); /health answers 503 until it is read",
+    )
+    parser.add_argument(
+        "--load-rate",
+        type=_non_negative(float),
+        default=0.0,
+        metavar="MiB/s",
+        help="how fast --load-file is read (default 0: at once)",
+    )
+    parser.add_argument(
         "--tokens-per-second",
         type=_non_negative(float),
         default=0.0,
@@ -128,6 +141,8 @@ def parse_settings(argv: Sequence[str] | None = None) -> tuple[DemoSettings, str
         tokens_per_second=args.tokens_per_second,
         max_tokens_default=args.max_tokens_default,
         hold_mib=args.hold_mib,
+        load_file=args.load_file,
+        load_rate=args.load_rate,
     )
     return settings, args.host, args.port
 

@@ -102,6 +102,40 @@ class IActivityStore(Interface):
     def close() -> Deferred[None]:
         """Finish pending work and release the store; later calls fail with `StoreClosed`."""
 
+    def load_times() -> Deferred[dict[str, float]]:
+        """Model id -> its learned load time in seconds (see `add_load_time`)."""
+
+    def add_load_time(model: str, seconds: float) -> Deferred[None]:
+        """Learn one load of ``model`` (ready after ``seconds``): the learned
+        time moves half way towards it (`learned_load_time`)."""
+
+
+def learned_load_time(old: float | None, seconds: float) -> float:
+    """The learned load time after a load of ``seconds``: the mean of the
+    old one and the new one, so a changed disk or cache shows within a few loads."""
+    return seconds if old is None else (old + seconds) / 2
+
+
+_LOAD_TIMES_TABLE = (
+    "CREATE TABLE IF NOT EXISTS load_times (model TEXT PRIMARY KEY, seconds REAL NOT NULL)"
+)
+
+
+def _read_load_times(txn: Any) -> dict[str, float]:
+    txn.execute(_LOAD_TIMES_TABLE)
+    txn.execute("SELECT model, seconds FROM load_times")
+    return {model: float(seconds) for model, seconds in txn.fetchall()}
+
+
+def _write_load_time(txn: Any, model: str, seconds: float) -> None:
+    txn.execute(_LOAD_TIMES_TABLE)
+    txn.execute("SELECT seconds FROM load_times WHERE model = ?", (model,))
+    row = txn.fetchone()
+    learned = learned_load_time(None if row is None else float(row[0]), seconds)
+    txn.execute(
+        "INSERT OR REPLACE INTO load_times (model, seconds) VALUES (?, ?)", (model, learned)
+    )
+
 
 # --------------------------------------------------------------------------
 # In memory
@@ -117,6 +151,7 @@ class MemoryActivityStore:
         self.log = log
         self._closed = False
         self._footprints: dict[tuple[str, str], dict[str, int]] = {}
+        self._load_times: dict[str, float] = {}
 
     def _check(self) -> None:
         if self._closed:
@@ -182,6 +217,13 @@ class MemoryActivityStore:
 
     def close(self) -> Deferred[None]:
         self._closed = True
+        return succeed(None)
+
+    def load_times(self) -> Deferred[dict[str, float]]:
+        return succeed(dict(self._load_times))
+
+    def add_load_time(self, model: str, seconds: float) -> Deferred[None]:
+        self._load_times[model] = learned_load_time(self._load_times.get(model), seconds)
         return succeed(None)
 
 
@@ -298,6 +340,12 @@ class SqliteActivityStore:
         self, model: str, command: str, footprint: Mapping[str, int]
     ) -> Deferred[None]:
         return self._run(keep_footprint, model, command, dict(footprint))
+
+    def load_times(self) -> Deferred[dict[str, float]]:
+        return self._run(_read_load_times)
+
+    def add_load_time(self, model: str, seconds: float) -> Deferred[None]:
+        return self._run(_write_load_time, model, seconds)
 
     def close(self) -> Deferred[None]:
         """Fire once queued statements have run and the connection is closed.

@@ -202,6 +202,8 @@ class PlacementPlanner:
         base: ISwapPlanner,
         pinned: frozenset[str] = frozenset(),
         costs: ReloadCosts | None = None,
+        *,
+        asleep: Mapping[str, Footprint] | None = None,
     ) -> None:
         self.totals = MappingProxyType(dict(totals))
         self.footprints = MappingProxyType(
@@ -210,10 +212,18 @@ class PlacementPlanner:
         self.base = base
         self.pinned = frozenset(pinned)
         self.costs = costs
+        #: what models with a sleep tier hold while asleep (issue 14)
+        self.asleep = MappingProxyType(
+            {model: MappingProxyType(dict(fp)) for model, fp in (asleep or {}).items()}
+        )
+        #: the models asleep now (set by the router; asked at each decision)
+        self.sleeping: Callable[[], frozenset[str]] = frozenset
 
     def with_costs(self, costs: ReloadCosts) -> PlacementPlanner:
         """The same planner, pricing evictions with ``costs``."""
-        return PlacementPlanner(self.totals, self.footprints, self.base, self.pinned, costs)
+        return PlacementPlanner(
+            self.totals, self.footprints, self.base, self.pinned, costs, asleep=self.asleep
+        )
 
     def footprint(self, model: str) -> Footprint:
         """Bytes per resource ``model`` holds while loaded: the configured
@@ -238,12 +248,21 @@ class PlacementPlanner:
         load = costs.load_seconds(model)
         return (proxy if load is None else load) * (costs.rate(model) + RATE_FLOOR)
 
-    def shortfall(self, models: frozenset[str]) -> dict[str, int]:
-        """Bytes per resource by which ``models`` together exceed the machine
-        (only resources that are over)."""
+    def asleep_footprint(self, model: str) -> Footprint:
+        """Bytes per resource ``model`` holds while asleep."""
+        return self.asleep.get(model, {})
+
+    def shortfall(
+        self, models: frozenset[str], sleepers: frozenset[str] = frozenset()
+    ) -> dict[str, int]:
+        """Bytes per resource by which ``models`` together (with ``sleepers``
+        asleep) exceed the machine (only resources that are over)."""
         used = dict.fromkeys(self.totals, 0)
         for model in models:
             for name, amount in self.footprint(model).items():
+                used[name] = used.get(name, 0) + amount
+        for model in sleepers - models:
+            for name, amount in self.asleep_footprint(model).items():
                 used[name] = used.get(name, 0) + amount
         return {
             name: amount - self.totals.get(name, 0)
@@ -261,10 +280,13 @@ class PlacementPlanner:
         if target in running:
             return evict  # it holds its footprint already
         stay = running - evict - {target}
-        short = self.shortfall(stay | {target})
+        sleepers = self.sleeping() - running - {target}
+        short = self.shortfall(stay | {target}, sleepers)
         if not short:
             return evict
         footprints = {model: self.footprint(model) for model in stay - self.pinned}
+        # a sleeping model frees what it holds asleep when it is stopped
+        footprints.update({m: self.asleep_footprint(m) for m in sleepers - self.pinned})
         idle = {model: fp for model, fp in footprints.items() if model not in busy}
         for pool in (idle, footprints, {model: self.footprint(model) for model in stay}):
             # the last pool (pinned too) is only reached if the config check
@@ -273,6 +295,15 @@ class PlacementPlanner:
             if more is not None:
                 return evict | more
         raise AssertionError(f"{target!r} is larger than the machine")  # checked at load
+
+    def sleep_is_enough(
+        self, target: str, running: frozenset[str], evict: frozenset[str], asleep: frozenset[str]
+    ) -> bool:
+        """Whether ``target`` fits once ``evict`` are gone but ``asleep`` of
+        them (and the models asleep now) stay, asleep."""
+        stay = running - evict - {target}
+        sleepers = (self.sleeping() | asleep) - stay - {target}
+        return not self.shortfall(stay | {target}, sleepers)
 
     def reasons(
         self, target: str, running: frozenset[str], evict: frozenset[str]

@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 #: process states in which a model occupies nothing and need not be evicted.
-_IDLE_STATES = frozenset({"stopped", "shutdown"})
+#: a sleeping model (issue 14's sleep tier) holds no place under the rules;
+#: the placement planner counts what it holds asleep.
+_IDLE_STATES = frozenset({"stopped", "shutdown", "sleeping"})
 
 
 class IEffects(Interface):

@@ -145,7 +145,7 @@ def build_service(
         recorder=recorder,
         streams=streams,
         app=app,
-        loading=LoadingProgress(reactor, router, bus, metrics),
+        loading=LoadingProgress(reactor, router, bus, metrics, logs=logs, store=recorder.store),
         log_observer=logs.proxy_observer(config.log_level),
         unbridge=unbridge,
         resources=resources,

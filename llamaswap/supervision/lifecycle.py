@@ -32,6 +32,7 @@ from llamaswap.core.secrets import join_argv
 from llamaswap.supervision.child import ChildRun, OutputSink
 from llamaswap.supervision.health import Probe
 from llamaswap.supervision.launcher import ExitStatus, IProcessLauncher
+from llamaswap.supervision.sleep import SleepCaller, agent_caller
 from llamaswap.supervision.teardown import Reaper, Teardown
 from llamaswap.supervision.waiters import Waiters
 
@@ -46,6 +47,8 @@ class ProcessState(enum.StrEnum):
     READY = "ready"
     STOPPING = "stopping"
     SHUTDOWN = "shutdown"
+    #: put to sleep (``sleep`` tier): alive, its memory given back; a request wakes it.
+    SLEEPING = "sleeping"
 
 
 class StartError(Exception):
@@ -70,6 +73,10 @@ class Lifecycle(Protocol):
     def shutdown(self, timeout: float) -> Deferred[None]:
         """Stop for good."""
 
+    def sleep(self, timeout: float) -> Deferred[None]:
+        """Put the ready child to sleep (its ``sleep.enter`` calls); fires
+        once asleep, or once stopped when it is not ready or the calls fail."""
+
     def pid(self) -> int | None:
         """The live leader's pid, if any."""
 
@@ -93,6 +100,21 @@ class Lifecycle(Protocol):
 
     def _ttl_expired(self) -> None:
         """The ready child was idle for its TTL."""
+
+    def _ttl_sleep(self) -> None:
+        """The ready child with a sleep tier was idle for its TTL."""
+
+    def _asleep(self) -> None:
+        """The sleep calls succeeded."""
+
+    def _sleep_failed(self, error: Exception) -> None:
+        """A sleep call failed."""
+
+    def _wake_failed(self, error: Exception) -> None:
+        """A wake call failed."""
+
+    def _sleep_ttl_expired(self) -> None:
+        """The child slept for its ``sleep.ttl``."""
 
     def _reaped(self, teardown: Teardown) -> None:
         """The previous child's group is gone."""
@@ -161,6 +183,7 @@ class LifecycleCore:
         health_check_timeout: float,
         environ: Mapping[str, str],
         publish: Callable[[ProcessState, ProcessState], None],
+        caller: SleepCaller | None = None,
     ) -> None:
         self.config = config
         self.model_id = config.id
@@ -178,6 +201,11 @@ class LifecycleCore:
         #: ``crash``); read and cleared as the process leaves starting/ready.
         self.stop_reason: str | None = None
         self.idle = IdleClock(clock, config.ttl)
+        self._caller = caller
+        #: callers of sleep waiting for the child to be asleep (or stopped).
+        self.asleep: Waiters[None] = Waiters()
+        #: the child of the last ready state (the sleep tier's states keep it).
+        self.live: ChildRun | None = None
         #: the state listeners will have been told of once the queue has run.
         self._label = ProcessState.STOPPED
         #: bumped on every change of state; a step runs only in its own.
@@ -269,6 +297,18 @@ class LifecycleCore:
             argv=join_argv(argv),
         )
         machine._spawned(run)
+
+    @property
+    def caller(self) -> SleepCaller:
+        """The sleep tier's HTTP caller (made on first use)."""
+        if self._caller is None:
+            self._caller = agent_caller(self.clock)
+        return self._caller
+
+    def settle_asleep(self) -> None:
+        """Answer everyone waiting for the child to be asleep (or gone)."""
+        waiters, self.asleep = self.asleep, Waiters()
+        self.later(waiters.fire, None)
 
     def resume_if_waited(self, machine: Lifecycle) -> None:
         """Start again for callers that arrived while stopping (a step of ``Stopped``)."""

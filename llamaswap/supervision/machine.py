@@ -16,6 +16,13 @@ Public states and the machine's states::
     ready     Ready
     stopping  Stopping, ShuttingDown
     shutdown  Shutdown
+    sleeping  FallingAsleep (the ``sleep.enter`` calls), Sleeping
+    starting  Waking (the ``sleep.wake`` calls; a failure restarts the server)
+
+The sleep tier (a model with ``sleep``): ``sleep()`` and the TTL put a ready
+child to sleep instead of stopping it; ``make_ready()`` wakes it; its
+``sleep.ttl`` stops it.  A sleep call that fails stops the child; a wake call
+that fails stops it and starts it afresh for the callers waiting.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from llamaswap.supervision.child import ChildRun
 from llamaswap.supervision.health import HealthVerdict, poll_health
 from llamaswap.supervision.launcher import ExitStatus
 from llamaswap.supervision.lifecycle import Lifecycle, LifecycleCore, ProcessState, StartError
+from llamaswap.supervision.sleep import SleepError, run_calls
 from llamaswap.supervision.teardown import Teardown
 
 log = Logger()
@@ -89,7 +97,83 @@ class _Ready:
 
     def __init__(self, machine: Lifecycle, core: LifecycleCore, run: ChildRun) -> None:
         self.run = run
-        core.idle.arm(core.feed(machine._ttl_expired))
+        core.live = run
+        sleepy = core.config.sleep is not None
+        core.idle.arm(core.feed(machine._ttl_sleep if sleepy else machine._ttl_expired))
+
+
+class _Calls:
+    """The sleep tier's HTTP calls in flight for the live child; their
+    outcome is given to the machine unless abandoned."""
+
+    def __init__(
+        self,
+        core: LifecycleCore,
+        calls: tuple[str, ...],
+        done: Callable[[], None],
+        failed: Callable[[Exception], None],
+    ) -> None:
+        assert core.live is not None
+        self.run: ChildRun = core.live
+        self._abandoned = False
+        self._d = Deferred.fromCoroutine(run_calls(core.caller, core.config.proxy, calls))
+        self._d.addCallbacks(lambda _: self._settle(done), self._failed, errbackArgs=(failed,))
+
+    def _settle(self, then: Callable[[], None]) -> None:
+        if not self._abandoned:
+            then()
+
+    def _failed(self, failure: Failure, failed: Callable[[Exception], None]) -> None:
+        if not self._abandoned:
+            error = failure.value
+            failed(error if isinstance(error, SleepError) else SleepError(str(error)))
+
+    def abandon(self) -> None:
+        self._abandoned = True
+        self._d.cancel()
+
+
+class _FallingAsleep(_Calls):
+    """Data of ``FallingAsleep``: the ``sleep.enter`` calls."""
+
+    def __init__(self, machine: Lifecycle, core: LifecycleCore, *given: object) -> None:
+        assert core.config.sleep is not None
+        super().__init__(
+            core,
+            core.config.sleep.enter,
+            core.feed(machine._asleep),
+            core.feed(machine._sleep_failed),
+        )
+
+
+class _Waking(_Calls):
+    """Data of ``Waking``: the ``sleep.wake`` calls."""
+
+    def __init__(self, machine: Lifecycle, core: LifecycleCore) -> None:
+        assert core.config.sleep is not None
+        super().__init__(
+            core,
+            core.config.sleep.wake,
+            lambda: core.drive(machine._healthy, self.run),
+            core.feed(machine._wake_failed),
+        )
+
+
+class _Asleep:
+    """Data of ``Sleeping``: the sleeping child and its ``sleep.ttl`` clock."""
+
+    def __init__(self, machine: Lifecycle, core: LifecycleCore) -> None:
+        assert core.live is not None and core.config.sleep is not None
+        self.run: ChildRun = core.live
+        ttl = core.config.sleep.ttl
+        self._call = (
+            core.clock.callLater(ttl, core.feed(machine._sleep_ttl_expired)) if ttl > 0 else None
+        )
+
+    def disarm(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
 
 def _exit_message(status: ExitStatus, lines: list[str]) -> str:
@@ -147,6 +231,9 @@ def _build() -> TypeMachine[Lifecycle, LifecycleCore]:
     shutting_down = state("ShuttingDown", S.STOPPING)
     reaping_for_good = state("ReapingForShutdown", S.STOPPED)
     shut_down = state("Shutdown", S.SHUTDOWN)
+    falling_asleep = state("FallingAsleep", S.SLEEPING, _FallingAsleep)
+    sleeping = state("Sleeping", S.SLEEPING, _Asleep)
+    waking = state("Waking", S.STARTING, _Waking)
     reaper_busy = (reaping, awaiting_reap, stopping, shutting_down, reaping_for_good)
 
     # -- make_ready ------------------------------------------------------------
@@ -178,28 +265,36 @@ def _build() -> TypeMachine[Lifecycle, LifecycleCore]:
     # -- stop and shutdown -----------------------------------------------------
 
     @go(stopped, Lifecycle.stop, stopped)
+    @go(stopped, Lifecycle.sleep, stopped)
     @go(stopped, Lifecycle.shutdown, shut_down)
     @go(launching, Lifecycle.stop, stopped)
+    @go(launching, Lifecycle.sleep, stopped)
     @go(launching, Lifecycle.shutdown, shut_down, via=(S.STOPPED,))
     @go(shut_down, Lifecycle.stop, shut_down)
+    @go(shut_down, Lifecycle.sleep, shut_down)
     @go(shut_down, Lifecycle.shutdown, shut_down)
     def nothing_to_stop(machine: Lifecycle, core: LifecycleCore, timeout: float) -> Deferred[None]:
         core.abort_waiting()
         return succeed(None)
 
     @go(awaiting_reap, Lifecycle.stop, reaping)
+    @go(awaiting_reap, Lifecycle.sleep, reaping)
     @go(awaiting_reap, Lifecycle.shutdown, reaping_for_good)
     def abandon_start(machine: Lifecycle, core: LifecycleCore, timeout: float) -> Deferred[None]:
         core.abort_waiting()
         return core.reaper.wait()
 
     @go(reaping, Lifecycle.stop, reaping)
+    @go(reaping, Lifecycle.sleep, reaping)
     @go(reaping, Lifecycle.shutdown, reaping_for_good)
     @go(stopping, Lifecycle.stop, stopping)
+    @go(stopping, Lifecycle.sleep, stopping)
     @go(stopping, Lifecycle.shutdown, shutting_down)
     @go(shutting_down, Lifecycle.stop, shutting_down)
+    @go(shutting_down, Lifecycle.sleep, shutting_down)
     @go(shutting_down, Lifecycle.shutdown, shutting_down)
     @go(reaping_for_good, Lifecycle.stop, reaping_for_good)
+    @go(reaping_for_good, Lifecycle.sleep, reaping_for_good)
     @go(reaping_for_good, Lifecycle.shutdown, reaping_for_good)
     def hasten(machine: Lifecycle, core: LifecycleCore, timeout: float) -> Deferred[None]:
         core.reaper.hasten(timeout)
@@ -207,6 +302,7 @@ def _build() -> TypeMachine[Lifecycle, LifecycleCore]:
         return core.reaper.wait()
 
     @go(checking, Lifecycle.stop, stopping)
+    @go(checking, Lifecycle.sleep, stopping)
     @go(checking, Lifecycle.shutdown, shutting_down)
     def stop_starting(
         machine: Lifecycle, core: LifecycleCore, now: _Checking, timeout: float
@@ -310,6 +406,149 @@ def _build() -> TypeMachine[Lifecycle, LifecycleCore]:
     def reaped_for_good(machine: Lifecycle, core: LifecycleCore, teardown: Teardown) -> None:
         core.later(teardown.waiters.fire, None)
 
+    # -- the sleep tier ----------------------------------------------------------
+
+    @go(ready, Lifecycle.sleep, falling_asleep)
+    def fall_asleep(
+        machine: Lifecycle, core: LifecycleCore, now: _Ready, timeout: float
+    ) -> Deferred[None]:
+        core.idle.disarm()
+        log.info("{model} going to sleep", model=core.model_id)
+        return core.asleep.wait()
+
+    @go(ready, Lifecycle._ttl_sleep, falling_asleep)
+    def idle_to_sleep(machine: Lifecycle, core: LifecycleCore, now: _Ready) -> None:
+        core.stop_reason = "ttl"
+        core.idle.disarm()
+        log.info(
+            "{model} going to sleep, TTL of {ttl}s reached",
+            model=core.model_id,
+            ttl=core.config.ttl,
+        )
+
+    @go(falling_asleep, Lifecycle.sleep, falling_asleep)
+    def join_sleep(
+        machine: Lifecycle, core: LifecycleCore, now: _FallingAsleep, timeout: float
+    ) -> Deferred[None]:
+        return core.asleep.wait()
+
+    @go(sleeping, Lifecycle.sleep, sleeping)
+    def already_asleep(
+        machine: Lifecycle, core: LifecycleCore, now: _Asleep, timeout: float
+    ) -> Deferred[None]:
+        return succeed(None)
+
+    @go(falling_asleep, Lifecycle._asleep, sleeping)
+    def asleep(machine: Lifecycle, core: LifecycleCore, now: _FallingAsleep) -> None:
+        log.info("{model} asleep", model=core.model_id)
+        core.settle_asleep()
+        # Requests that arrived meanwhile wake it at once.
+        core.step(core.resume_if_waited, machine)
+
+    @go(falling_asleep, Lifecycle._sleep_failed, stopping)
+    def sleep_failed(
+        machine: Lifecycle, core: LifecycleCore, now: _FallingAsleep, error: Exception
+    ) -> None:
+        log.warn("{model} could not sleep ({error}); stopping it", model=core.model_id, error=error)
+        teardown = core.reap(machine, now.run, core.config.unload_timeout)
+        waiters, core.asleep = core.asleep, type(core.asleep)()
+        teardown.waiters.wait().addBoth(lambda _: waiters.fire(None))
+
+    @go(falling_asleep, Lifecycle.make_ready, falling_asleep)
+    @go(waking, Lifecycle.make_ready, waking)
+    def join_wake(machine: Lifecycle, core: LifecycleCore, now: object) -> Deferred[None]:
+        return core.ready.wait()
+
+    @go(sleeping, Lifecycle.make_ready, waking)
+    def wake(machine: Lifecycle, core: LifecycleCore, now: _Asleep) -> Deferred[None]:
+        now.disarm()
+        log.info("{model} waking up", model=core.model_id)
+        return core.ready.wait()
+
+    @go(sleeping, Lifecycle._resume, waking)
+    def wake_for_waiters(machine: Lifecycle, core: LifecycleCore, now: _Asleep) -> None:
+        now.disarm()
+        log.info("{model} waking up", model=core.model_id)
+
+    @go(waking, Lifecycle._healthy, ready)
+    def woken(machine: Lifecycle, core: LifecycleCore, now: _Waking, run: ChildRun) -> None:
+        log.info("{model} awake", model=core.model_id)
+        core.settle_waiting(None)
+
+    @go(waking, Lifecycle._wake_failed, stopping)
+    def wake_failed(
+        machine: Lifecycle, core: LifecycleCore, now: _Waking, error: Exception
+    ) -> None:
+        # The callers keep waiting: once the child is gone, Stopped starts
+        # it afresh for them (resume_if_waited).
+        log.warn(
+            "{model} could not wake ({error}); restarting it", model=core.model_id, error=error
+        )
+        core.reap(machine, now.run, FAILED_START_STOP_TIMEOUT)
+
+    @go(sleeping, Lifecycle._sleep_ttl_expired, stopping)
+    def slept_too_long(machine: Lifecycle, core: LifecycleCore, now: _Asleep) -> None:
+        core.stop_reason = "ttl"
+        assert core.config.sleep is not None
+        log.info(
+            "{model} Unloading model, sleep TTL of {ttl}s reached",
+            model=core.model_id,
+            ttl=core.config.sleep.ttl,
+        )
+        core.reap(machine, now.run, core.config.unload_timeout)
+
+    @go(falling_asleep, Lifecycle.stop, stopping)
+    @go(falling_asleep, Lifecycle.shutdown, shutting_down)
+    def stop_falling_asleep(
+        machine: Lifecycle, core: LifecycleCore, now: _FallingAsleep, timeout: float
+    ) -> Deferred[None]:
+        now.abandon()
+        teardown = core.reap(machine, now.run, timeout)
+        core.settle_asleep()
+        core.abort_waiting()
+        return teardown.waiters.wait()
+
+    @go(waking, Lifecycle.stop, stopping)
+    @go(waking, Lifecycle.sleep, stopping)
+    @go(waking, Lifecycle.shutdown, shutting_down)
+    def stop_waking(
+        machine: Lifecycle, core: LifecycleCore, now: _Waking, timeout: float
+    ) -> Deferred[None]:
+        now.abandon()
+        teardown = core.reap(machine, now.run, timeout)
+        core.abort_waiting()
+        return teardown.waiters.wait()
+
+    @go(sleeping, Lifecycle.stop, stopping)
+    @go(sleeping, Lifecycle.shutdown, shutting_down)
+    def stop_sleeping(
+        machine: Lifecycle, core: LifecycleCore, now: _Asleep, timeout: float
+    ) -> Deferred[None]:
+        now.disarm()
+        teardown = core.reap(machine, now.run, timeout)
+        return teardown.waiters.wait()
+
+    @go(falling_asleep, Lifecycle._exited, reaping)
+    @go(sleeping, Lifecycle._exited, reaping)
+    @go(waking, Lifecycle._exited, reaping)
+    def died_sleeping(
+        machine: Lifecycle, core: LifecycleCore, now: object, status: ExitStatus
+    ) -> None:
+        if isinstance(now, _Asleep):
+            now.disarm()
+            core.stop_reason = "crash"
+        elif isinstance(now, _Calls):
+            now.abandon()
+        assert isinstance(now, _Asleep | _Calls)
+        lines = now.run.tail_lines()
+        core.reap(machine, now.run, 0)
+        message = _exit_message(status, lines)
+        log.warn(
+            "{model} exited while asleep or waking: {error}", model=core.model_id, error=message
+        )
+        core.settle_asleep()
+        core.settle_waiting(StartError(message, died=True))
+
     # -- queries ---------------------------------------------------------------
 
     @go(stopped, Lifecycle.pid, stopped)
@@ -323,7 +562,11 @@ def _build() -> TypeMachine[Lifecycle, LifecycleCore]:
         return now.run.live_pid
 
     @go(ready, Lifecycle.pid, ready)
-    def ready_pid(machine: Lifecycle, core: LifecycleCore, now: _Ready) -> int | None:
+    @go(falling_asleep, Lifecycle.pid, falling_asleep)
+    @go(sleeping, Lifecycle.pid, sleeping)
+    @go(waking, Lifecycle.pid, waking)
+    def ready_pid(machine: Lifecycle, core: LifecycleCore, now: object) -> int | None:
+        assert isinstance(now, _Ready | _Asleep | _Calls)
         return now.run.live_pid
 
     for other in reaper_busy:

@@ -23,6 +23,7 @@ from llamaswap.supervision.health import Probe
 from llamaswap.supervision.launcher import IProcessLauncher
 from llamaswap.supervision.lifecycle import LifecycleCore, ProcessState, StartError
 from llamaswap.supervision.machine import LifecycleMachine
+from llamaswap.supervision.sleep import SleepCaller
 
 __all__ = [
     "EvictionListener",
@@ -41,6 +42,10 @@ EvictionListener = Callable[["ModelProcess", str], None]
 #: The states a child occupies resources in, and the states it leaves them for.
 _LIVE = frozenset({ProcessState.STARTING, ProcessState.READY})
 _ENDING = frozenset({ProcessState.STOPPING, ProcessState.STOPPED})
+#: Going to sleep ends a live child's service (an eviction); stopping a
+#: sleeping one ends it for good (another).
+_HOLDING = _LIVE | {ProcessState.SLEEPING}
+_LEAVING = _ENDING | {ProcessState.SLEEPING}
 #: A stop for good is no eviction (the service is going away).
 _SHUTDOWN = "shutdown"
 
@@ -59,6 +64,7 @@ class ModelProcess:
         clock: IReactorTime,
         launcher: IProcessLauncher,
         probe: Probe,
+        sleep_caller: SleepCaller | None = None,
         output: OutputSink,
         health_check_timeout: float,
         environ: Mapping[str, str],
@@ -78,6 +84,7 @@ class ModelProcess:
             health_check_timeout=health_check_timeout,
             environ=environ,
             publish=self._publish,
+            caller=sleep_caller,
         )
         self._machine = LifecycleMachine(self._core)
 
@@ -130,11 +137,31 @@ class ModelProcess:
         """
         if timeout is None:
             timeout = self.config.unload_timeout
-        if self._state in _LIVE:
+        if self._state in _HOLDING:
             # A stop already under way (a TTL's, say) keeps its own reason.
             self._core.stop_reason = reason
         stopped: Deferred[None] = self._core.drive(self._machine.stop, timeout)
         return stopped
+
+    @property
+    def can_sleep(self) -> bool:
+        """The model has a sleep tier (``sleep:``)."""
+        return self.config.sleep is not None
+
+    def sleep(self, timeout: float | None = None, *, reason: str = "swap") -> Deferred[None]:
+        """Put the ready child to sleep instead of stopping it (``sleep:``);
+        without a sleep tier, or when not ready, this is :meth:`stop`.
+
+        Fires once asleep (or stopped: a failed sleep call stops the child).
+        Eviction listeners hear ``reason`` as for a stop."""
+        if self.config.sleep is None:
+            return self.stop(timeout, reason=reason)
+        if timeout is None:
+            timeout = self.config.unload_timeout
+        if self._state in _HOLDING:
+            self._core.stop_reason = reason
+        asleep: Deferred[None] = self._core.drive(self._machine.sleep, timeout)
+        return asleep
 
     def shutdown(self, timeout: float) -> Deferred[None]:
         """Stop for good: fires when the child is gone and the state is SHUTDOWN."""
@@ -157,7 +184,7 @@ class ModelProcess:
         evicted = None
         if new is ProcessState.STARTING:
             self._core.stop_reason = None  # a new life: earlier stops ended nothing
-        elif old in _LIVE and new in _ENDING:
+        elif old in _HOLDING and new in _LEAVING and old is not new:
             # No reason: the start failed on its own, which evicts nothing.
             evicted, self._core.stop_reason = self._core.stop_reason, None
         for listener in tuple(self._listeners):

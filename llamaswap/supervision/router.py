@@ -22,6 +22,7 @@ from zope.interface import implementer
 from llamaswap.config import Config, ModelConfig
 from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, Ticket
 from llamaswap.scheduling.placement import PlacementPlanner, ReloadCosts
+from llamaswap.supervision.prewarm import Prewarm, PrewarmFactory, prewarm_for
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
 from llamaswap.supervision.room import FreeProbe, more_room, out_of_memory, wait_for_room
 
@@ -86,6 +87,10 @@ def _ignore_eviction(model: str, reason: str) -> None:
     pass
 
 
+def _no_progress(model: str) -> None:
+    return None
+
+
 @implementer(IEffects)
 class Router:
     """Routes admitted requests to ready model processes.
@@ -101,8 +106,15 @@ class Router:
         *,
         clock: IReactorTime,
         on_evicted: EvictionListener = _ignore_eviction,
+        prewarm: PrewarmFactory = prewarm_for,
     ) -> None:
         self.config = config
+        #: model id -> the prewarm reading its files while its start waits
+        self._prewarm_factory = prewarm
+        self._prewarms: dict[str, Prewarm] = {}
+        #: ``load_progress(model)``: the ``percent``/``eta_s`` of a loading
+        #: model (set by the service's loading progress), ``None`` otherwise.
+        self.load_progress: Callable[[str], Mapping[str, float | None] | None] = _no_progress
         self._clock = clock
         self._on_evicted = on_evicted
         self.processes = dict(processes)
@@ -155,6 +167,7 @@ class Router:
             if self._waiters.pop(ticket, None) is not None:
                 self._queue_positions.pop(ticket, None)
                 self.scheduler.cancel(ticket)
+                self._end_prewarm(ticket.model)
 
         waiter: defer.Deferred[Lease] = defer.Deferred(withdraw)
         self._waiters[ticket] = waiter
@@ -181,6 +194,7 @@ class Router:
     def grant(self, ticket: Ticket) -> bool:
         waiter = self._waiters.pop(ticket, None)
         self._queue_positions.pop(ticket, None)
+        self._end_prewarm(ticket.model)
         if waiter is None or waiter.called:
             return False
         process = self.processes[ticket.model]
@@ -192,12 +206,14 @@ class Router:
     def fail(self, ticket: Ticket, message: str) -> None:
         waiter = self._waiters.pop(ticket, None)
         self._queue_positions.pop(ticket, None)
+        self._end_prewarm(ticket.model)
         if waiter is not None and not waiter.called:
             waiter.errback(RequestFailed(message))
 
     def queue_position(self, ticket: Ticket, position: int) -> None:
         if ticket in self._waiters:
             self._queue_positions[ticket] = position
+            self._prewarm(ticket.model)
 
     def start_swap(self, target: str, evict: frozenset[str]) -> None:
         explain = getattr(self.planner, "explain", None)
@@ -216,9 +232,19 @@ class Router:
                     target=target,
                     models=for_memory,
                 )
-        defer.Deferred.fromCoroutine(self._swap(target, evict, reasons))
+        if evict or target in self._retiring:
+            self._prewarm(target)  # the start waits for the evictions
+        awake = frozenset(
+            m
+            for m, p in self.processes.items()
+            if p.state.value not in ("stopped", "shutdown", "sleeping")
+        )
+        asleep = self._to_sleep(target, evict, awake)
+        defer.Deferred.fromCoroutine(self._swap(target, evict, reasons, asleep))
 
     def stop_models(self, models: frozenset[str]) -> None:
+        for model in models:
+            self._end_prewarm(model, force=True)
         stops = [self.processes[m].stop(reason="unload") for m in sorted(models)]
         if self._collected_stops is not None:
             self._collected_stops.extend(stops)
@@ -226,18 +252,28 @@ class Router:
     # -- operations -----------------------------------------------------------
 
     async def _swap(
-        self, target: str, evict: frozenset[str], reasons: Mapping[str, str] | None = None
+        self,
+        target: str,
+        evict: frozenset[str],
+        reasons: Mapping[str, str] | None = None,
+        asleep: Iterable[str] = (),
     ) -> None:
         error: str | None = None
         try:
             if evict:
+                sleepers = frozenset(asleep)
                 log.info(
-                    "swapping to {target}: stopping {evict}", target=target, evict=sorted(evict)
+                    "swapping to {target}: stopping {evict}{sleep}",
+                    target=target,
+                    evict=sorted(evict - sleepers),
+                    sleep=f", putting to sleep {sorted(sleepers)}" if sleepers else "",
                 )
                 timeout = self.config.health_check_timeout
                 await defer.gatherResults(
                     [
-                        self.processes[m].stop(timeout, reason=(reasons or {}).get(m, "swap"))
+                        (self.processes[m].sleep if m in sleepers else self.processes[m].stop)(
+                            timeout, reason=(reasons or {}).get(m, "swap")
+                        )
                         for m in sorted(evict)
                     ],
                     consumeErrors=True,
@@ -283,6 +319,7 @@ class Router:
         except Exception as exc:  # a bug, not a start failure: still answer every waiter
             log.failure("swap to {target} failed", Failure(), target=target)
             error = str(exc) or type(exc).__name__
+        self._end_prewarm(target, force=True)
         self.scheduler.swap_done(target, error)
 
     async def _await_room(self, target: str) -> None:
@@ -323,6 +360,55 @@ class Router:
             consumeErrors=True,
         )
         await self._await_room(target)
+
+    # -- prewarm --------------------------------------------------------------
+
+    def _prewarm(self, model_id: str) -> None:
+        """Read the model's files into the page cache while its start waits
+        (:mod:`llamaswap.supervision.prewarm`); once per wait."""
+        process = self.processes.get(model_id)
+        if model_id in self._prewarms or process is None:
+            return
+        if process.state in (ProcessState.READY, ProcessState.STARTING, ProcessState.SLEEPING):
+            return  # nothing to wait for, its own load reads the files, or a wake needs none
+        prewarm = self._prewarm_factory(process.config)
+        if prewarm is None:
+            return
+        self._prewarms[model_id] = prewarm
+        log.info(
+            "{model}: prewarming {files} while its start waits",
+            model=model_id,
+            files=list(prewarm.paths),
+        )
+        prewarm.start().addBoth(self._prewarmed, model_id, prewarm)
+
+    def _prewarmed(self, result: int | Failure, model_id: str, prewarm: Prewarm) -> int:
+        if self._prewarms.get(model_id) is prewarm:
+            del self._prewarms[model_id]
+        if isinstance(result, Failure):
+            log.failure("{model}: prewarm failed", result, model=model_id)
+            return 0
+        for problem in prewarm.skipped:
+            log.info("{model}: prewarm skipped {problem}", model=model_id, problem=problem)
+        log.info(
+            "{model}: prewarm read {mib:.0f} MiB{how}",
+            model=model_id,
+            mib=result / (1 << 20),
+            how=" (cancelled)" if prewarm.cancelled else "",
+        )
+        return result
+
+    def _end_prewarm(self, model_id: str, *, force: bool = False) -> None:
+        """Cancel the model's prewarm once no start waits for it (``force``:
+        its swap ended or was called off)."""
+        if model_id not in self._prewarms:
+            return
+        if not force and (
+            self.scheduler.is_swapping(model_id)
+            or any(t.model == model_id for t in self._queue_positions)
+        ):
+            return
+        self._prewarms.pop(model_id).cancel()
 
     def reconfigure(self, config: Config, build: ProcessFactory) -> list[ModelProcess]:
         """Adopt a reloaded configuration without dropping requests.
@@ -399,6 +485,8 @@ class Router:
     def shutdown(self, timeout: float) -> defer.Deferred[None]:
         """Fail everything waiting and stop every process; fires when all
         children are gone."""
+        for prewarm in self._prewarms.values():
+            prewarm.cancel()
         self.scheduler.shutdown()
         retiring = [_quietly(d) for d in self._retiring.values()]
         d = defer.gatherResults(
@@ -411,8 +499,30 @@ class Router:
     def _priced(self, planner: ISwapPlanner) -> ISwapPlanner:
         """The placement planner prices evictions by what this router learns."""
         if isinstance(planner, PlacementPlanner):
-            return planner.with_costs(self.reload_costs)
+            priced = planner.with_costs(self.reload_costs)
+            priced.sleeping = self._sleeping
+            return priced
         return planner
+
+    def _sleeping(self) -> frozenset[str]:
+        return frozenset(m for m, p in self.processes.items() if p.state is ProcessState.SLEEPING)
+
+    def _to_sleep(self, target: str, evict: frozenset[str], running: frozenset[str]) -> set[str]:
+        """Which of ``evict`` are put to sleep instead of stopped: ready models
+        with a sleep tier, while (with placement) the target still fits
+        beside them asleep."""
+        asleep: set[str] = set()
+        for model in sorted(evict):
+            process = self.processes[model]
+            if not process.can_sleep or process.state is not ProcessState.READY:
+                continue
+            planner = self.planner
+            if isinstance(planner, PlacementPlanner) and not planner.sleep_is_enough(
+                target, running, evict, frozenset(asleep | {model})
+            ):
+                continue
+            asleep.add(model)
+        return asleep
 
     def _follow(self, process: ModelProcess) -> None:
         process.add_state_listener(self._on_state)
@@ -424,10 +534,11 @@ class Router:
     def _on_state(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
         log.debug("{model} {old} -> {new}", model=process.model_id, old=old.value, new=new.value)
         if new is ProcessState.STARTING:
-            self._starting_since[process.model_id] = self._clock.seconds()
+            if old is not ProcessState.SLEEPING:  # a wake is not a load to price
+                self._starting_since[process.model_id] = self._clock.seconds()
         else:
             since = self._starting_since.pop(process.model_id, None)
             if since is not None and new is ProcessState.READY:
                 self.reload_costs.loaded(process.model_id, self._clock.seconds() - since)
-        if new is ProcessState.STOPPED:
+        if new is ProcessState.STOPPED or new is ProcessState.SLEEPING:
             self.scheduler.state_changed(process.model_id)

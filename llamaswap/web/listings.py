@@ -71,8 +71,11 @@ def model_records(state: RoutingState, state_of: Callable[[str], str]) -> list[d
         if model.unlisted:
             continue
         record = _model_record(state, model_id, created)
-        loaded = state_of(model_id) not in _UNLOADED
-        record["status"] = {"value": "loaded" if loaded else "unloaded"}
+        current = state_of(model_id)
+        loaded = current not in _UNLOADED
+        record["status"] = {
+            "value": "sleeping" if current == "sleeping" else "loaded" if loaded else "unloaded"
+        }
         records.append(record)
         if state.aliases_listed:
             records += _alias_records(record, model_id, model.aliases, model.metadata)

@@ -18,7 +18,7 @@ import enum
 import json
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer
@@ -160,8 +160,13 @@ class LoadingStream:
         *,
         rng: random.Random | None = None,
         queue_position: Callable[[], int | None] | None = None,
+        load_progress: Callable[[], Mapping[str, float | None] | None] | None = None,
     ) -> None:
         self.model_id = model_id
+        #: the model's ``percent``/``eta_s`` (``None`` while not loading);
+        #: each new tenth of the load is typed as a message.
+        self._load_progress = load_progress
+        self._shown_tenth = 0
         self._request = request
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -231,7 +236,22 @@ class LoadingStream:
                 else self._shown_position
             ),
             "elapsed_s": round(self.elapsed(), 2),
+            **(self._loading() or {}),
         }
+
+    def _loading(self) -> Mapping[str, float | None] | None:
+        return self._load_progress() if self._load_progress is not None else None
+
+    def _load_message(self) -> str | None:
+        """``Loaded 40%, about 6 s left`` when the load reached a new tenth."""
+        loading = self._loading()
+        percent = loading.get("percent") if loading else None
+        if loading is None or percent is None or int(percent // 10) <= self._shown_tenth:
+            return None
+        self._shown_tenth = int(percent // 10)
+        eta = loading.get("eta_s")
+        left = f", about {eta:.0f} s left" if eta is not None else ""
+        return f"Loaded {percent:.0f}%{left}"
 
     def finish(self, elapsed_s: float | None = None) -> defer.Deferred[None]:
         """The model was granted: write the ``Done!`` lines (with the real
@@ -275,6 +295,8 @@ class LoadingStream:
             self._shown_position = self._pending_position
             self._pending_position = None
             self._message(f"Queue position: #{self._shown_position}", now)
+        elif (loaded := self._load_message()) is not None:
+            self._message(loaded, now)
         elif now - self._last_message_at >= self._remark_after:
             remark = self._remarks[self._next_remark % len(self._remarks)]
             self._next_remark += 1

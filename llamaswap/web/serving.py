@@ -286,6 +286,7 @@ class RequestServer:
             local.model_id,
             self._reactor,
             queue_position=lambda: self._router.queue_position_of(ticket),
+            load_progress=lambda: self._router.load_progress(local.model_id),
         )
 
     async def _relay(

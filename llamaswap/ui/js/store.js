@@ -18,6 +18,7 @@ class Store {
     this.statusList = null;      // last modelStatus payload (includes unlisted + peers)
     this.inflight = new Map();   // id -> entry, from inflight events
     this.inflightLive = false;   // true once /api/events delivered inflight data
+    this.loading = new Map();    // id -> loadingProgress entry (percent, eta_s, elapsed_s)
     this.profile = undefined;    // active profile from profileChanged
     this.uiConfig = null;
     this.resources = null;       // last /api/resources body (resources events)
@@ -138,6 +139,10 @@ class Store {
       case "logData": this.emit("logData", data); break;
       case "activity": this.emit("activity", data); break;
       case "inflight": this.onInflight(data); break;
+      case "loadingProgress":
+        this.loading = new Map((data?.models || []).map((m) => [m.id, m]));
+        this.emit("loading", this.loading);
+        break;
       case "profileChanged":
         this.profile = data?.active ?? null;
         this.emit("profile", this.profile);

@@ -270,7 +270,17 @@ export function mount(main) {
       details,
       local ? footprintLine(realId) : null,
       errors.has(m.id) ? h("p.error", errors.get(m.id)) : null,
+      state === "starting" ? loadingBar(store.loading.get(realId)) : null,
       actions.length ? h("div.actions", actions) : null);
+  }
+
+  // A starting model's load: a bar for the percent read, and the time left.
+  function loadingBar(p) {
+    if (!p || p.percent == null) return null;
+    const left = p.eta_s != null ? ` · about ${Math.round(p.eta_s)} s left` : "";
+    return h("div.loading", { dataset: { role: "loading" } },
+      h("progress", { max: 100, value: p.percent }),
+      h("span.meta", `${Math.round(p.percent)}%${left}`));
   }
 
   function draw() {
@@ -302,6 +312,7 @@ export function mount(main) {
       // Without the event stream, reserved amounts are polled with the states.
       if (store.mode !== "live") loadResources();
     }),
+    store.on("loading", draw),
     store.on("profile", drawProfiles),
     store.on("resources", (data) => { resources = data; drawResources(); draw(); }),
   ];
