@@ -65,10 +65,6 @@ def api_key_label(index: int) -> str:
     return f"key-{index}"
 
 
-def _positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
-
-
 class _Series:
     """The label children of one model, resolved once (``metric.labels`` builds
     a tuple and takes a lock on every call).  Each is made on first use, so a
@@ -261,7 +257,14 @@ class Metrics:
         if child is None:
             child = series.requests[path, status] = self._requests.labels(model, path, str(status))
         child.inc()
-        counts = _token_counts(usage_tokens)
+        if usage_tokens is None:
+            counts = _NO_TOKENS
+        else:  # -1 means "not reported"; a counter only goes up.
+            counts = (
+                usage_tokens.input_tokens if usage_tokens.input_tokens > 0 else 0,
+                usage_tokens.output_tokens if usage_tokens.output_tokens > 0 else 0,
+                usage_tokens.cache_tokens if usage_tokens.cache_tokens > 0 else 0,
+            )
         tokens = series.tokens
         if tokens is None:
             labels = self._tokens.labels
@@ -277,11 +280,12 @@ class Metrics:
             if series.ttfb is None:
                 series.ttfb = self._ttfb.labels(model)
             series.ttfb.observe(ttfb_s)
-        if prompt_tps is not None and _positive(prompt_tps):
+        # Speeds: zero, negative (not reported), NaN and infinity are skipped.
+        if prompt_tps is not None and prompt_tps > 0 and math.isfinite(prompt_tps):
             if series.prompt is None:
                 series.prompt = self._speed.labels(model, "prompt")
             series.prompt.observe(prompt_tps)
-        if gen_tps is not None and _positive(gen_tps):
+        if gen_tps is not None and gen_tps > 0 and math.isfinite(gen_tps):
             if series.generation is None:
                 series.generation = self._speed.labels(model, "generation")
             series.generation.observe(gen_tps)
@@ -416,19 +420,9 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE
 
 
+#: The input, output and cached counts (the order of `_Series.tokens`) of a
+#: request without usage.
 _NO_TOKENS = (0, 0, 0)
-
-
-def _token_counts(tokens: TokenMetrics | None) -> tuple[int, int, int]:
-    """The input, output and cached counts (the order of `_Series.tokens`)."""
-    if tokens is None:
-        return _NO_TOKENS
-    # -1 means "not reported"; a counter only goes up.
-    return (
-        max(tokens.input_tokens, 0),
-        max(tokens.output_tokens, 0),
-        max(tokens.cache_tokens, 0),
-    )
 
 
 # --------------------------------------------------------------------------
