@@ -5,6 +5,8 @@ one, so several app instances or tests never share series).  The app calls
 its methods as things happen: a request finished, a request waited in the
 queue, a model loaded, swapped, was evicted (by reason) or changed state.
 A local model that a reload removes loses every series labelled with it.
+Label children are resolved once per model (``labels()`` is not called per
+request) and dropped with that model's series.
 API keys are exported only by name (``key-<index>`` from `api_key_label`),
 never the secret; a name of any other shape is refused.
 
