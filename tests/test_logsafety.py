@@ -16,7 +16,13 @@ from twisted.logger import Logger, LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from llamaswap.observe.logformat import access_log_line, escape_field, safe_text
+from llamaswap.observe.logformat import (
+    access_log_line,
+    client_ip,
+    escape_field,
+    request_access_line,
+    safe_text,
+)
 from llamaswap.observe.logs import LogHub
 from llamaswap.service.journal import format_journal_event, format_text_event
 from llamaswap.web.site import LlamaSwapSite
@@ -100,6 +106,68 @@ class AccessLineTests(SynchronousTestCase):
             assert match is not None, line
             self.assertEqual(unescape(match["ua"]), user_agent)
             self.assertEqual(unescape(match["path"]), path)
+
+
+class _Finished:
+    """The parts of a finished twisted.web request the access log reads."""
+
+    def __init__(
+        self,
+        method: bytes,
+        proto: bytes | None,
+        path: bytes,
+        headers: dict[bytes, bytes],
+    ) -> None:
+        self.method = method
+        self.clientproto = proto
+        self.path = path
+        self._headers = headers
+        self.code = 200
+        self.sentLength = 7
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        return self._headers.get(name)
+
+    def getClientAddress(self) -> Any:
+        return IPv4Address("TCP", "127.0.0.1", 4242)
+
+
+_METHODS = st.sampled_from([b"GET", b"POST", b"HEAD", b"OPTIONS", b"get", b'PO"ST']) | st.binary()
+_PROTOS = st.sampled_from([None, b"HTTP/1.0", b"HTTP/1.1", b"HTTP/1.1\r\n"]) | st.binary()
+_HEADER_NAMES = st.sampled_from([b"x-forwarded-for", b"x-real-ip", b"user-agent"])
+
+
+class RequestAccessLineTests(SynchronousTestCase):
+    @given(
+        method=_METHODS,
+        proto=_PROTOS,
+        path=st.binary().map(lambda b: b"/v1/" + b),
+        headers=st.dictionaries(_HEADER_NAMES, st.binary()),
+    )
+    def test_same_line_as_from_fields(
+        self, method: bytes, proto: bytes | None, path: bytes, headers: dict[bytes, bytes]
+    ) -> None:
+        """The line of a request (common methods and protocols escaped once)
+        is the line `access_log_line` writes from its decoded fields."""
+        request = _Finished(method, proto, path, headers)
+
+        def header(name: bytes) -> str | None:
+            value = headers.get(name)
+            return None if value is None else value.decode("latin-1")
+
+        self.assertEqual(
+            request_access_line(request, duration=0.25),
+            access_log_line(
+                client=client_ip(header(b"x-forwarded-for"), header(b"x-real-ip"), "127.0.0.1"),
+                method=method.decode("latin-1"),
+                path=path.decode("utf-8", "replace"),
+                proto=(proto or b"HTTP/1.1").decode("latin-1"),
+                status=200,
+                body_bytes=7,
+                user_agent=header(b"user-agent") or "",
+                duration=0.25,
+            ),
+        )
 
 
 class _Ok(Resource):

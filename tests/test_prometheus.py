@@ -366,3 +366,48 @@ class RemovedModelTests(SynchronousTestCase):
         self.assertEqual(
             value(metrics, "llamaswap_evictions_total", model="llama", reason="reload"), 1
         )
+
+    def test_model_configured_again_counts_from_zero(self) -> None:
+        """A model removed by a reload and configured again gets every series
+        with the same labels back in ``/metrics``, counted from zero (the
+        cached label children of its first life are not reused)."""
+        metrics = Metrics(system=False)
+        metrics.retain_models(["llama"])
+        exercise(metrics, api_key_name="key-0")
+        metrics.upstream_retry("llama")
+        exercise(metrics, api_key_name="key-0")
+        metrics.retain_models([])
+        metrics.retain_models(["llama"])
+        self.assertEqual([s for s in samples(metrics) if s.labels.get("model") == "llama"], [])
+        exercise(metrics, api_key_name="key-0")
+        metrics.upstream_retry("llama")
+        got = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for s in samples(metrics)
+            if s.labels.get("model") == "llama" and not s.name.endswith("_created")
+        }
+        once = Metrics(system=False)
+        exercise(once, api_key_name="key-0")
+        once.upstream_retry("llama")
+        want = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for s in samples(once)
+            if s.labels.get("model") == "llama" and not s.name.endswith("_created")
+        }
+        self.assertEqual(got, want)
+        self.assertEqual(
+            value(
+                metrics,
+                "llamaswap_requests_total",
+                model="llama",
+                path="/v1/chat/completions",
+                status="200",
+            ),
+            1,
+        )
+        self.assertEqual(value(metrics, "llamaswap_swaps_total", model="llama"), 1)
+        self.assertEqual(value(metrics, "llamaswap_model_state", model="llama", state="ready"), 1)
+        # API keys are not per model: their counts go on.
+        self.assertEqual(
+            value(metrics, "llamaswap_api_key_tokens_total", key="key-0", kind="output"), 60
+        )

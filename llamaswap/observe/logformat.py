@@ -245,11 +245,40 @@ def access_log_line(
 ) -> str:
     """``Request <ip> "<METHOD> <path> <proto>" <status> <bytes> "<ua>" <duration>``,
     every field from the request escaped (:func:`escape_field`)."""
-    return (
-        f'Request {escape_field(client)} "{escape_field(method)} {escape_field(path)} '
-        f'{escape_field(proto)}" {status} {body_bytes} '
-        f'"{escape_field(user_agent)}" {go_duration(duration)}'
+    return _ACCESS_LINE(
+        escape_field(client),
+        escape_field(method),
+        escape_field(path),
+        escape_field(proto),
+        status,
+        body_bytes,
+        escape_field(user_agent),
+        go_duration(duration),
     )
+
+
+#: The access line from its escaped fields (client, method, path, protocol,
+#: status, body bytes, user agent, duration), the format parsed once.
+_ACCESS_LINE = 'Request {} "{} {} {}" {} {} "{}" {}'.format
+
+#: Methods and protocols as the access line writes them, decoded and escaped
+#: once; others are decoded and escaped per request.
+_HTTP_TOKENS: dict[bytes, str] = {
+    token: escape_field(token.decode("latin-1"))
+    for token in (
+        b"GET",
+        b"HEAD",
+        b"POST",
+        b"PUT",
+        b"PATCH",
+        b"DELETE",
+        b"OPTIONS",
+        b"CONNECT",
+        b"TRACE",
+        b"HTTP/1.0",
+        b"HTTP/1.1",
+    )
+}
 
 
 def _header(request: Any, name: bytes) -> str | None:
@@ -261,18 +290,25 @@ def request_access_line(request: Any, *, duration: float) -> str | None:
     """The access-log line for a finished Twisted ``request``, or ``None``
     for a skipped path.  Uses ``request.code`` and ``request.sentLength``."""
     path = request.path.decode("utf-8", "replace")
-    if skip_access_log(path):
+    if path.startswith(ACCESS_LOG_SKIPS):  # skip_access_log
         return None
     peer = getattr(request.getClientAddress(), "host", None) or ""
-    return access_log_line(
-        client=client_ip(
-            _header(request, b"x-forwarded-for"), _header(request, b"x-real-ip"), peer
+    method = _HTTP_TOKENS.get(request.method)
+    if method is None:
+        method = escape_field(request.method.decode("latin-1"))
+    proto_bytes = request.clientproto or b"HTTP/1.1"
+    proto = _HTTP_TOKENS.get(proto_bytes)
+    if proto is None:
+        proto = escape_field(proto_bytes.decode("latin-1"))
+    return _ACCESS_LINE(
+        escape_field(
+            client_ip(_header(request, b"x-forwarded-for"), _header(request, b"x-real-ip"), peer)
         ),
-        method=request.method.decode("latin-1"),
-        path=path,
-        proto=(request.clientproto or b"HTTP/1.1").decode("latin-1"),
-        status=int(request.code),
-        body_bytes=int(request.sentLength),
-        user_agent=_header(request, b"user-agent") or "",
-        duration=duration,
+        method,
+        escape_field(path),
+        proto,
+        int(request.code),
+        int(request.sentLength),
+        escape_field(_header(request, b"user-agent") or ""),
+        go_duration(duration),
     )

@@ -5,6 +5,8 @@ one, so several app instances or tests never share series).  The app calls
 its methods as things happen: a request finished, a request waited in the
 queue, a model loaded, swapped, was evicted (by reason) or changed state.
 A local model that a reload removes loses every series labelled with it.
+Label children are resolved once per model (``labels()`` is not called per
+request) and dropped with that model's series.
 API keys are exported only by name (``key-<index>`` from `api_key_label`),
 never the secret; a name of any other shape is refused.
 
@@ -65,8 +67,43 @@ def api_key_label(index: int) -> str:
     return f"key-{index}"
 
 
-def _positive(value: float) -> bool:
-    return math.isfinite(value) and value > 0
+class _Series:
+    """The label children of one model, resolved once (``metric.labels`` builds
+    a tuple and takes a lock on every call).  Each is made on first use, so a
+    series appears in ``/metrics`` exactly when it did without the cache; the
+    whole object is dropped when the model's series are removed
+    (`Metrics.forget_model`), so no cached child is ever a detached series."""
+
+    __slots__ = (
+        "evictions",
+        "generation",
+        "load",
+        "prompt",
+        "queue_wait",
+        "requests",
+        "retries",
+        "states",
+        "swaps",
+        "tokens",
+        "ttfb",
+    )
+
+    def __init__(self) -> None:
+        #: (path without query, status) -> child of ``llamaswap_requests``
+        self.requests: dict[tuple[str, int], Any] = {}
+        #: the input, output and cached children of ``llamaswap_tokens``
+        self.tokens: tuple[Any, Any, Any] | None = None
+        self.ttfb: Any = None
+        self.prompt: Any = None
+        self.generation: Any = None
+        self.queue_wait: Any = None
+        self.load: Any = None
+        self.swaps: Any = None
+        self.retries: Any = None
+        #: reason -> child of ``llamaswap_evictions``
+        self.evictions: dict[str, Any] = {}
+        #: state -> child of ``llamaswap_model_state``
+        self.states: dict[str, Any] = {}
 
 
 class Metrics:
@@ -184,6 +221,11 @@ class Metrics:
         #: local models a reload removed: late figures for them are ignored
         self._forgotten: set[str] = set()
         self._refused_key_name = False
+        #: model -> its label children; dropped with its series (`forget_model`)
+        self._series: dict[str, _Series] = {}
+        #: API key name -> its input, output and cached ``llamaswap_api_key_tokens``
+        #: children (names are checked once; bounded by the configured keys)
+        self._key_children: dict[str, tuple[Any, Any, Any]] = {}
         if system:
             registry.register(SystemCollector(system_source))
 
@@ -207,57 +249,120 @@ class Metrics:
         """
         if model in self._forgotten:
             return
-        self._requests.labels(model, path.split("?", 1)[0], str(int(status))).inc()
-        counts = _token_counts(usage_tokens)
-        for kind, count in counts:
-            self._tokens.labels(model, kind).inc(count)
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = _Series()
+        if "?" in path:
+            path = path.split("?", 1)[0]
+        status = int(status)
+        child = series.requests.get((path, status))
+        if child is None:
+            child = series.requests[path, status] = self._requests.labels(model, path, str(status))
+        child.inc()
+        if usage_tokens is None:
+            counts = _NO_TOKENS
+        else:  # -1 means "not reported"; a counter only goes up.
+            counts = (
+                usage_tokens.input_tokens if usage_tokens.input_tokens > 0 else 0,
+                usage_tokens.output_tokens if usage_tokens.output_tokens > 0 else 0,
+                usage_tokens.cache_tokens if usage_tokens.cache_tokens > 0 else 0,
+            )
+        tokens = series.tokens
+        if tokens is None:
+            labels = self._tokens.labels
+            tokens = series.tokens = (
+                labels(model, "input"),
+                labels(model, "output"),
+                labels(model, "cached"),
+            )
+        for token_child, count in zip(tokens, counts, strict=True):
+            if count:
+                token_child.inc(count)
         if ttfb_s is not None and math.isfinite(ttfb_s) and ttfb_s >= 0:
-            self._ttfb.labels(model).observe(ttfb_s)
-        if prompt_tps is not None and _positive(prompt_tps):
-            self._speed.labels(model, "prompt").observe(prompt_tps)
-        if gen_tps is not None and _positive(gen_tps):
-            self._speed.labels(model, "generation").observe(gen_tps)
+            if series.ttfb is None:
+                series.ttfb = self._ttfb.labels(model)
+            series.ttfb.observe(ttfb_s)
+        # Speeds: zero, negative (not reported), NaN and infinity are skipped.
+        if prompt_tps is not None and prompt_tps > 0 and math.isfinite(prompt_tps):
+            if series.prompt is None:
+                series.prompt = self._speed.labels(model, "prompt")
+            series.prompt.observe(prompt_tps)
+        if gen_tps is not None and gen_tps > 0 and math.isfinite(gen_tps):
+            if series.generation is None:
+                series.generation = self._speed.labels(model, "generation")
+            series.generation.observe(gen_tps)
         if api_key_name is None:
             return
-        if not _KEY_NAME.match(api_key_name):
-            # Never export what might be a secret.
-            if not self._refused_key_name:
-                self._refused_key_name = True
-                log.warn("metrics: API key names must look like key-<index>; not counting")
-            return
-        for kind, count in counts:
-            self._key_tokens.labels(api_key_name, kind).inc(count)
+        key_tokens = self._key_children.get(api_key_name)
+        if key_tokens is None:
+            if not _KEY_NAME.match(api_key_name):
+                # Never export what might be a secret.
+                if not self._refused_key_name:
+                    self._refused_key_name = True
+                    log.warn("metrics: API key names must look like key-<index>; not counting")
+                return
+            labels = self._key_tokens.labels
+            key_tokens = self._key_children[api_key_name] = (
+                labels(api_key_name, "input"),
+                labels(api_key_name, "output"),
+                labels(api_key_name, "cached"),
+            )
+        for token_child, count in zip(key_tokens, counts, strict=True):
+            if count:
+                token_child.inc(count)
+
+    def _model_series(self, model: str) -> _Series:
+        series = self._series.get(model)
+        if series is None:
+            series = self._series[model] = _Series()
+        return series
 
     def queue_wait(self, model: str, seconds: float) -> None:
         """A request for ``model`` was forwarded after waiting ``seconds``."""
         if model in self._forgotten:
             return
-        self._queue_wait.labels(model).observe(max(seconds, 0.0))
+        series = self._model_series(model)
+        if series.queue_wait is None:
+            series.queue_wait = self._queue_wait.labels(model)
+        series.queue_wait.observe(max(seconds, 0.0))
 
     def model_loaded(self, model: str, seconds: float) -> None:
         """``model`` became ready ``seconds`` after its process was started."""
         if model in self._forgotten:
             return
-        self._load.labels(model).observe(max(seconds, 0.0))
+        series = self._model_series(model)
+        if series.load is None:
+            series.load = self._load.labels(model)
+        series.load.observe(max(seconds, 0.0))
 
     def swap(self, model: str) -> None:
         """``model`` was started to serve a request."""
         if model in self._forgotten:
             return
-        self._swaps.labels(model).inc()
+        series = self._model_series(model)
+        if series.swaps is None:
+            series.swaps = self._swaps.labels(model)
+        series.swaps.inc()
 
     def evicted(self, model: str, reason: str) -> None:
         """``model`` (starting or running) was stopped; ``reason`` is swap, ttl,
         reload, unload or crash (the set is open: more may come)."""
         if model in self._forgotten:
             return
-        self._evictions.labels(model, reason).inc()
+        evictions = self._model_series(model).evictions
+        child = evictions.get(reason)
+        if child is None:
+            child = evictions[reason] = self._evictions.labels(model, reason)
+        child.inc()
 
     def upstream_retry(self, model: str) -> None:
         """A request for ``model`` was re-sent (stale keep-alive connection)."""
         if model in self._forgotten:
             return
-        self._retries.labels(model).inc()
+        series = self._model_series(model)
+        if series.retries is None:
+            series.retries = self._retries.labels(model)
+        series.retries.inc()
 
     def model_state(self, model: str, state: str) -> None:
         """``model`` is now in ``state`` (a `ProcessState` value)."""
@@ -266,8 +371,12 @@ class Metrics:
         state = str(state)
         known = self._states.setdefault(model, dict.fromkeys(MODEL_STATES))
         known.setdefault(state)
+        children = self._model_series(model).states
         for each in known:
-            self._state.labels(model, each).set(1 if each == state else 0)
+            child = children.get(each)
+            if child is None:
+                child = children[each] = self._state.labels(model, each)
+            child.set(1 if each == state else 0)
 
     def resources(self, report: Mapping[str, Any]) -> None:
         """The ``GET /api/resources`` body changed: set the resource gauges
@@ -304,6 +413,7 @@ class Metrics:
         `retain_models` names it again."""
         self._forgotten.add(model)
         self._states.pop(model, None)
+        self._series.pop(model, None)
         for metric in self._per_model:
             metric.remove_by_labels({"model": model})
 
@@ -312,15 +422,9 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE
 
 
-def _token_counts(tokens: TokenMetrics | None) -> tuple[tuple[str, int], ...]:
-    if tokens is None:
-        return (("input", 0), ("output", 0), ("cached", 0))
-    # -1 means "not reported"; a counter only goes up.
-    return (
-        ("input", max(tokens.input_tokens, 0)),
-        ("output", max(tokens.output_tokens, 0)),
-        ("cached", max(tokens.cache_tokens, 0)),
-    )
+#: The input, output and cached counts (the order of `_Series.tokens`) of a
+#: request without usage.
+_NO_TOKENS = (0, 0, 0)
 
 
 # --------------------------------------------------------------------------

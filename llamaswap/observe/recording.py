@@ -120,6 +120,8 @@ class ActivityRecorder:
         self.captures = captures
         self.metrics = metrics
         self._on_entry = on_entry
+        #: API key index -> its exported name (bounded by the configured keys)
+        self._key_names: dict[int, str] = {}
 
     def begin(
         self,
@@ -159,6 +161,11 @@ class ActivityRecorder:
                 None if recording.first_byte is None else recording.first_byte - recording.started
             )
             key = recording.api_key_index
+            key_name = None
+            if key is not None:
+                key_name = self._key_names.get(key)
+                if key_name is None:
+                    key_name = self._key_names[key] = api_key_label(key)
             self.metrics.request_finished(
                 recording.model,
                 recording.req_path,
@@ -167,7 +174,7 @@ class ActivityRecorder:
                 ttfb,
                 tokens.prompt_per_second,
                 tokens.tokens_per_second,
-                api_key_label(key) if key is not None else None,
+                key_name,
             )
         d = self.store.add(
             model=recording.model,
