@@ -55,6 +55,7 @@ MODEL_KEYS = frozenset(
         "capabilities",
         "healthCheckTimeout",
         "resources",
+        "promptCache",
     }
 )
 
@@ -215,7 +216,17 @@ def model_config(
         capabilities=_capabilities(entry.get("capabilities")),
         ignore_websockets=model_id == COMFYUI_MODEL_ID or _ignores_websockets(entry.get("compat")),
         timeouts=timeouts,
+        prompt_cache=_prompt_cache(fields, argv),
     )
+
+
+def _prompt_cache(fields: Fields, argv: tuple[str, ...]) -> bool:
+    """``promptCache``: only for a model llamaswap starts (it has a ``cmd``)."""
+    enabled = bool(fields.boolean("promptCache", False))
+    if enabled and not argv and not fields.report.is_flagged(f"{fields.path}.cmd"):
+        fields.report.error(f"{fields.path}.promptCache", "needs a cmd that starts llama-server")
+        return False
+    return enabled
 
 
 def _capabilities(raw: Any) -> Mapping[str, Any]:
