@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any
 
 import treq
@@ -29,7 +30,7 @@ from llamaswap.supervision.promptcache import (
     enforce_bound,
     saves_on,
 )
-from tests.support import HERE, PYTHON, poll_until
+from tests.support import HERE, PYTHON, ServiceProcess, free_port, poll_until
 
 FAKE = os.path.join(HERE, "fakellama.py")
 
@@ -47,8 +48,6 @@ def config_text(
 
 
 def load(text: str, start_port: int = 0) -> Any:
-    from tests.support import free_port
-
     port = start_port or free_port()
     return load_config_text(f"startPort: {port}\n" + text, environ={})
 
@@ -426,3 +425,51 @@ class PromptCacheTests(TestCase):
             caches.observed(process.model_id, 200, 0)  # not the first response: not counted
             await process.stop(reason="swap")
         self.assertNotIn("switched off", self.logged())
+
+
+class ServiceWiringTests(TestCase):
+    """Through llamaswap itself: responses' ``timings.cache_n`` reach the cache."""
+
+    timeout = 120
+
+    async def test_unused_restores_switch_it_off_through_the_service(self) -> None:
+        root = os.path.abspath(self.mktemp())
+        config = {
+            "startPort": free_port(),
+            "promptCacheDir": root,
+            "models": {
+                name: {"cmd": f"{PYTHON} {FAKE} --port ${{PORT}}", "promptCache": True}
+                for name in ("a", "b")
+            },
+        }
+        path = os.path.abspath(self.mktemp()) + ".yaml"
+        with open(path, "w") as stream:
+            json.dump(config, stream)
+        running = ServiceProcess(["-m", "llamaswap", "-c", path], free_port())
+        self.addCleanup(self.stop, running)
+        await running.wait_up()
+
+        async def chat(name: str, text: str) -> int:
+            response = await treq.post(
+                running.url + "/v1/chat/completions",
+                json={"model": name, "messages": [{"role": "user", "content": text}]},
+                pool=running.pool,
+            )
+            body = json.loads(await response.content())
+            cache_n: int = body["timings"]["cache_n"]
+            return cache_n
+
+        await chat("a", "one two three")
+        await chat("b", "x")  # a saved
+        self.assertEqual(await chat("a", "one two three four"), 3)  # restored and reused
+        for round in range(NOOP_LIMIT):
+            await chat("b", "x")
+            # A new conversation each time: the restore is never reused.
+            self.assertEqual(await chat("a", f"other{round} words"), 0)
+        await poll_until(lambda: "a prompt cache switched off" in running.text(), timeout=30)
+        self.assertNotIn("b prompt cache switched off", running.text())
+
+    async def stop(self, running: ServiceProcess) -> None:
+        if not running.ended.called:
+            running.transport.signalProcess(signal.SIGTERM)
+            await running.ended
