@@ -165,13 +165,13 @@ class PromptCaches:
         self._states: dict[tuple[str, str], _ModelState] = {}
         self._current: dict[str, PromptCache] = {}
         self.settings = settings
-        self.root = settings.dir or default_prompt_cache_dir(environ)
+        self.root = os.path.abspath(settings.dir or default_prompt_cache_dir(environ))
         self.agent = Agent.usingEndpointFactory(reactor, UpstreamEndpoints(reactor))
 
     def reconfigure(self, settings: PromptCacheSettings) -> None:
         """A reload's ``promptCacheDir`` and ``promptCacheMaxBytes``."""
         self.settings = settings
-        self.root = settings.dir or default_prompt_cache_dir(self._environ)
+        self.root = os.path.abspath(settings.dir or default_prompt_cache_dir(self._environ))
 
     def for_model(self, config: ModelConfig) -> PromptCache | None:
         """The hooks of a process of ``config``; ``None`` without ``promptCache``."""
