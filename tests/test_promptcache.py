@@ -447,18 +447,25 @@ class ServiceWiringTests(TestCase):
 
     async def test_unused_restores_switch_it_off_through_the_service(self) -> None:
         root = os.path.abspath(self.mktemp())
+        ports: set[int] = set()
+        while len(ports) < 3:  # the models' and llamaswap's, all different
+            ports.add(free_port())
+        a_port, b_port, listen = sorted(ports)
         config = {
-            "startPort": free_port(),
             "promptCacheDir": root,
             "models": {
-                name: {"cmd": f"{PYTHON} {FAKE} --port ${{PORT}}", "promptCache": True}
-                for name in ("a", "b")
+                name: {
+                    "cmd": f"{PYTHON} {FAKE} --port {port}",
+                    "proxy": f"http://127.0.0.1:{port}",
+                    "promptCache": True,
+                }
+                for name, port in (("a", a_port), ("b", b_port))
             },
         }
         path = os.path.abspath(self.mktemp()) + ".yaml"
         with open(path, "w") as stream:
             json.dump(config, stream)
-        running = ServiceProcess(["-m", "llamaswap", "-c", path], free_port())
+        running = ServiceProcess(["-m", "llamaswap", "-c", path], listen)
         self.addCleanup(self.stop, running)
         await running.wait_up()
 
