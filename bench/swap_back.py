@@ -196,17 +196,20 @@ def scenario(
         )
         prompt_tokens = first["usage"]["prompt_tokens"]
         for _ in range(args.rounds):
+            began = time.perf_counter()
             post(
                 server.url("/v1/chat/completions"),
                 {"model": "other", "messages": [{"role": "user", "content": "hi"}],
                  "max_tokens": 1},
             )  # fmt: skip
+            away = time.perf_counter() - began
             if args.cold_disk:
                 drop_from_page_cache(gguf)
             ttft, timings = streamed(server.port, "long", text)
             rounds.append(
                 {
                     "ttft_s": ttft,
+                    "swap_away_s": away,
                     "prompt_n": timings.get("prompt_n"),
                     "cache_n": timings.get("cache_n"),
                     "prompt_ms": timings.get("prompt_ms"),
@@ -221,6 +224,7 @@ def scenario(
         "scenario": name,
         "prompt_tokens": prompt_tokens,
         "ttft_s": statistics.median(r["ttft_s"] for r in rounds),
+        "swap_away_s": statistics.median(r["swap_away_s"] for r in rounds),
         "prompt_n": statistics.median(r["prompt_n"] for r in rounds),
         "cache_n": statistics.median(r["cache_n"] for r in rounds),
         "rounds": rounds,
@@ -287,12 +291,13 @@ def main() -> None:
     print()
     print(f"return to a swapped-out model, {results[0]['prompt_tokens']} prompt tokens, "
           f"-c {args.ctx}, median of {args.rounds} rounds")  # fmt: skip
-    print(f"{'scenario':10} {'TTFT s':>8} {'processed':>10} {'from cache':>11}")
+    print(f"{'scenario':10} {'TTFT s':>8} {'processed':>10} {'from cache':>11} {'swap away s':>12}")
     for row in results:
         print(
             f"{row['scenario']:10} {row['ttft_s']:8.2f} {row['prompt_n']:10.0f} "
-            f"{row['cache_n']:11.0f}"
+            f"{row['cache_n']:11.0f} {row['swap_away_s']:12.2f}"
         )
+    print("(swap away: the request for the other model, which includes the save)")
     if not prewarm_available():
         print(f"{'prewarm':10} {'n/a':>8}  (issue 14.3 prewarm not in this checkout)")
     cold, cache = results
