@@ -92,6 +92,19 @@ class ConfigTests(SynchronousTestCase):
             "models.a.promptCache: needs a cmd that starts llama-server", str(raised.exception)
         )
 
+    def test_warns_for_a_command_unlike_llama_server(self) -> None:
+        config = load_config_text(
+            "models:\n  a:\n    cmd: vllm serve x --port ${PORT}\n    promptCache: true\n",
+            environ={},
+        )
+        self.assertEqual(
+            config.warnings,
+            (
+                "models.a.promptCache: for llama-server only, and the command does not "
+                "look like one (--slot-save-path is added to it)",
+            ),
+        )
+
 
 class NamingTests(SynchronousTestCase):
     def test_default_dir(self) -> None:

@@ -226,6 +226,12 @@ def _prompt_cache(fields: Fields, argv: tuple[str, ...]) -> bool:
     if enabled and not argv and not fields.report.is_flagged(f"{fields.path}.cmd"):
         fields.report.error(f"{fields.path}.promptCache", "needs a cmd that starts llama-server")
         return False
+    if enabled and argv and not any("llama" in word.lower() for word in argv):
+        fields.report.warn(
+            f"{fields.path}.promptCache",
+            "for llama-server only, and the command does not look like one "
+            "(--slot-save-path is added to it)",
+        )
     return enabled
 
 
