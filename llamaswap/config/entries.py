@@ -58,6 +58,7 @@ MODEL_KEYS = frozenset(
         "resources",
         "files",
         "sleep",
+        "promptCache",
     }
 )
 
@@ -220,7 +221,23 @@ def model_config(
         timeouts=timeouts,
         files=fields.strings("files"),
         sleep=read_sleep(entry.get("sleep"), f"{path}.sleep", report),
+        prompt_cache=_prompt_cache(fields, argv),
     )
+
+
+def _prompt_cache(fields: Fields, argv: tuple[str, ...]) -> bool:
+    """``promptCache``: only for a model llamaswap starts (it has a ``cmd``)."""
+    enabled = bool(fields.boolean("promptCache", False))
+    if enabled and not argv and not fields.report.is_flagged(f"{fields.path}.cmd"):
+        fields.report.error(f"{fields.path}.promptCache", "needs a cmd that starts llama-server")
+        return False
+    if enabled and argv and not any("llama" in word.lower() for word in argv):
+        fields.report.warn(
+            f"{fields.path}.promptCache",
+            "for llama-server only, and the command does not look like one "
+            "(--slot-save-path is added to it)",
+        )
+    return enabled
 
 
 def _capabilities(raw: Any) -> Mapping[str, Any]:

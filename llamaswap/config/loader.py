@@ -51,6 +51,7 @@ from llamaswap.config.model import (
 from llamaswap.config.peers import Peers, read_peers
 from llamaswap.config.problems import describe, in_file, missing_server_message
 from llamaswap.config.profiles import ProfilesConfig, planner_coexistence, read_profiles
+from llamaswap.config.promptcache import read_prompt_cache
 from llamaswap.config.resources import ResourcesConfig, placed_routing, read_resources
 from llamaswap.config.routing import RoutingConfig, read_routing
 from llamaswap.config.settings import (
@@ -107,6 +108,8 @@ TOP_LEVEL_KEYS = frozenset(
         "matrix",
         "compat",
         "resources",
+        "promptCacheDir",
+        "promptCacheMaxBytes",
     }
 )
 
@@ -245,6 +248,8 @@ def _build(raw: dict[str, Any]) -> Config:
     sections = _read_sections(expanded, models, aliases, report)
     max_request_body_size, problems = read_max_request_body_size(expanded)
     report.errors.extend(problems)
+    prompt_cache, problems = read_prompt_cache(expanded)
+    report.errors.extend(problems)
     if report.errors:
         raise ConfigError(report.errors, report.warnings)
     return Config(
@@ -275,6 +280,7 @@ def _build(raw: dict[str, Any]) -> Config:
         ui_session_headers=read_session_headers(expanded),
         allowed_hosts=allowed_hosts,
         allowed_origins=allowed_origins,
+        prompt_cache=prompt_cache,
         _document=MappingProxyType(expanded),
     )
 

@@ -19,6 +19,7 @@ from llamaswap.config.browser import AllowedHosts, AllowedOrigins
 from llamaswap.config.filters import ModelFilters
 from llamaswap.config.peers import Peers, PeerTimeouts
 from llamaswap.config.profiles import ProfilesConfig
+from llamaswap.config.promptcache import PromptCacheSettings
 from llamaswap.config.resources import ResourcesConfig
 from llamaswap.config.routing import RoutingConfig
 from llamaswap.config.settings import (
@@ -106,6 +107,9 @@ class ModelConfig:
     files: tuple[str, ...] = field(default=(), compare=False)
     #: ``sleep``: put to sleep instead of stopped by swaps; ``None`` = no sleep tier.
     sleep: SleepConfig | None = None
+    #: ``promptCache: true``: llama-server's slots are saved before a stop
+    #: llamaswap chose and restored after the next start.
+    prompt_cache: bool = False
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
@@ -172,6 +176,8 @@ class Config:
     #: top-level ``resources`` and every model's footprint; ``None`` without
     #: them (no placement: the routing planner alone decides).
     resources: ResourcesConfig | None = None
+    #: ``promptCacheDir`` and ``promptCacheMaxBytes``.
+    prompt_cache: PromptCacheSettings = field(default_factory=PromptCacheSettings)
     #: the fully macro-expanded document, only for :meth:`resolved_yaml`.
     _document: Mapping[str, Any] = field(default_factory=_frozen_map, repr=False)
 

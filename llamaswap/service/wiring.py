@@ -8,6 +8,7 @@ that owns them all.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import threads
@@ -27,6 +28,7 @@ from llamaswap.service.processes import build_processes, process_factory
 from llamaswap.service.progress import LoadingProgress
 from llamaswap.service.reload import Sources
 from llamaswap.service.service import LlamaSwapService
+from llamaswap.supervision.promptcache import PromptCaches
 from llamaswap.supervision.router import ProcessFactory, Router
 from llamaswap.upstream.client import UpstreamClient
 from llamaswap.web.app import LlamaSwapApp
@@ -34,12 +36,17 @@ from llamaswap.web.streams import streams_resource
 
 
 def build_recorder(
-    config: Config, reactor: Any, metrics: Metrics, bus: EventBus
+    config: Config,
+    reactor: Any,
+    metrics: Metrics,
+    bus: EventBus,
+    prompt_caches: PromptCaches | None = None,
 ) -> ActivityRecorder:
     """The activity store (``store.path`` SQLite file, else the in-memory ring
     of ``metricsMaxInMemory`` rows) and capture cache (``captureBuffer`` MiB
     of compressed captures, encoded off the reactor; 0 disables); every stored
-    row is announced on ``bus``."""
+    row is announced on ``bus`` (and its ``timings.cache_n`` told to the
+    prompt caches)."""
     captures = None
     if config.capture_buffer_mib > 0:
         captures = CaptureCache(config.capture_buffer_mib * 1024 * 1024, CaptureEncoder(reactor))
@@ -53,6 +60,8 @@ def build_recorder(
 
     def on_entry(entry: ActivityEntry) -> None:
         bus.activity(entry.id)
+        if prompt_caches is not None:
+            prompt_caches.observed(entry.model, entry.resp_status_code, entry.tokens.cache_tokens)
 
     return ActivityRecorder(reactor, store, captures, metrics, on_entry)
 
@@ -79,18 +88,19 @@ def build_service(
     unbridge = bridge_logs(logs, bus)
     inflight = InflightTracker(reactor, bus)
     metrics = Metrics(system=not config.performance_disabled)
+    prompt_caches = PromptCaches(reactor, config.prompt_cache, os.environ)
     router = Router(
         config,
-        build_processes(config, reactor, logs=logs),
+        build_processes(config, reactor, logs=logs, prompt_caches=prompt_caches),
         clock=reactor,
         on_evicted=metrics.evicted,
     )
 
     def processes_of(reloaded: Config) -> ProcessFactory:
-        return process_factory(reloaded, reactor, logs=logs)
+        return process_factory(reloaded, reactor, logs=logs, prompt_caches=prompt_caches)
 
     client = UpstreamClient(reactor)
-    recorder = build_recorder(config, reactor, metrics, bus)
+    recorder = build_recorder(config, reactor, metrics, bus, prompt_caches)
     resources = ResourceMonitor(
         config,
         router,

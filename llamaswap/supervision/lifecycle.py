@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -120,6 +120,24 @@ class Lifecycle(Protocol):
         """The previous child's group is gone."""
 
 
+class LifecycleHooks(Protocol):
+    """Work a model's lifecycle waits for (the prompt cache,
+    :mod:`llamaswap.supervision.promptcache`); none of it can fail a start
+    or a stop."""
+
+    def prepare_argv(self, argv: tuple[str, ...]) -> Deferred[tuple[str, ...]]:
+        """The command to launch, from the configured one."""
+
+    def before_stop(
+        self, reason: str | None, deadline: Callable[[], float]
+    ) -> Deferred[None] | None:
+        """Before a ready child is asked to stop for ``reason``; done by
+        ``deadline()`` (which a later stop may bring forward)."""
+
+    def before_ready(self) -> Deferred[None]:
+        """After the health check passed, before the child is ready."""
+
+
 class IdleClock:
     """Counts requests in flight and, while armed (the process is ready),
     calls back once no request has been in flight for ``ttl`` seconds.
@@ -184,8 +202,10 @@ class LifecycleCore:
         environ: Mapping[str, str],
         publish: Callable[[ProcessState, ProcessState], None],
         caller: SleepCaller | None = None,
+        hooks: LifecycleHooks | None = None,
     ) -> None:
         self.config = config
+        self.hooks = hooks
         self.model_id = config.id
         self.clock = clock
         self.probe = probe
@@ -279,6 +299,22 @@ class LifecycleCore:
         if not argv:
             machine._launch_failed(StartError("empty command"))
             return
+        if self.hooks is None:
+            self._spawn(machine, argv)
+            return
+        generation = self._generation
+
+        def spawn(prepared: tuple[str, ...]) -> None:
+            if generation == self._generation:  # still launching
+                self.drive(self._spawn, machine, prepared)
+
+        def failed(failure: Any) -> None:
+            log.failure("{model} preparing the command failed", failure, model=self.model_id)
+            spawn(argv)
+
+        self.hooks.prepare_argv(argv).addCallbacks(spawn, failed)
+
+    def _spawn(self, machine: Lifecycle, argv: tuple[str, ...]) -> None:
         try:
             run = ChildRun(
                 self._launcher, argv, self.environment(), self._output, self.feed(machine._exited)
@@ -315,5 +351,21 @@ class LifecycleCore:
         if len(self.ready):
             machine._resume()
 
-    def reap(self, machine: Lifecycle, run: ChildRun, timeout: float) -> Teardown:
-        return self.reaper.reap(run, timeout, self.feed(machine._reaped))
+    def reap(
+        self, machine: Lifecycle, run: ChildRun, timeout: float, *, ready: bool = False
+    ) -> Teardown:
+        """Kill ``run``; a ``ready`` child first gets the hooks' ``before_stop``."""
+        before = None
+        if ready and self.hooks is not None:
+            hooks, reason = self.hooks, self.stop_reason
+
+            def before(deadline: Callable[[], float]) -> Deferred[None] | None:
+                return hooks.before_stop(reason, deadline)
+
+        return self.reaper.reap(run, timeout, self.feed(machine._reaped), before)
+
+    def before_ready(self) -> Deferred[None]:
+        """The hooks' work between a passed health check and ``ready``."""
+        if self.hooks is None:
+            return succeed(None)
+        return self.hooks.before_ready()

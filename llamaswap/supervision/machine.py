@@ -59,7 +59,7 @@ class _Checking:
         self._url = core.config.proxy + endpoint if endpoint is not None else None
         self._timeout = core.health_check_timeout
         if self._url is None:
-            self._poll: Deferred[HealthVerdict] = succeed(HealthVerdict(True))
+            self._poll: Deferred[Any] = succeed(HealthVerdict(True))
         else:
             deadline = core.clock.seconds() + core.health_check_timeout
             self._poll = Deferred.fromCoroutine(
@@ -83,12 +83,22 @@ class _Checking:
         elif result.healthy:
             if self._url is not None:
                 log.info("{model} Health check passed on {url}", model=core.model_id, url=self._url)
-            core.drive(machine._healthy, self.run)
+            # The hooks' work (a prompt cache's restore) comes before ready;
+            # abandoning the start cancels it.
+            self._poll = core.before_ready()
+            self._poll.addBoth(self._prepared, machine, core)
         else:
             message = f"health check timed out after {self._timeout:g}s"
             if result.last_seen:
                 message += f" (last probe on {self._url}: {result.last_seen})"
             core.drive(machine._unhealthy, StartError(message))
+
+    def _prepared(self, result: object, machine: Lifecycle, core: LifecycleCore) -> None:
+        if self._abandoned:
+            return
+        if isinstance(result, Failure):
+            log.failure("{model} work before ready failed", result, model=core.model_id)
+        core.drive(machine._healthy, self.run)
 
 
 class _Ready:
@@ -318,7 +328,7 @@ def _build() -> TypeMachine[Lifecycle, LifecycleCore]:
         machine: Lifecycle, core: LifecycleCore, now: _Ready, timeout: float
     ) -> Deferred[None]:
         core.idle.disarm()
-        teardown = core.reap(machine, now.run, timeout)
+        teardown = core.reap(machine, now.run, timeout, ready=True)
         core.abort_waiting()
         return teardown.waiters.wait()
 
@@ -385,7 +395,7 @@ def _build() -> TypeMachine[Lifecycle, LifecycleCore]:
             model=core.model_id,
             ttl=core.config.ttl,
         )
-        core.reap(machine, now.run, core.config.unload_timeout)
+        core.reap(machine, now.run, core.config.unload_timeout, ready=True)
         core.abort_waiting()
 
     # -- the previous child is gone --------------------------------------------

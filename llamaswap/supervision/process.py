@@ -21,7 +21,12 @@ from llamaswap.config.model import ModelConfig
 from llamaswap.supervision.child import OutputSink
 from llamaswap.supervision.health import Probe
 from llamaswap.supervision.launcher import IProcessLauncher
-from llamaswap.supervision.lifecycle import LifecycleCore, ProcessState, StartError
+from llamaswap.supervision.lifecycle import (
+    LifecycleCore,
+    LifecycleHooks,
+    ProcessState,
+    StartError,
+)
 from llamaswap.supervision.machine import LifecycleMachine
 from llamaswap.supervision.sleep import SleepCaller
 
@@ -68,6 +73,7 @@ class ModelProcess:
         output: OutputSink,
         health_check_timeout: float,
         environ: Mapping[str, str],
+        hooks: LifecycleHooks | None = None,
     ) -> None:
         self.config = config
         self.model_id = config.id
@@ -85,6 +91,7 @@ class ModelProcess:
             environ=environ,
             publish=self._publish,
             caller=sleep_caller,
+            hooks=hooks,
         )
         self._machine = LifecycleMachine(self._core)
 

@@ -32,11 +32,18 @@ log = Logger()
 KILL_WAIT = 5.0
 
 
+#: ``before(deadline)``: work to finish by ``deadline()`` before the child
+#: is asked to stop; ``None`` when there is none.
+BeforeStop = Callable[[Callable[[], float]], Deferred[None] | None]
+
+
 class Teardown:
     """Killing one child: ``waiters`` hear when its group is gone."""
 
-    def __init__(self, run: ChildRun, kill_at: float) -> None:
+    def __init__(self, run: ChildRun, kill_at: float, before: BeforeStop | None = None) -> None:
         self.run = run
+        #: work before the stop is asked for (a prompt cache's save).
+        self.before = before
         #: when the graceful phase ends; a later stop may bring it forward.
         self.kill_at = kill_at
         self.waiters: Waiters[None] = Waiters()
@@ -69,11 +76,18 @@ class Reaper:
         """The pid of the leader being stopped, while it has not exited."""
         return self._current.run.live_pid if self._current is not None else None
 
-    def reap(self, run: ChildRun, timeout: float, done: Callable[[Teardown], None]) -> Teardown:
-        """Kill ``run``'s group (graceful for ``timeout`` s); ``done`` hears when
-        it is gone.  The caller fires the teardown's waiters."""
+    def reap(
+        self,
+        run: ChildRun,
+        timeout: float,
+        done: Callable[[Teardown], None],
+        before: BeforeStop | None = None,
+    ) -> Teardown:
+        """Kill ``run``'s group (graceful for ``timeout`` s, ``before`` run
+        first within it); ``done`` hears when it is gone.  The caller fires
+        the teardown's waiters."""
         run.detach()
-        teardown = self._current = Teardown(run, self._clock.seconds() + timeout)
+        teardown = self._current = Teardown(run, self._clock.seconds() + timeout, before)
         finished = Deferred.fromCoroutine(self._terminate(teardown))
         finished.addErrback(lambda f: log.failure("{model} stop failed", f, model=self._model_id))
         finished.addCallback(lambda _: self._finished(teardown, done))
@@ -101,6 +115,8 @@ class Reaper:
             if run.status is not None and not child.group_alive():
                 return
             if run.status is None and teardown.kill_at > self._clock.seconds():
+                await self._before_stop(teardown)
+            if run.status is None and teardown.kill_at > self._clock.seconds():
                 if not self._run_stop_command(teardown):
                     child.signal_group(signal.SIGTERM)
                 if await self._await_gone(run, lambda: teardown.kill_at):
@@ -117,6 +133,17 @@ class Reaper:
         finally:
             await self._end_stopper(teardown)
             await child.release()
+
+    async def _before_stop(self, teardown: Teardown) -> None:
+        """Run ``teardown.before`` (never past the graceful deadline; errors logged)."""
+        if teardown.before is None:
+            return
+        try:
+            work = teardown.before(lambda: teardown.kill_at)
+            if work is not None:
+                await work.addTimeout(teardown.kill_at - self._clock.seconds(), self._clock)
+        except Exception:
+            log.failure("{model} work before the stop failed", model=self._model_id)
 
     async def _end_stopper(self, teardown: Teardown) -> None:
         """Wait for ``cmdStop`` until the graceful deadline, then kill its group."""
