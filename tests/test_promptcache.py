@@ -419,9 +419,10 @@ class PromptCacheTests(TestCase):
         await process.make_ready()
         await self.chat(process, "a b c")
         await process.stop(reason="swap")
-        await caches.lock.run(lambda: None)  # the confirmation and bound ran
+        # The confirmation and the bound run in the thread pool after the stop.
+        await poll_until(lambda: "promptCacheMaxBytes reached" in self.logged(), timeout=10)
+        await caches.lock.run(lambda: None)
         self.assertEqual([f for f in self.files() if f.endswith(".bin")], [])
-        self.assertIn("promptCacheMaxBytes reached", self.logged())
 
     async def test_restores_never_reused_switch_it_off(self) -> None:
         caches = self.caches()

@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from llamaswap.observe.logs import LogMonitor
-from llamaswap.supervision.health import describe_probe_failure, http_probe
+from llamaswap.supervision.health import describe_probe_failure, http_probe, poll_health
 from llamaswap.supervision.launcher import ProcessGroupLauncher
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
 from tests.scripted import Script, serve
@@ -124,6 +124,30 @@ class HealthMessageTests(ProcessTestCase):
             [(round(when, 2), round(timeout, 2)) for when, _, timeout, _ in self.probe.calls],
             [(0.0, 5.0), (5.25, 1.75)],
         )
+
+
+class SqueezedProbeTests(SynchronousTestCase):
+    def test_squeezed_last_probe_keeps_what_was_seen(self) -> None:
+        """A probe started in the deadline's last moment (a loaded machine)
+        sees nothing; the message keeps the earlier probes' "status 503"
+        instead of "no answer within 0s"."""
+        from twisted.internet.defer import Deferred, ensureDeferred, succeed
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        deadline = 1.0
+
+        def probe(url: str, timeout: float) -> Deferred[int]:
+            if deadline - clock.seconds() < 0.1:
+                return Deferred()  # never answers: its own time-out ends it
+            return succeed(503)
+
+        verdict = ensureDeferred(poll_health(clock, probe, "http://h/health", deadline, "m"))
+        for _ in range(200):
+            clock.advance(0.01)
+        result = self.successResultOf(verdict)
+        self.assertFalse(result.healthy)
+        self.assertEqual(result.last_seen, "status 503")
 
 
 class DescribeProbeFailureTests(SynchronousTestCase):

@@ -49,6 +49,9 @@ POLL_MAX_DELAY = 0.25
 POLL_BACKOFF_FRACTION = 0.1
 #: upper bound for one health probe (also bounded by the remaining deadline).
 PROBE_TIMEOUT = 5.0
+#: a probe given less time than this (the deadline's last moment) does not
+#: replace what an earlier probe saw in the time-out message
+_SQUEEZED = 0.25
 
 
 def poll_delay(elapsed: float) -> float:
@@ -156,7 +159,11 @@ async def poll_health(
         except CancelledError:
             raise
         except Exception as e:
-            last_seen = describe_probe_failure(e, timeout)
+            # A probe squeezed into the deadline's last moment saw nothing:
+            # what the one before it saw says more ("status 503", not "no
+            # answer within 0s").
+            if not (last_seen and timeout < _SQUEEZED):
+                last_seen = describe_probe_failure(e, timeout)
             log.debug("{model} health probe failed: {error!r}", model=model_id, error=e)
         else:
             if status == 200:
