@@ -188,7 +188,11 @@ class ResourceMonitor:
             return "stopped" if process is None else process.state.value
 
         return resources_json(
-            self._resources, state_of, self._router.reload_costs.measured_of, self.free
+            self._resources,
+            state_of,
+            self._router.reload_costs.measured_of,
+            self.free,
+            self._router.device_of,
         )
 
     def announce(self) -> None:
