@@ -114,6 +114,13 @@ class AlternativesConfigTests(SynchronousTestCase):
                 '(e.g. "gpu0|gpu1": 10GiB)',
             ),
         )
+        # a user macro named DEVICE still wins, as before
+        loaded: Any = config(
+            "macros: {DEVICE: cuda}\n"
+            + models("{gpu0: 1GiB}").replace("--port ${PORT}", "--port ${PORT} --dev ${DEVICE}")
+            + MACHINE
+        )
+        self.assertEqual(loaded.models["a"].argv[-1], "cuda")
         # elsewhere it stays an unknown macro
         self.assertEqual(
             problems(MACHINE + models('{"gpu0|gpu1": 1GiB}', extra="    cmdStop: stop ${DEVICE}")),
@@ -161,6 +168,32 @@ class AlternativesPlannerTests(SynchronousTestCase):
         planner.reload_cost = {"a": 2.0, "b": 1.0}.__getitem__
         self.assertEqual(planner.evict_set("c", frozenset({"a", "b"})), frozenset({"b"}))
         self.assertEqual(planner.device_of("c"), "gpu1")  # b's device
+
+    def test_only_where_it_fits(self) -> None:
+        """A device too small for the model is never chosen, even when
+        empty; a busy model is evicted only when no idle one makes room."""
+        _, planner = _planner(
+            "resources: {gpu0: 16GiB, gpu1: 24GiB}\nmodels:\n"
+            + "".join(
+                f"  {m}:\n    cmd: server --port ${{PORT}}\n"
+                f'    resources: {{"gpu0|gpu1": {size}}}\n'
+                for m, size in (("big", "20GiB"), ("small", "10GiB"), ("other", "10GiB"))
+            )
+        )
+        self.assertEqual(planner.evict_set("big", frozenset()), frozenset())
+        self.assertEqual(planner.device_of("big"), "gpu1")
+        self.assertEqual(planner.evict_set("small", frozenset({"big"})), frozenset())
+        self.assertEqual(planner.device_of("small"), "gpu0")
+        # other: gpu0 holds small (busy), gpu1 holds big (idle): big goes
+        running = frozenset({"big", "small"})
+        self.assertEqual(
+            planner.evict_set_around("other", running, frozenset({"small"})), frozenset({"big"})
+        )
+        self.assertEqual(planner.device_of("other"), "gpu1")
+        self.assertEqual(
+            planner.evict_set_around("other", running, frozenset({"big"})), frozenset({"small"})
+        )
+        self.assertEqual(planner.device_of("other"), "gpu0")
 
     def test_resources_report(self) -> None:
         planner = self.planner
