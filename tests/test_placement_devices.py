@@ -5,19 +5,26 @@ chosen index in the command (``${DEVICE}``) and ``CUDA_VISIBLE_DEVICES``."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import treq
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import HTTPConnectionPool
 
+from llamaswap.config import load_config_text
 from llamaswap.config.alternatives import device_argv, device_env, device_index
 from llamaswap.config.resources import resources_json
 from llamaswap.scheduling.placement import GIB, PlacementPlanner
+from llamaswap.service.wiring import build_service
 from llamaswap.supervision.process import ProcessState
-from tests.support import poll_until
+from llamaswap.web.site import LlamaSwapSite
+from tests.support import base_url, poll_until
+from tests.test_footprints import FakeDevices, pause
 from tests.test_placement import config, problems
 from tests.test_service import ServiceTestCase, demo_model
 
@@ -356,4 +363,63 @@ class AlternativesServiceTests(ServiceTestCase):
         self.assertEqual(report["models"]["c"]["gpu0"]["of"], "gpu0|gpu1")
         self.assertEqual(report["resources"]["gpu0"]["reserved"], 20 * GIB)
         self.assertEqual(json.dumps(report).count('"of"'), 2)
+        await self.settled()
+
+
+class MeasuredAlternativeTests(ServiceTestCase):
+    async def start(self, models: dict[str, Any], **globals_: Any) -> None:
+        document = {"healthCheckTimeout": 15, **globals_, "models": models}
+        self.config = load_config_text(json.dumps(document), environ=dict(os.environ))
+        self.service = service = build_service(self.config, reactor, devices=self.devices)
+        service.startService()
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+        self.port = port = reactor.listenTCP(
+            0, LlamaSwapSite(service.app.resource()), interface="127.0.0.1"
+        )
+        self.addCleanup(lambda: port.stopListening() if port.connected else None)
+        self.url = base_url(port)
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    async def report(self) -> Any:
+        return await (await treq.get(self.url + "/api/resources", pool=self.pool)).json()
+
+    async def use(self, model: str) -> None:
+        response = await self.chat(model, max_tokens=2)
+        self.assertEqual(response.code, 200, model)
+        await response.content()
+
+    async def test_measured_on_its_device(self) -> None:
+        """The share on the chosen device is measured (fake NVML) and
+        planned with: a measured above its 10GiB no longer leaves room on
+        gpu0 for b, so b evicts the cheaper c from gpu1 and takes it."""
+        self.devices = FakeDevices({0: 24 * GIB, 1: 24 * GIB}, per_process=22 * GIB)
+        await self.start(
+            {
+                "a": demo_model("a", resources={"gpu0|gpu1": "10GiB"}),
+                "b": demo_model("b", resources={"gpu0|gpu1": "10GiB"}),
+                "c": demo_model("c", resources={"gpu1": "20GiB"}),
+            },
+            resources={"gpu0": "24GiB", "gpu1": "24GiB"},
+        )
+        await self.use("a")
+        deadline = reactor.seconds() + 15
+        while (await self.report())["models"]["a"].get("gpu0", {}).get("source") != "measured":
+            self.assertLess(reactor.seconds(), deadline, "a never measured")
+            await pause(0.1)
+        self.devices.per_process = 0  # c and b are not measured above their sizes
+        self.assertEqual(
+            (await self.report())["models"]["a"]["gpu0"],
+            {"bytes": 22 * GIB, "source": "measured", "of": "gpu0|gpu1"},
+        )
+        await self.use("c")
+        for _ in range(3):
+            await self.use("a")
+        self.assertEqual(self.state("c"), ProcessState.READY)
+        await self.use("b")
+        self.assertEqual(self.state("c"), ProcessState.STOPPED)
+        self.assertEqual(self.state("a"), ProcessState.READY)
+        self.assertEqual(self.router.device_of("b"), "gpu1")
+        report = await self.report()
+        self.assertEqual(report["resources"]["gpu0"]["reserved"], 22 * GIB)
+        self.assertEqual(report["resources"]["gpu1"]["reserved"], 10 * GIB)
         await self.settled()

@@ -563,6 +563,12 @@ def resources_json(
             base = models[model].get(device)
             if base is not None:  # a fixed share of the same resource
                 shown["bytes"] += base["bytes"]
+            seen = measured(model) if measured is not None else {}
+            # measured on any alternative: the same on the chosen one
+            most = min(max(seen.get(n, 0) for n in choice.names), resources.totals[device])
+            if most > shown["bytes"]:
+                reserved[device] += most - shown["bytes"]
+                shown = {"bytes": most, "source": MEASURED}
             models[model][device] = {**shown, "of": choice.key}
         else:
             models[model][choice.key] = shown

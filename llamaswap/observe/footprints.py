@@ -257,6 +257,9 @@ class ResourceMonitor:
             return
         pid = process.pid
         names = tuple(resources.footprints.get(model, {}))
+        device = self._router.device_of(model)  # its device alternative
+        if device is not None and device not in names:
+            names += (device,)
         if pid is None or not names:
             return
         self._measuring.add(model)

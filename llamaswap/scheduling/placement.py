@@ -267,6 +267,15 @@ class PlacementPlanner:
         measured = self.costs.measured_of(model) if self.costs is not None else _NOTHING
         if not measured:
             return configured
+        choice = self.alternatives.get(model)
+        if choice is not None:
+            # measured on one alternative, the same on any: the largest seen
+            # counts where it is placed; the others' figures are stale
+            device = self.device_of(model)
+            assert device is not None
+            seen = {n: a for n, a in measured.items() if n not in choice[0]}
+            seen[device] = max(measured.get(name, 0) for name in choice[0])
+            measured = seen
         return {
             name: max(amount, min(measured.get(name, 0), self.totals.get(name, 0)))
             for name, amount in configured.items()
