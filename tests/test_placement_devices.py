@@ -84,6 +84,16 @@ class AlternativesConfigTests(SynchronousTestCase):
             ),
         )
         self.assertEqual(
+            problems(
+                MACHINE.replace("gpu0: 24GiB", "gpu0: 16GiB")
+                + models('{"gpu0|gpu1": 20GiB, gpu1: 10GiB}')
+            ),
+            (
+                "models.a.resources.gpu0|gpu1: 20GiB does not fit beside the model's own "
+                "share of any of them",
+            ),
+        )
+        self.assertEqual(
             problems(MACHINE + models('{"gpu0|ram": 1GiB}')),
             (
                 "models.a.resources.gpu0|ram: 'ram' has no device index (an alternative's "

@@ -329,6 +329,15 @@ def read_resources(
             else:
                 held[name] = Footprint(size, DECLARED)
         footprints[model_id] = MappingProxyType(held)
+        chosen = alternatives.get(model_id)
+        if chosen is not None and chosen.bytes <= max(totals[n] for n in chosen.names):
+            # beside the model's fixed share of the same device
+            room = [totals[n] - (held[n].bytes if n in held else 0) for n in chosen.names]
+            if chosen.bytes > max(room):
+                problems.append(
+                    f"{path}.{chosen.key}: {format_size(chosen.bytes)} does not fit beside "
+                    f"the model's own share of any of them"
+                )
     asleep = _asleep_footprints(models_doc, footprints, totals, problems)
     if problems:
         return None, problems, warnings
