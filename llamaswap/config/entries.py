@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
+from llamaswap.config.alternatives import DEVICE_MACRO
 from llamaswap.config.commands import split_command, strip_comment_lines
 from llamaswap.config.fields import Fields, Report
 from llamaswap.config.filters import parse_filters
@@ -121,6 +122,8 @@ def expand_model(
         entry = _expand_set_params_keys(substitute(entry, port_scope), port_scope, path, report)
     for key, value in entry.items():
         for value_path, macro in unresolved(value, f"{path}.{key}"):
+            if key in ("cmd", "env") and macro == DEVICE_MACRO:
+                continue  # chosen per start (device alternatives; checked with resources)
             if not (key == "cmdStop" and macro == "${" + PID + "}"):
                 report.error(value_path, unresolved_message(macro, in_model=True))
     for key in _set_params_by_id(entry):

@@ -52,7 +52,12 @@ from llamaswap.config.peers import Peers, read_peers
 from llamaswap.config.problems import describe, in_file, missing_server_message
 from llamaswap.config.profiles import ProfilesConfig, planner_coexistence, read_profiles
 from llamaswap.config.promptcache import read_prompt_cache
-from llamaswap.config.resources import ResourcesConfig, placed_routing, read_resources
+from llamaswap.config.resources import (
+    ResourcesConfig,
+    device_problems,
+    placed_routing,
+    read_resources,
+)
 from llamaswap.config.routing import RoutingConfig, read_routing
 from llamaswap.config.settings import (
     StoreConfig,
@@ -310,6 +315,8 @@ def _read_sections(
     report.errors.extend(problems)
     commands = {model_id: model.argv for model_id, model in models.items()}
     resources, problems, resource_warnings = read_resources(document, commands)
+    if not problems:
+        problems = device_problems(models, resources)
     report.errors.extend(problems)
     report.warnings.extend(resource_warnings)
     if routing is not None and resources is not None:

@@ -29,6 +29,13 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+from llamaswap.config.alternatives import (
+    Alternatives,
+    device_index,
+    is_alternatives,
+    split_alternatives,
+    uses_device,
+)
 from llamaswap.config.devices import (
     DeviceError,
     DeviceLayer,
@@ -46,6 +53,7 @@ __all__ = [
     "Footprint",
     "ResourcesConfig",
     "auto_total",
+    "device_problems",
     "effective_footprints",
     "format_size",
     "parse_size",
@@ -124,6 +132,9 @@ class ResourcesConfig:
     footprints: Mapping[str, Mapping[str, Footprint]] = field(default_factory=_frozen)
     #: model id -> bytes per resource held while asleep (models with ``sleep`` only).
     asleep: Mapping[str, Mapping[str, int]] = field(default_factory=_frozen)
+    #: model id -> its device alternatives (``"gpu0|gpu1": 10GiB``), held on
+    #: the one the planner picks, beside ``footprints`` (the fixed part).
+    alternatives: Mapping[str, Alternatives] = field(default_factory=_frozen)
 
     def bytes_of(self, model: str) -> dict[str, int]:
         """Bytes per resource ``model`` holds while loaded."""
@@ -239,6 +250,7 @@ def read_resources(
         else:
             totals[str(name)] = size
     footprints: dict[str, Mapping[str, Footprint]] = {}
+    alternatives: dict[str, Alternatives] = {}
     for model_id in sorted(model_ids):
         entry = models_doc.get(model_id)
         declared = entry.get("resources") if isinstance(entry, Mapping) else None
@@ -262,6 +274,22 @@ def read_resources(
         found: Estimate | str | None = None  # the model's estimate, or why there is none
         for name, value in declared.items():
             key = f"{path}.{name}"
+            if is_alternatives(str(name)):
+                if model_id in alternatives:
+                    problems.append(
+                        f"{key}: a model names at most one set of device alternatives "
+                        f"(it has {alternatives[model_id].key!r} too)"
+                    )
+                    continue
+                if found is None and value == "estimate":
+                    try:
+                        found = estimate(commands[model_id])
+                    except EstimateError as exc:
+                        found = str(exc)
+                chosen = _read_alternatives(str(name), value, key, raw, totals, found, problems)
+                if chosen is not None:
+                    alternatives[model_id] = chosen
+                continue
             if name not in raw:
                 defined = ", ".join(str(n) for n in raw) or "none"
                 problems.append(f"{key}: undefined resource {name!r} (defined: {defined})")
@@ -301,16 +329,91 @@ def read_resources(
             else:
                 held[name] = Footprint(size, DECLARED)
         footprints[model_id] = MappingProxyType(held)
+        chosen = alternatives.get(model_id)
+        if chosen is not None and chosen.bytes <= max(totals[n] for n in chosen.names):
+            # beside the model's fixed share of the same device
+            room = [totals[n] - (held[n].bytes if n in held else 0) for n in chosen.names]
+            if chosen.bytes > max(room):
+                problems.append(
+                    f"{path}.{chosen.key}: {format_size(chosen.bytes)} does not fit beside "
+                    f"the model's own share of any of them"
+                )
     asleep = _asleep_footprints(models_doc, footprints, totals, problems)
     if problems:
         return None, problems, warnings
     return (
         ResourcesConfig(
-            MappingProxyType(totals), MappingProxyType(footprints), MappingProxyType(asleep)
+            MappingProxyType(totals),
+            MappingProxyType(footprints),
+            MappingProxyType(asleep),
+            MappingProxyType(alternatives),
         ),
         [],
         warnings,
     )
+
+
+def device_problems(models: Mapping[str, Any], resources: ResourcesConfig | None) -> list[str]:
+    """``${DEVICE}`` in the ``cmd`` or ``env`` of a model (``models``: id ->
+    :class:`~llamaswap.config.model.ModelConfig`) without device alternatives."""
+    problems = []
+    for model_id in sorted(models):
+        model = models[model_id]
+        if resources is not None and model_id in resources.alternatives:
+            continue
+        for key, values in (("cmd", model.argv), ("env", [v for _, v in model.env])):
+            if uses_device(values):
+                problems.append(
+                    f"models.{model_id}.{key}: ${{DEVICE}} needs device alternatives in "
+                    f'models.{model_id}.resources (e.g. "gpu0|gpu1": 10GiB)'
+                )
+    return problems
+
+
+def _read_alternatives(
+    key: str,
+    value: Any,
+    path: str,
+    raw: Mapping[str, Any],
+    totals: Mapping[str, int],
+    found: Estimate | str | None,
+    problems: list[str],
+) -> Alternatives | None:
+    """One ``"gpu0|gpu1": size`` entry, or ``None`` with its problems added:
+    every alternative defined and ending in its index, the size (or the
+    device part of the estimate) within at least one of them."""
+    names = split_alternatives(key)
+    wrong = len(problems)
+    for name in names:
+        if name not in raw:
+            defined = ", ".join(str(n) for n in raw) or "none"
+            problems.append(f"{path}: undefined resource {name!r} (defined: {defined})")
+        elif device_index(name) is None:
+            problems.append(
+                f"{path}: {name!r} has no device index (an alternative's name ends in "
+                "its index, e.g. gpu1)"
+            )
+    if len(set(names)) != len(names):
+        problems.append(f"{path}: names a resource twice")
+    if len(problems) > wrong or any(name not in totals for name in names):
+        return None
+    if value == "estimate":
+        if not isinstance(found, Estimate):
+            problems.append(f"{path}: cannot estimate ({found}); give the size")
+            return None
+        size, source, what = found.device, ESTIMATED, f"estimated {format_size(found.device)}"
+    else:
+        parsed = parse_size(value)
+        if parsed is None:
+            problems.append(f"{path}: must be {_SIZE_HELP} or 'estimate', got {describe(value)}")
+            return None
+        size, source, what = parsed, DECLARED, format_size(parsed)
+    largest = max(totals[name] for name in names)
+    if size > largest:
+        machine = ", ".join(f"{name}: {format_size(totals[name])}" for name in names)
+        problems.append(f"{path}: {what} is more than any of them has ({machine})")
+        return None
+    return Alternatives(key, names, size, source)
 
 
 def _asleep_footprints(
@@ -401,6 +504,9 @@ def placed_routing(
         base,
         pinned,
         asleep=resources.asleep,
+        alternatives={
+            model: (choice.names, choice.bytes) for model, choice in resources.alternatives.items()
+        },
     )
     return replace(routing, planner=planner), problems
 
@@ -432,12 +538,17 @@ def resources_json(
     state_of: Callable[[str], str],
     measured: Callable[[str], Mapping[str, int]] | None = None,
     free: Mapping[str, int | None] | None = None,
+    device_of: Callable[[str], str | None] | None = None,
 ) -> dict[str, Any]:
     """``GET /api/resources``: every resource's total, reserved bytes
     (footprints of models starting, ready or stopping) and free bytes
     (``free``: what a probe last reported; null without one) and every
     model's footprint with its source (``measured``: see
-    :func:`effective_footprints`).  Empty without a top-level ``resources``."""
+    :func:`effective_footprints`).  Empty without a top-level ``resources``.
+
+    A model with device alternatives shows, while it holds its footprint,
+    the resource it was placed on (``device_of(model)``) with ``"of"``: the
+    alternatives key; otherwise the alternatives key itself."""
     if resources is None:
         return {"resources": {}, "models": {}}
     footprints = effective_footprints(resources, measured)
@@ -449,14 +560,32 @@ def resources_json(
         elif state_of(model) == "sleeping":
             for name, amount in resources.asleep.get(model, {}).items():
                 reserved[name] += amount
+    models: dict[str, dict[str, dict[str, Any]]] = {
+        model: {name: {"bytes": fp.bytes, "source": fp.source} for name, fp in held.items()}
+        for model, held in footprints.items()
+    }
+    for model, choice in resources.alternatives.items():
+        device = device_of(model) if device_of is not None else None
+        shown: dict[str, Any] = {"bytes": choice.bytes, "source": choice.source}
+        if state_of(model) in HOLDING_STATES and device is not None and device in choice.names:
+            reserved[device] += choice.bytes
+            base = models[model].get(device)
+            if base is not None:  # a fixed share of the same resource
+                shown["bytes"] += base["bytes"]
+            seen = measured(model) if measured is not None else {}
+            # measured on any alternative: the same on the chosen one
+            most = min(max(seen.get(n, 0) for n in choice.names), resources.totals[device])
+            if most > shown["bytes"]:
+                reserved[device] += most - shown["bytes"]
+                shown = {"bytes": most, "source": MEASURED}
+            models[model][device] = {**shown, "of": choice.key}
+        else:
+            models[model][choice.key] = shown
     probed = free or {}
     return {
         "resources": {
             name: {"total": total, "reserved": reserved[name], "free": probed.get(name)}
             for name, total in resources.totals.items()
         },
-        "models": {
-            model: {name: {"bytes": fp.bytes, "source": fp.source} for name, fp in held.items()}
-            for model, held in footprints.items()
-        },
+        "models": models,
     }

@@ -188,7 +188,11 @@ class ResourceMonitor:
             return "stopped" if process is None else process.state.value
 
         return resources_json(
-            self._resources, state_of, self._router.reload_costs.measured_of, self.free
+            self._resources,
+            state_of,
+            self._router.reload_costs.measured_of,
+            self.free,
+            self._router.device_of,
         )
 
     def announce(self) -> None:
@@ -253,6 +257,9 @@ class ResourceMonitor:
             return
         pid = process.pid
         names = tuple(resources.footprints.get(model, {}))
+        device = self._router.device_of(model)  # its device alternative
+        if device is not None and device not in names:
+            names += (device,)
         if pid is None or not names:
             return
         self._measuring.add(model)

@@ -204,6 +204,7 @@ class PlacementPlanner:
         costs: ReloadCosts | None = None,
         *,
         asleep: Mapping[str, Footprint] | None = None,
+        alternatives: Mapping[str, tuple[tuple[str, ...], int]] | None = None,
     ) -> None:
         self.totals = MappingProxyType(dict(totals))
         self.footprints = MappingProxyType(
@@ -218,20 +219,63 @@ class PlacementPlanner:
         )
         #: the models asleep now (set by the router; asked at each decision)
         self.sleeping: Callable[[], frozenset[str]] = frozenset
+        #: model -> (the resources it may be placed on, bytes it holds there)
+        #: on top of its footprint (device alternatives, ``"gpu0|gpu1"``)
+        self.alternatives = MappingProxyType(dict(alternatives or {}))
+        #: model -> the alternative it holds (running) or will hold (the
+        #: target of the last decision); the router shares its own dict so
+        #: placements outlive a reload.
+        self.placed: dict[str, str] = {}
 
     def with_costs(self, costs: ReloadCosts) -> PlacementPlanner:
         """The same planner, pricing evictions with ``costs``."""
         return PlacementPlanner(
-            self.totals, self.footprints, self.base, self.pinned, costs, asleep=self.asleep
+            self.totals,
+            self.footprints,
+            self.base,
+            self.pinned,
+            costs,
+            asleep=self.asleep,
+            alternatives=self.alternatives,
         )
+
+    def device_of(self, model: str) -> str | None:
+        """The alternative ``model`` is placed on (``None`` without alternatives)."""
+        choice = self.alternatives.get(model)
+        if choice is None:
+            return None
+        placed = self.placed.get(model)
+        return placed if placed in choice[0] else choice[0][0]
+
+    def _configured(self, model: str, device: str | None = None) -> Footprint:
+        """The configured footprint, with the alternative's share on
+        ``device`` (default: where ``model`` is placed)."""
+        configured = self.footprints.get(model, self.totals)
+        choice = self.alternatives.get(model)
+        if choice is None:
+            return configured
+        on = device if device is not None else self.device_of(model)
+        assert on is not None
+        held = dict(configured)
+        held[on] = held.get(on, 0) + choice[1]
+        return held
 
     def footprint(self, model: str) -> Footprint:
         """Bytes per resource ``model`` holds while loaded: the configured
         footprint, or the measured one where larger (capped at the total)."""
-        configured = self.footprints.get(model, self.totals)
+        configured = self._configured(model)
         measured = self.costs.measured_of(model) if self.costs is not None else _NOTHING
         if not measured:
             return configured
+        choice = self.alternatives.get(model)
+        if choice is not None:
+            # measured on one alternative, the same on any: the largest seen
+            # counts where it is placed; the others' figures are stale
+            device = self.device_of(model)
+            assert device is not None
+            seen = {n: a for n, a in measured.items() if n not in choice[0]}
+            seen[device] = max(measured.get(name, 0) for name in choice[0])
+            measured = seen
         return {
             name: max(amount, min(measured.get(name, 0), self.totals.get(name, 0)))
             for name, amount in configured.items()
@@ -279,22 +323,66 @@ class PlacementPlanner:
         evict = frozenset(self.base.evict_set(target, running)) - {target}
         if target in running:
             return evict  # it holds its footprint already
+        choice = self.alternatives.get(target)
+        if choice is None:
+            found = self._room(target, running, busy, evict)
+            if found is None:
+                raise AssertionError(f"{target!r} is larger than the machine")  # checked at load
+            return evict | found[1]
+        # device alternatives: the one needing the cheapest evictions (idle
+        # victims before busy ones; then the fewest), then the most room
+        # left, then the first written
+        best: tuple[tuple[int, float, int, int, int], str, frozenset[str]] | None = None
+        devices = choice[0]
+        if target in self.sleeping() and self.placed.get(target) in devices:
+            devices = (self.placed[target],)  # a wake stays where it sleeps
+        for position, device in enumerate(devices):
+            if self._configured(target, device).get(device, 0) > self.totals.get(device, 0):
+                continue  # too small for it
+            self.placed[target] = device
+            found = self._room(target, running, busy, evict)
+            if found is None:
+                continue  # even evicting everything leaves too little there
+            tier, more = found
+            stay = running - evict - more - {target}
+            used = sum(self.footprint(m).get(device, 0) for m in stay | {target})
+            key = (
+                tier,
+                sum(self.reload_cost(m) for m in more),
+                len(more),
+                used - self.totals.get(device, 0),
+                position,
+            )
+            if best is None or key < best[0]:
+                best = (key, device, more)
+        assert best is not None, f"{target!r} fits no alternative"  # checked at load
+        self.placed[target] = best[1]
+        return evict | best[2]
+
+    def _room(
+        self, target: str, running: frozenset[str], busy: frozenset[str], evict: frozenset[str]
+    ) -> tuple[int, frozenset[str]] | None:
+        """The further evictions that make room for ``target`` beside
+        ``running`` less ``evict``, and which pool they came from (0: idle
+        models, 1: busy ones too, 2: pinned ones too); ``None`` when even
+        all of them are not enough."""
         stay = running - evict - {target}
         sleepers = self.sleeping() - running - {target}
         short = self.shortfall(stay | {target}, sleepers)
         if not short:
-            return evict
+            return 0, frozenset()
         footprints = {model: self.footprint(model) for model in stay - self.pinned}
         # a sleeping model frees what it holds asleep when it is stopped
         footprints.update({m: self.asleep_footprint(m) for m in sleepers - self.pinned})
         idle = {model: fp for model, fp in footprints.items() if model not in busy}
-        for pool in (idle, footprints, {model: self.footprint(model) for model in stay}):
+        pools = (idle, footprints, {model: self.footprint(model) for model in stay})
+        for tier, pool in enumerate(pools):
             # the last pool (pinned too) is only reached if the config check
             # was bypassed: never over budget wins over never evicting pins
             more = cheapest_cover(pool, short, self.reload_cost)
             if more is not None:
-                return evict | more
-        raise AssertionError(f"{target!r} is larger than the machine")  # checked at load
+                return tier, more
+        return None
 
     def sleep_is_enough(
         self, target: str, running: frozenset[str], evict: frozenset[str], asleep: frozenset[str]

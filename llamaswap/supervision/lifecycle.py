@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from llamaswap.config.alternatives import device_argv, device_env
 from llamaswap.config.model import ModelConfig
 from llamaswap.core.secrets import join_argv
 from llamaswap.supervision.child import ChildRun, OutputSink
@@ -214,6 +215,9 @@ class LifecycleCore:
         self._output = output
         self._environ = environ
         self._publish = publish
+        #: the device index of the next start (device alternatives: the
+        #: ``${DEVICE}`` macro and ``CUDA_VISIBLE_DEVICES``); set by the router
+        self.device: str | None = None
         self.reaper = Reaper(config.id, clock, launcher, config.cmd_stop, self.environment, output)
         #: callers of make_ready waiting for the next start to settle.
         self.ready: Waiters[None] = Waiters()
@@ -290,12 +294,12 @@ class LifecycleCore:
 
     def environment(self) -> dict[str, str]:
         env = dict(self._environ)
-        env.update(self.config.env)
+        env.update(device_env(self.config.env, self.device))
         return env
 
     def launch(self, machine: Lifecycle) -> None:
         """Spawn the child (a step of ``Launching``)."""
-        argv = self.config.argv
+        argv = device_argv(self.config.argv, self.device)
         if not argv:
             machine._launch_failed(StartError("empty command"))
             return

@@ -124,6 +124,11 @@ class ModelProcess:
 
     # -- requests ---------------------------------------------------------
 
+    def place(self, device: str | None) -> None:
+        """Start on device ``device`` (its index) from now on: the command's
+        ``${DEVICE}`` and ``CUDA_VISIBLE_DEVICES`` (device alternatives)."""
+        self._core.device = device
+
     def make_ready(self) -> Deferred[None]:
         """Fire once the process is ready, starting it if needed.
 

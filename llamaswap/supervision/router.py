@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llamaswap.config import Config, ModelConfig
+from llamaswap.config.alternatives import device_index
 from llamaswap.scheduling import IEffects, ISwapPlanner, Scheduler, Ticket
 from llamaswap.scheduling.placement import PlacementPlanner, ReloadCosts
 from llamaswap.supervision.prewarm import Prewarm, PrewarmFactory, prewarm_for
@@ -129,6 +130,9 @@ class Router:
         routing = config.routing
         #: load times and request rates the placement planner prices evictions by
         self.reload_costs = ReloadCosts(clock.seconds)
+        #: model -> the device alternative it holds or will hold (the
+        #: placement planner's; kept across reloads)
+        self.placed: dict[str, str] = {}
         self._starting_since: dict[str, float] = {}
         #: what is free per resource (the resource monitor's probe): after
         #: evictions for memory a start waits until the room shows
@@ -292,6 +296,7 @@ class Router:
                     # and holds the port; start the new one once it is gone.
                     await defer.Deferred.fromCoroutine(_quietly(retiring))
                 process = self.processes[target]
+                process.place(self.device_index(target))
                 try:
                     await process.make_ready()
                 except StartError as exc:
@@ -501,8 +506,19 @@ class Router:
         if isinstance(planner, PlacementPlanner):
             priced = planner.with_costs(self.reload_costs)
             priced.sleeping = self._sleeping
+            priced.placed = self.placed
             return priced
         return planner
+
+    def device_of(self, model_id: str) -> str | None:
+        """The resource a model with device alternatives is placed on."""
+        planner = self.planner
+        return planner.device_of(model_id) if isinstance(planner, PlacementPlanner) else None
+
+    def device_index(self, model_id: str) -> str | None:
+        """The index of :meth:`device_of` (``gpu1`` -> ``"1"``)."""
+        device = self.device_of(model_id)
+        return None if device is None else device_index(device)
 
     def _sleeping(self) -> frozenset[str]:
         return frozenset(m for m, p in self.processes.items() if p.state is ProcessState.SLEEPING)

@@ -240,7 +240,14 @@ class AdminApi:
             process = processes.get(model_id)
             return "stopped" if process is None else process.state.value
 
-        return _json(request, resources_json(self._routing.state.config.resources, state_of))
+        return _json(
+            request,
+            resources_json(
+                self._routing.state.config.resources,
+                state_of,
+                device_of=self._router.device_of,
+            ),
+        )
 
     @app.route("/api/models/load/<path:name>", methods=["POST"])
     async def load_one(self, request: Any, name: str) -> bytes:
