@@ -55,7 +55,12 @@ def demo_model(host: str, name: str, tokens_per_second: int = 0) -> dict[str, An
     )
     if tokens_per_second:
         cmd += f" --tokens-per-second {tokens_per_second}"
-    return {"cmd": cmd, "proxy": f"http://{host}:${{PORT}}", "checkEndpoint": "/health"}
+    return {
+        "cmd": cmd,
+        "proxy": f"http://{host}:${{PORT}}",
+        "checkEndpoint": "/health",
+        "concurrencyLimit": 256,
+    }
 
 
 class _Quiet(protocol.ProcessProtocol):
