@@ -191,11 +191,15 @@ class ProbeTests(TestCase):
         self.assertEqual(self.health.status("a").next_probe - self.clock.seconds(), 5)
 
     async def test_unhealthy_status_is_down(self) -> None:
-        """A /health that answers anything but 200 is down."""
+        """A /health that answers 5xx is down; one that answers 404 (a
+        server without /health) is there, so up."""
         self.node.resource.health_code = 503
         self.health.start()
         await self._probe_due()
         self.assertEqual(self.health.status("a").error, "/health answered 503")
+        self.node.resource.health_code = 404
+        await self._probe_due()
+        self.assertTrue(self.health.status("a").up)
 
     async def test_probe_timeout(self) -> None:
         """A peer that accepts but never answers is down after ``timeout``."""

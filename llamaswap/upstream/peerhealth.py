@@ -2,8 +2,10 @@
 
 Every peer with a ``check.interval`` is probed: ``GET <proxy>/health``, then
 ``GET <proxy>/running`` for the models it has loaded, both within
-``check.timeout``.  A peer is *up* after a probe that got a 200 from
-``/health``, *down* after one that did not, and *unknown* before its first
+``check.timeout``.  A peer is *up* after a probe that got an answer below
+500 from ``/health`` (a server without that path, say a hosted API, answers
+404: it is there), *down* after one that did not (no connection, no answer
+in time, 5xx: a llamaswap or llama-server still loading says 503), and *unknown* before its first
 probe (or when it is never probed): unknown counts as available.  While a
 peer is down the next probe waits ``interval`` doubled per failed probe, at
 most ``maxInterval``; the first probe that succeeds marks it up again, with
@@ -258,7 +260,7 @@ class PeerHealth:
         )
         try:
             health = await self._get(agent, join_url(peer.proxy, b"/health"), headers, peer)
-            if health[0] != 200:
+            if health[0] >= 500:
                 raise _ProbeFailed(f"/health answered {health[0]}")
         except defer.CancelledError:
             return
