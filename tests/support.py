@@ -63,6 +63,7 @@ class ServiceProcess:
         stdout: int | None = None,
         env: dict[str, str] | None = None,
         cwd: str = REPO,
+        host: str = "127.0.0.1",
     ) -> None:
         self.ended: defer.Deferred[int] = defer.Deferred()
         self.output: list[bytes] = []
@@ -80,12 +81,12 @@ class ServiceProcess:
         self.transport = reactor.spawnProcess(
             Watch(),
             PYTHON,
-            [PYTHON, *argv, "--listen", f"127.0.0.1:{listen_port}"],
+            [PYTHON, *argv, "--listen", f"{host}:{listen_port}"],
             env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
             path=cwd,
             childFDs=None if stdout is None else {0: "w", 1: stdout, 2: "r"},
         )
-        self.url = f"http://127.0.0.1:{listen_port}"
+        self.url = f"http://{host}:{listen_port}"
         self.pool = HTTPConnectionPool(reactor, persistent=False)
 
     def text(self) -> str:

@@ -408,7 +408,11 @@ class ServiceSecretsTests(test_service.ServiceTestCase):
         for name, peer, key in (("keyed", self.keyed, "sk-peer"), ("bare", self.bare, "")):
             port = listen(peer)
             self.addCleanup(port.stopListening)
-            peers[name] = {"proxy": base_url(port), "models": [f"{name}-m"]}
+            peers[name] = {
+                "proxy": base_url(port),
+                "models": [f"{name}-m"],
+                "check": {"interval": 0},
+            }
             if key:
                 peers[name]["apiKey"] = key
         port = self.model_port = free_port()

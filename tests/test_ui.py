@@ -629,6 +629,43 @@ class ModelsTests(BrowserTestCase):
 
         self.in_browser(scenario)
 
+    def test_down_peer_is_unavailable(self) -> None:
+        """A peer model whose host is down shows ``unavailable`` and a
+        "peer down" tag (issue 15)."""
+        records = {
+            "object": "list",
+            "data": [
+                {
+                    "id": "far/m",
+                    "object": "model",
+                    "name": "far: m",
+                    "meta": {
+                        "llamaswap": {
+                            "type": "peer",
+                            "peerID": "far",
+                            "peer": {"state": "down", "error": "connection refused"},
+                        }
+                    },
+                    "status": {"value": "unavailable"},
+                }
+            ],
+        }
+
+        def scenario(page: Any) -> None:
+            page.route(
+                "**/v1/models",
+                lambda route: route.fulfill(
+                    status=200, content_type="application/json", body=json.dumps(records)
+                ),
+            )
+            page.goto("/ui/models")
+            card = page.locator('article.model[data-model="far/m"][data-state=unavailable]')
+            card.wait_for()
+            self.assertEqual(card.locator("[data-role=state]").inner_text(), "unavailable")
+            self.assertIn("peer down", card.inner_text())
+
+        self.in_browser(scenario)
+
 
 class ResourceBarTests(BrowserTestCase):
     def test_resource_bars(self) -> None:

@@ -469,7 +469,7 @@ class ServiceTests(TestCase):
     async def start(self, peer: dict[str, Any]) -> str:
         document = {
             "models": {"local": {"cmd": f"{PYTHON} -c pass", "proxy": "http://127.0.0.1:9"}},
-            "peers": {"box": {"models": ["m"], **peer}},
+            "peers": {"box": {"models": ["m"], "check": {"interval": 0}, **peer}},
         }
         config = load_config_text(json.dumps(document), environ=dict(os.environ))
         service = build_service(config, reactor)

@@ -23,8 +23,10 @@ from llamaswap.config.problems import describe, unknown_key_warnings, url_proble
 
 __all__ = [
     "PEER_KEYS",
+    "CHECK_DEFAULTS",
     "MODEL_TIMEOUT_DEFAULTS",
     "PEER_TIMEOUT_DEFAULTS",
+    "PeerCheck",
     "PeerConfig",
     "PeerTarget",
     "PeerTimeouts",
@@ -34,7 +36,14 @@ __all__ = [
     "read_timeouts",
 ]
 
-PEER_KEYS = frozenset({"proxy", "apiKey", "models", "filters", "timeouts"})
+PEER_KEYS = frozenset({"proxy", "apiKey", "models", "filters", "timeouts", "check"})
+#: ``peers.<id>.check`` key -> default in seconds (issue 15): ``/health`` is
+#: probed every ``interval`` (0: never; the peer then counts as up), each
+#: probe given ``timeout``; while the peer is down the interval doubles per
+#: failed probe up to ``maxInterval``.
+CHECK_DEFAULTS: Mapping[str, float] = MappingProxyType(
+    {"interval": 5.0, "timeout": 2.0, "maxInterval": 30.0}
+)
 #: ``timeouts`` key -> default in seconds; peers wait up to 60 s for headers.
 PEER_TIMEOUT_DEFAULTS: Mapping[str, int] = MappingProxyType(
     {
@@ -67,6 +76,15 @@ class PeerTimeouts:
     idle_conn: int = 90
 
 
+@dataclass(frozen=True)
+class PeerCheck:
+    """``peers.<id>.check``: how the peer's health is probed (seconds)."""
+
+    interval: float = 5.0
+    timeout: float = 2.0
+    max_interval: float = 30.0
+
+
 def _frozen(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     return MappingProxyType(dict(value or {}))
 
@@ -84,6 +102,7 @@ class PeerConfig:
     api_key: str = field(default="", repr=False)
     filters: ModelFilters = field(default_factory=ModelFilters)
     timeouts: PeerTimeouts = field(default_factory=PeerTimeouts)
+    check: PeerCheck = field(default_factory=PeerCheck)
 
     def fqn(self, model: str) -> str:
         """The fully qualified routing name of one of this peer's models."""
@@ -148,6 +167,20 @@ class Peers:
         if found is None:
             return None
         peer_id, model = found
+        return self._target(peer_id, model, name)
+
+    def replicas(self, name: str) -> list[PeerTarget]:
+        """Every peer model listed under the bare name ``name``, in peer
+        order: the replicas a request for ``name`` may go to (issue 15).
+        A fully qualified name has none: it pins one peer."""
+        out = []
+        for peer_id in sorted(self.peers):
+            peer = self.peers[peer_id]
+            if name in peer.models and self.by_fqn.get(peer.fqn(name)) == (peer_id, name):
+                out.append(self._target(peer_id, name, name))
+        return out
+
+    def _target(self, peer_id: str, model: str, requested: str) -> PeerTarget:
         peer = self.peers[peer_id]
         return PeerTarget(
             peer_id=peer_id,
@@ -156,7 +189,7 @@ class Peers:
             url_base=peer.proxy,
             api_key=peer.api_key,
             filters=peer.filters,
-            requested=name,
+            requested=requested,
         )
 
     def routable_names(self) -> frozenset[str]:
@@ -209,6 +242,31 @@ def read_timeouts(
     )
 
 
+def read_check(raw: Any, path: str, problems: list[str]) -> PeerCheck:
+    """A ``check`` mapping at ``path``; the defaults for what it omits."""
+    values = dict(CHECK_DEFAULTS)
+    if raw is not None and not isinstance(raw, Mapping):
+        problems.append(f"{path}: must be a mapping, got {describe(raw)}")
+        raw = None
+    for key in CHECK_DEFAULTS:
+        value = None if raw is None else raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.append(f"{path}.{key}: must be a number of seconds, got {describe(value)}")
+        elif value < 0:
+            problems.append(f"{path}.{key}: must be >= 0, got {value}")
+        elif key == "timeout" and value == 0:
+            problems.append(f"{path}.timeout: must be > 0, got 0")
+        else:
+            values[key] = float(value)
+    return PeerCheck(
+        interval=values["interval"],
+        timeout=values["timeout"],
+        max_interval=max(values["maxInterval"], values["interval"]),
+    )
+
+
 def _peer(peer_id: str, entry: Mapping[str, Any], reading: _Reading) -> PeerConfig | None:
     path = f"peers.{peer_id}"
     problems = reading.problems
@@ -247,6 +305,11 @@ def _peer(peer_id: str, entry: Mapping[str, Any], reading: _Reading) -> PeerConf
     filters, filter_problems = parse_filters(entry.get("filters"), f"{path}.filters")
     problems.extend(filter_problems)
     timeouts = read_timeouts(entry.get("timeouts"), f"{path}.timeouts", problems)
+    check = read_check(entry.get("check"), f"{path}.check", problems)
+    if isinstance(entry.get("check"), Mapping):
+        reading.warnings.extend(
+            unknown_key_warnings(entry["check"], CHECK_DEFAULTS, f"{path}.check")
+        )
     if len(problems) != before:
         return None
     return PeerConfig(
@@ -256,6 +319,7 @@ def _peer(peer_id: str, entry: Mapping[str, Any], reading: _Reading) -> PeerConf
         api_key=str(api_key),
         filters=filters,
         timeouts=timeouts,
+        check=check,
     )
 
 

@@ -126,6 +126,7 @@ class LlamaSwapService(service.Service):
             self._stdout_subscription = self.logs.upstream.subscribe(write_stdout)
         if self.resources is not None:
             self.resources.start()
+        self.app.start()
         log.info(
             "llamaswap {version} managing {count}: {models}",
             version=__version__,

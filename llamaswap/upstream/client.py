@@ -30,7 +30,13 @@ from typing import Any
 from weakref import WeakKeyDictionary, WeakSet
 
 from twisted.internet import defer
-from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+    DNSLookupError,
+)
 from twisted.internet.interfaces import IConsumer, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -90,6 +96,11 @@ class UpstreamUnavailable(Exception):
 
     #: the status our client gets.
     status = 502
+
+
+class UpstreamNotConnected(UpstreamUnavailable):
+    """No connection to the upstream could be made: nothing of the request
+    was sent, so another server may be given it (issue 15, replicas)."""
 
 
 class UpstreamTimedOut(UpstreamUnavailable):
@@ -515,6 +526,8 @@ class UpstreamClient:
                 raise
         except Exception as exc:
             if not timed_out:
+                if isinstance(exc, ConnectError | DNSLookupError | RequestNotSent):
+                    raise UpstreamNotConnected(_describe(exc)) from exc
                 raise UpstreamUnavailable(_describe(exc)) from exc
         finally:
             if timer is not None and timer.active():
@@ -531,6 +544,7 @@ class UpstreamClient:
         method: bytes | None = None,
         on_response: Callable[[IResponse], Callable[[bytes], None] | None] | None = None,
         on_retry: Callable[[], None] | None = None,
+        on_stream_broken: Callable[[str], None] | None = None,
     ) -> int:
         """Relay ``request`` to ``url`` and stream the answer back.
 
@@ -540,7 +554,10 @@ class UpstreamClient:
         is the one to answer).  ``on_response`` sees the upstream response
         once its headers arrived and may return an observer that is handed
         every body chunk as it is relayed.  ``on_retry`` hears when the
-        request is re-sent (stale keep-alive connection).  Cancelling the
+        request is re-sent (stale keep-alive connection); ``on_stream_broken``
+        hears why an event-stream response broke off mid-body (it may write a
+        last event).  Raises :class:`UpstreamNotConnected` when no connection
+        could be made (nothing was sent).  Cancelling the
         returned coroutine's Deferred aborts the upstream request.
         """
         sent_method = method or request.method
@@ -573,9 +590,19 @@ class UpstreamClient:
             raise
         except Exception as exc:
             # The upstream broke mid-body: the client already has the status
-            # line, so all we can do is end the stream where it broke.
-            log.warn("upstream body ended early: {reason}", reason=_describe(exc))
+            # line, so all we can do is end the stream where it broke; an
+            # event stream ends with an error event saying so (issue 15).
+            reason = _describe(exc)
+            log.warn("upstream body ended early: {reason}", reason=reason)
+            if on_stream_broken is not None and _is_event_stream(response):
+                on_stream_broken(f"upstream ended the stream early: {reason}")
         return response.code
+
+
+def _is_event_stream(response: IResponse) -> bool:
+    return any(
+        b"text/event-stream" in v for v in response.headers.getRawHeaders(b"content-type", [])
+    )
 
 
 class _Discard(Protocol):

@@ -10,7 +10,7 @@ with ``UpstreamClient.forward`` to :func:`peer_url`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from twisted.web.http_headers import Headers
@@ -25,7 +25,11 @@ from llamaswap.upstream.extract import (
 )
 from llamaswap.upstream.filters import apply_filters
 
+if TYPE_CHECKING:
+    from llamaswap.upstream.peerhealth import PeerHealth
+
 __all__ = [
+    "join_url",
     "peer_model_records",
     "peer_url",
     "prepare_peer_request",
@@ -116,7 +120,12 @@ def _host(url: str) -> str:
 def peer_url(target: PeerTarget, path: bytes, query: bytes = b"") -> bytes:
     """The peer URL for a request ``path`` (and raw ``query``): the path is
     appended to the base URL's path with one slash between, queries merged."""
-    base = urlsplit(target.url_base)
+    return join_url(target.url_base, path, query)
+
+
+def join_url(url_base: str, path: bytes, query: bytes = b"") -> bytes:
+    """``path`` (and ``query``) under the base URL ``url_base``, as :func:`peer_url`."""
+    base = urlsplit(url_base)
     prefix = base.path.encode("utf-8")
     if prefix.endswith(b"/") and path.startswith(b"/"):
         joined = prefix + path[1:]
@@ -127,16 +136,30 @@ def peer_url(target: PeerTarget, path: bytes, query: bytes = b"") -> bytes:
     if not joined.startswith(b"/"):
         joined = b"/" + joined
     queries = [q for q in (base.query.encode("utf-8"), query) if q]
-    url = f"{base.scheme}://{_host(target.url_base)}".encode("idna") + joined
+    url = f"{base.scheme}://{_host(url_base)}".encode("idna") + joined
     return url + (b"?" + b"&".join(queries) if queries else b"")
 
 
-def peer_model_records(peers: Peers, created: int) -> list[dict[str, Any]]:
+def peer_model_records(
+    peers: Peers, created: int, health: PeerHealth | None = None
+) -> list[dict[str, Any]]:
     """``/v1/models`` records for every peer model, by FQN (§3.3); bare names
-    are never listed.  Peers are always ``unloaded``."""
+    are never listed.  Without ``health`` peers are always ``unloaded``, as
+    in llama-swap; with it a down peer's models are ``unavailable`` and a
+    model its ``/running`` shows ready is ``loaded``, and
+    ``meta.llamaswap.peer`` says what is known of the peer (issue 15)."""
     records = []
     for peer_id in sorted(peers.peers):
+        status = health.status(peer_id) if health is not None else None
         for model in peers.peers[peer_id].models:
+            meta: dict[str, Any] = {"type": "peer", "peerID": peer_id}
+            value = "unloaded"
+            if status is not None:
+                meta["peer"] = status.describe()
+                if status.up is False:
+                    value = "unavailable"
+                elif status.up and model in status.loaded:
+                    value = "loaded"
             records.append(
                 {
                     "id": fqn(peer_id, model),
@@ -144,8 +167,8 @@ def peer_model_records(peers: Peers, created: int) -> list[dict[str, Any]]:
                     "created": created,
                     "owned_by": "llama-swap",
                     "name": f"{peer_id}: {model}",
-                    "meta": {"llamaswap": {"type": "peer", "peerID": peer_id}},
-                    "status": {"value": "unloaded"},
+                    "meta": {"llamaswap": meta},
+                    "status": {"value": value},
                 }
             )
     return records

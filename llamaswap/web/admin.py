@@ -100,7 +100,7 @@ class AdminApi:
             request.setHeader(b"access-control-allow-origin", origin)
         # The answer depends on Origin (echoed or not): caches must not share it.
         request.setHeader(b"vary", b"Origin")
-        records = model_records(self._routing.state, self._routing.state_of)
+        records = model_records(self._routing.state, self._routing.state_of, self._routing.health)
         return _json(request, {"object": "list", "data": records})
 
     @app.route("/api/profiles", methods=["GET", "HEAD"])

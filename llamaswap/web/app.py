@@ -25,6 +25,7 @@ from llamaswap.observe.prometheus import Metrics
 from llamaswap.observe.recording import ActivityRecorder
 from llamaswap.supervision.router import Router
 from llamaswap.upstream.client import UpstreamClient
+from llamaswap.upstream.peerhealth import PeerHealth
 from llamaswap.web.admin import AdminApi
 from llamaswap.web.dispatch import Dispatcher
 from llamaswap.web.guard import BrowserGuard
@@ -84,13 +85,22 @@ class LlamaSwapApp:
         """Serve ``config`` from the next request on."""
         self._routing.reconfigure(config)
 
+    def start(self) -> None:
+        """Start what runs in the background: the peers' health probes."""
+        self._routing.start()
+
     def close(self) -> defer.Deferred[None]:
         """Close the peers' pooled connections."""
         return self._routing.close()
 
     def model_records(self) -> list[dict[str, Any]]:
         """The ``/v1/models`` records."""
-        return model_records(self._routing.state, self._routing.state_of)
+        return model_records(self._routing.state, self._routing.state_of, self._routing.health)
+
+    @property
+    def peer_health(self) -> PeerHealth:
+        """What is known of the peers' health (issue 15)."""
+        return self._routing.health
 
     @property
     def peers(self) -> Peers:

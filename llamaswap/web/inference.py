@@ -15,6 +15,7 @@ relay) with a destination:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -109,23 +110,133 @@ class ModelRequests:
         if route.requested != extracted.model:
             body, query = rewrite_request_model(body, ctype, request.method, query, route.requested)
         metadata = {"selector": route.selector} if route.selector else None
+        pinned = route.peer is not None and route.peer.fqn == route.requested
+        replicas = [] if pinned else state.peers.replicas(route.requested)
+        if replicas:
+            return self._to_replicas(
+                request, route.requested, route.model_id, replicas, upstream_path, body, query,
+                extracted.streaming, metadata,
+            )  # fmt: skip
         if route.peer is not None:
+            if not self._routing.health.available(route.peer.peer_id):
+                return self._peer_down(request, route.requested, [route.peer.peer_id])
             return self._to_peer(request, route.peer, upstream_path, body, query, metadata)
         model_id = route.model_id
         if model_id is None:
             return render_error(request, 404, unknown_model(extracted.model))
-        model = state.config.models[model_id]
+        local = self._local(request, model_id, route.requested, upstream_path, body, query)
+        if isinstance(local, bytes):
+            return local
+        local = replace(local, streaming=extracted.streaming)
+        return self._serving.serve(request, local, local.body or b"", request.path, metadata)
+
+    def _local(
+        self,
+        request: Any,
+        model_id: str,
+        requested: str,
+        upstream_path: bytes,
+        body: bytes,
+        query: bytes,
+    ) -> LocalModel | bytes:
+        """A local destination with its body (filters, ``useModelName``
+        applied), or the body of an error already set on ``request``."""
+        model = self._routing.state.config.models[model_id]
+        ctype = request.getHeader(b"content-type") or b""
         lowered = ctype.lower()
         if b"application/json" in lowered:
             try:
-                body = apply_filters(body, model.filters, route.requested, model.use_model_name)
+                body = apply_filters(body, model.filters, requested, model.use_model_name)
             except ValueError as exc:
                 return render_error(request, 500, str(exc))
         elif model.use_model_name and b"multipart/form-data" in lowered:
             body = replace_multipart_model(ctype, body, model.use_model_name)
         target = upstream_path + (b"?" + query if query else b"")
-        local = LocalModel(model_id, target, streaming=extracted.streaming)
-        return self._serving.serve(request, local, body, request.path, metadata)
+        return LocalModel(model_id, target, body=body)
+
+    def _peer_down(self, request: Any, name: str, peer_ids: list[str]) -> bytes:
+        """503 at once for a request only down peers could serve, with
+        ``Retry-After`` until the next probe of the first to be probed."""
+        health = self._routing.health
+        retry = min(health.retry_after(p) for p in peer_ids)
+        request.setHeader(b"retry-after", b"%d" % retry)
+        down = ", ".join(
+            f"{p} ({status.error})" if (status := health.status(p)) and status.error else p
+            for p in peer_ids
+        )
+        return render_error(
+            request, 503, f"model {json.dumps(name)} is unavailable: peer down: {down}"
+        )
+
+    def _to_replicas(
+        self,
+        request: Any,
+        name: str,
+        model_id: str | None,
+        replicas: list[PeerTarget],
+        upstream_path: bytes,
+        body: bytes,
+        query: bytes,
+        streaming: bool,
+        metadata: dict[str, str] | None,
+    ) -> object:
+        """A model several nodes serve (issue 15): the healthy ones in order
+        (loaded first, then fewest in flight, then local before peers in
+        configured order); the first one is tried, the others take over if
+        it cannot be connected to."""
+        health = self._routing.health
+        ranked: list[tuple[tuple[int, int, int], str | PeerTarget]] = []
+        if model_id is not None:
+            loaded = self._routing.state_of(model_id) == "ready"
+            ranked.append(((0 if loaded else 1, self._routing.in_flight(model_id), 0), model_id))
+        for index, peer in enumerate(replicas, start=1):
+            if not health.available(peer.peer_id):
+                continue
+            loaded = health.loaded(peer.peer_id, peer.model)
+            ranked.append(((0 if loaded else 1, health.in_flight(peer.peer_id), index), peer))
+        if not ranked:
+            return self._peer_down(request, name, [p.peer_id for p in replicas])
+        ranked.sort(key=lambda item: item[0])
+        chain: list[LocalModel | PeerModel] = []
+        for _, choice in ranked:
+            if isinstance(choice, str):
+                local = self._local(request, choice, name, upstream_path, body, query)
+                if isinstance(local, bytes):
+                    return local
+                chain.append(replace(local, streaming=streaming))
+            else:
+                prepared = self._peer_destination(request, choice, upstream_path, body, query)
+                if isinstance(prepared, bytes):
+                    return prepared
+                chain.append(prepared)
+        first = chain[0]
+        return self._serving.serve(
+            request, first, first.body or b"", request.path, metadata, alternatives=chain[1:]
+        )
+
+    def _peer_destination(
+        self,
+        request: Any,
+        target: PeerTarget,
+        path: bytes,
+        body: bytes,
+        query: bytes,
+        *,
+        passthrough: bool = False,
+    ) -> PeerModel | bytes:
+        """A prepared peer request, or the body of an error set on ``request``."""
+        # A peer gets its own apiKey or the client's other headers, never ours.
+        headers = forward_headers(
+            request.requestHeaders, client_ip=None, drop=carried_headers(request)
+        )
+        ctype = request.getHeader(b"content-type") or b""
+        try:
+            headers, body, query = prepare_peer_request(
+                target, headers, body, ctype, request.method, query, passthrough=passthrough
+            )
+        except ValueError as exc:
+            return render_error(request, 500, str(exc))
+        return PeerModel(target, peer_url(target, path, query), headers, body=body)
 
     def _to_peer(
         self,
@@ -138,19 +249,12 @@ class ModelRequests:
         *,
         passthrough: bool = False,
     ) -> object:
-        # A peer gets its own apiKey or the client's other headers, never ours.
-        headers = forward_headers(
-            request.requestHeaders, client_ip=None, drop=carried_headers(request)
+        prepared = self._peer_destination(
+            request, target, path, body, query, passthrough=passthrough
         )
-        ctype = request.getHeader(b"content-type") or b""
-        try:
-            headers, body, query = prepare_peer_request(
-                target, headers, body, ctype, request.method, query, passthrough=passthrough
-            )
-        except ValueError as exc:
-            return render_error(request, 500, str(exc))
-        url = peer_url(target, path, query)
-        return self._serving.serve(request, PeerModel(target, url, headers), body, path, metadata)
+        if isinstance(prepared, bytes):
+            return prepared
+        return self._serving.serve(request, prepared, prepared.body or b"", path, metadata)
 
     def upstream(self, request: Any) -> object:
         """``/upstream/<model>/<rest>``: raw passthrough to a model's server
@@ -199,6 +303,8 @@ class ModelRequests:
             return _redirect(request, location + (b"?" + query if query else b""))
         body = request.content.read() if request.content is not None else b""
         if peer is not None:
+            if not self._routing.health.available(peer.peer_id):
+                return self._peer_down(request, peer.fqn, [peer.peer_id])
             return self._to_peer(request, peer, remaining, body, query, passthrough=True)
         assert model_id is not None
         if self._routing.state_of(model_id) != "ready" and state.ignored(remaining):

@@ -11,6 +11,7 @@ from llamaswap.config.model import Config
 from llamaswap.core.secrets import shown_command
 from llamaswap.supervision.process import ProcessState
 from llamaswap.supervision.selection import profile_model_records, selector_model_records
+from llamaswap.upstream.peerhealth import PeerHealth
 from llamaswap.upstream.peers import peer_model_records
 
 if TYPE_CHECKING:
@@ -62,9 +63,12 @@ def capability_fields(raw: Any) -> tuple[dict[str, Any], int]:
     return fields, max(context, 0)
 
 
-def model_records(state: RoutingState, state_of: Callable[[str], str]) -> list[dict[str, Any]]:
+def model_records(
+    state: RoutingState, state_of: Callable[[str], str], health: PeerHealth | None = None
+) -> list[dict[str, Any]]:
     """Every ``/v1/models`` record under ``state``, sorted by id; ``state_of``
-    names a model's process state (which local models are loaded)."""
+    names a model's process state (which local models are loaded), ``health``
+    what is known of the peers."""
     created = int(time.time())
     records = []
     for model_id, model in state.config.models.items():
@@ -79,7 +83,7 @@ def model_records(state: RoutingState, state_of: Callable[[str], str]) -> list[d
         records.append(record)
         if state.aliases_listed:
             records += _alias_records(record, model_id, model.aliases, model.metadata)
-    records += peer_model_records(state.peers, created)
+    records += peer_model_records(state.peers, created, health)
     records += selector_model_records(state.profiles, state_of, created)
     records += profile_model_records(state.profiles, state.profile_state, created)
     records.sort(key=lambda r: r["id"])

@@ -21,6 +21,7 @@ from llamaswap.config.profiles import ProfilesConfig
 from llamaswap.supervision.router import Router
 from llamaswap.supervision.selection import ProfileState, SelectorRuntime
 from llamaswap.upstream.client import UpstreamClient
+from llamaswap.upstream.peerhealth import PeerHealth
 from llamaswap.web.auth import ApiKeys
 from llamaswap.web.listings import capability_fields
 
@@ -85,9 +86,11 @@ class Routing:
     has a client of its own, kept the same way; the others share the app's.
     """
 
-    def __init__(self, config: Config, router: Router, reactor: Any) -> None:
+    def __init__(self, config: Config, router: Router, reactor: Any, *, clock: Any = None) -> None:
         self._router = router
         self._reactor = reactor
+        #: the peers' health, probed from :meth:`start` on (issue 15).
+        self.health = PeerHealth(reactor, clock=clock)
         self._peer_clients: dict[str, UpstreamClient] = {}
         self._peer_timeouts: dict[str, PeerTimeouts] = {}
         self._model_clients: dict[str, UpstreamClient] = {}
@@ -100,6 +103,7 @@ class Routing:
 
     def _build(self, config: Config) -> RoutingState:
         state = routing_state(config)
+        self.health.reconfigure(state.peers)
         peer_timeouts = {p: peer.timeouts for p, peer in state.peers.peers.items()}
         self._sync(self._peer_clients, self._peer_timeouts, peer_timeouts)
         model_timeouts = {m: model.timeouts for m, model in config.models.items() if model.timeouts}
@@ -150,8 +154,18 @@ class Routing:
         process = self._router.processes.get(model_id)
         return process.state.value if process is not None else "stopped"
 
+    def start(self) -> None:
+        """Start probing the peers."""
+        self.health.start()
+
+    def in_flight(self, model_id: str) -> int:
+        """Requests in flight to the local model ``model_id``."""
+        process = self._router.processes.get(model_id)
+        return process.in_flight if process is not None else 0
+
     def close(self) -> defer.Deferred[None]:
         """Close the peers' and models' pooled connections."""
+        self.health.stop()
         clients = [*self._peer_clients.values(), *self._model_clients.values()]
         closing = [client.close() for client in clients]
         return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)

@@ -12,7 +12,7 @@ activity row when it ends.  Cancelling it (the client went away,
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +30,15 @@ from llamaswap.observe.recording import ActivityRecorder, Recording
 from llamaswap.scheduling import ShuttingDown, Ticket, UnknownModel
 from llamaswap.supervision.process import ProcessState
 from llamaswap.supervision.router import RequestFailed, Router, TooManyRequests
-from llamaswap.upstream.client import UpstreamClient, UpstreamUnavailable, forward_headers
+from llamaswap.upstream.client import (
+    UpstreamClient,
+    UpstreamNotConnected,
+    UpstreamUnavailable,
+    forward_headers,
+)
+from llamaswap.upstream.peerhealth import PeerHealth
 from llamaswap.web.auth import carried_headers
-from llamaswap.web.errors import write_error, write_too_many
+from llamaswap.web.errors import json_envelope, write_error, write_too_many
 from llamaswap.web.loading import LoadingStream, relay_body_only, wants_loading_stream
 from llamaswap.web.paths import RECORDED_PATHS
 from llamaswap.web.requestinfo import client_gone, client_ip
@@ -53,6 +59,8 @@ class LocalModel:
     target: bytes
     #: the client asked for a streamed answer (decides the loading stream)
     streaming: bool = False
+    #: the body to send when it is not the one ``serve`` was given (a replica)
+    body: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -66,6 +74,8 @@ class PeerModel:
     target: PeerTarget
     url: bytes
     headers: Headers
+    #: the body to send when it is not the one ``serve`` was given (a replica)
+    body: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -100,9 +110,13 @@ class RequestServer:
         body: bytes,
         recorded_path: bytes | None = None,
         metadata: dict[str, str] | None = None,
+        alternatives: Sequence[LocalModel | PeerModel] = (),
     ) -> object:
         """Serve ``request`` with ``body``; a POST to ``recorded_path`` (one of
-        the recorded paths) becomes an activity row with ``metadata``."""
+        the recorded paths) becomes an activity row with ``metadata``.
+        ``alternatives`` are replicas of a peer ``destination``, tried in
+        order when no connection to the one before could be made (nothing
+        was sent to it: a generation never runs twice)."""
         name = destination.name
         recording = None
         if recorded_path is not None:
@@ -114,7 +128,9 @@ class RequestServer:
             request.requestHeaders,
             client_ip(request),
         )
-        d = defer.Deferred.fromCoroutine(self._serve(request, destination, body, recording, entry))
+        d = defer.Deferred.fromCoroutine(
+            self._serve(request, destination, body, recording, entry, alternatives)
+        )
         entry.set_canceller(d.cancel)
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addErrback(self._serve_failed, request)
@@ -149,28 +165,57 @@ class RequestServer:
         body: bytes,
         recording: Recording | None,
         entry: InflightEntry,
+        alternatives: Sequence[LocalModel | PeerModel] = (),
     ) -> None:
         error = "client disconnected"
         hook = self._response_hook(recording, entry)
+        chain = [destination, *alternatives]
         try:
-            if isinstance(destination, LocalModel):
-                error = await self._serve_local(request, destination, body, hook)
-            else:
-                client = self._routing.peer_client(destination.target.peer_id)
-                error = await self._relay(
-                    request,
-                    client,
-                    destination.url,
-                    destination.headers,
-                    body,
-                    hook,
-                    "peer proxy error",
-                    on_retry=functools.partial(self._metrics.upstream_retry, destination.name),
-                )
+            for index, choice in enumerate(chain):
+                sent = body if choice.body is None else choice.body
+                if isinstance(choice, LocalModel):
+                    error = await self._serve_local(request, choice, sent, hook)
+                    break
+                try:
+                    error = await self._serve_peer(
+                        request, choice, sent, hook, failover=index + 1 < len(chain)
+                    )
+                    break
+                except UpstreamNotConnected as exc:
+                    log.warn(
+                        "peer {peer} unreachable ({reason}); trying the next replica",
+                        peer=choice.target.peer_id,
+                        reason=exc,
+                    )
         finally:
             if recording is not None:
                 recording.finish(status=request.code, error=error)
             self._inflight.remove(entry)
+
+    async def _serve_peer(
+        self, request: Any, peer: PeerModel, body: bytes, hook: ResponseHook, *, failover: bool
+    ) -> str:
+        """Relay to a peer, telling its health what happened.  With
+        ``failover``, a connection that could not be made raises
+        :class:`UpstreamNotConnected` (nothing written) instead of a 502."""
+        health = self._routing.health
+        peer_id = peer.target.peer_id
+        health.started(peer_id, peer.target.model)
+        try:
+            return await self._relay(
+                request,
+                self._routing.peer_client(peer_id),
+                peer.url,
+                peer.headers,
+                body,
+                hook,
+                "peer proxy error",
+                on_retry=functools.partial(self._metrics.upstream_retry, peer.name),
+                health=(health, peer_id),
+                failover=failover,
+            )
+        finally:
+            health.finished(peer_id, peer.target.model)
 
     def _response_hook(self, recording: Recording | None, entry: InflightEntry) -> ResponseHook:
         """What sees the upstream response: the activity recording and the
@@ -299,16 +344,36 @@ class RequestServer:
         on_response: ResponseHook,
         failure_prefix: str,
         on_retry: Callable[[], None] | None = None,
+        *,
+        health: tuple[PeerHealth, str] | None = None,
+        failover: bool = False,
     ) -> str:
         if headers.hasHeader(b"accept-encoding"):
             # Usage is read from the response body: only gzip/deflate can be decoded.
             wanted = b", ".join(headers.getRawHeaders(b"accept-encoding", []))
             headers.setRawHeaders(b"accept-encoding", [narrow_accept_encoding(wanted) or b""])
+        if health is not None:
+            seen = on_response
+
+            def on_response(response: Any) -> Callable[[bytes], None] | None:
+                health[0].responded(health[1])
+                return seen(response)
+
         try:
             await client.forward(
-                request, url, headers=headers, body=body, on_response=on_response, on_retry=on_retry
+                request,
+                url,
+                headers=headers,
+                body=body,
+                on_response=on_response,
+                on_retry=on_retry,
+                on_stream_broken=functools.partial(_stream_broken, request),
             )
         except UpstreamUnavailable as exc:
+            if health is not None and isinstance(exc, UpstreamNotConnected):
+                health[0].connect_failed(health[1], str(exc))
+                if failover:
+                    raise
             message = f"{failure_prefix}: {exc}"
             log.warn("{message}", message=message)
             write_error(request, exc.status, message)
@@ -328,3 +393,11 @@ class RequestServer:
             return
         log.failure("error while serving {uri}", failure, uri=request.uri)
         write_error(request, 500, f"unspecific error: {failure.getErrorMessage()}")
+
+
+def _stream_broken(request: Any, message: str) -> None:
+    """An event stream whose upstream broke off ends with an error event
+    (issue 15), as a loading stream's errors do (difference 6)."""
+    if client_gone(request):
+        return
+    request.write(b"data: " + json_envelope(502, message) + b"\n\n")

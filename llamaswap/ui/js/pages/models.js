@@ -222,7 +222,7 @@ export function mount(main) {
     const local = type === "model" || type === "alias";
     let state;
     if (local) state = store.stateOf(realId);
-    else state = m.status?.value === "loaded" ? "loaded" : "unloaded";
+    else state = ["loaded", "unavailable"].includes(m.status?.value) ? m.status.value : "unloaded";
     const action = busy.get(m.id);
     if (action === "loading" && state === "stopped") state = "starting";
     if (action === "unloading" && state === "ready") state = "stopping";
@@ -232,6 +232,7 @@ export function mount(main) {
     if (m.unlisted) tags.push(h("span.tag", "unlisted"));
     if (type === "alias") tags.push(h("span.tag", `alias of ${meta.modelID}`));
     if (type === "peer" && meta.peerID) tags.push(h("span.tag", `peer ${meta.peerID}`));
+    if (type === "peer" && meta.peer?.state === "down") tags.push(h("span.tag", "peer down"));
     for (const [cap, on] of Object.entries(m.capabilities || {})) if (on) tags.push(h("span.tag", CAPABILITY_LABELS[cap] || cap));
     if (m.context_length) tags.push(h("span.tag", `ctx ${fmtNumber(m.context_length)}`));
 
