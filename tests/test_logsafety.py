@@ -29,7 +29,7 @@ from llamaswap.web.site import LlamaSwapSite
 
 #: an access-log line, its quoted fields allowing only escaped quotes.
 ACCESS = re.compile(
-    r'^Request (?P<client>\S*(?: \S+)*) "(?P<method>\S*) (?P<path>(?:[^"\\]|\\.)*) '
+    r'^Request (?P<client>.*?) "(?P<method>\S*) (?P<path>(?:[^"\\]|\\.)*) '
     r'(?P<proto>\S*)" (?P<status>\d+) (?P<bytes>\d+) "(?P<ua>(?:[^"\\]|\\.)*)" \S+$'
 )
 

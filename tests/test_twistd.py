@@ -226,7 +226,7 @@ class FullStdoutTests(TestCase):
             seen.extend(read())
             return running.ended.called
 
-        await poll_until(ended, timeout=30)
+        await poll_until(ended, timeout=60)  # a loaded machine: shutdown stops the model too
         seen.extend(read())
         return bytes(seen)
 
