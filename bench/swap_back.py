@@ -1,5 +1,5 @@
 """The return to a swapped-out model: time to first token and prompt tokens
-processed, cold restart against the prompt cache (issue 14).
+processed: cold restart, with the prompt cache, with prewarm (issue 14).
 
 Against a real llama-server (built by ../shared/tools/real-llama/setup.sh; see
 tests/realllama.py for where it is looked for) on a generated GGUF larger than
@@ -12,16 +12,20 @@ timed from sending to the first token through llamaswap (the start of the
 server included); ``timings.prompt_n``/``cache_n`` of that answer say how
 many prompt tokens were processed and how many came from the cache.
 
-Scenarios:
-  cold     ``promptCache: false``: the server restarts and reads the prompt again
-  cache    ``promptCache: true``: saved at the swap away, restored before ready
-  prewarm  issue 14.3: once in the checkout it acts on every swap back (it
-           reads the model file while the eviction runs), so it is in both
-           rows; ``--cold-disk`` drops the file from the page cache before
-           each swap back, the case prewarm is for.  Without it: "n/a".
+Scenarios (rows), each a config of ``long``:
+  cold     ``promptCache: false``, ``prewarm: false``: the server restarts,
+           loads the file and reads the prompt again
+  cache    ``promptCache: true``, ``prewarm: false``: saved at the swap away,
+           restored before ready
+  prewarm  ``promptCache: false``, ``prewarm: true``: the model file is read
+           into the page cache while the swap back waits for the eviction
+  both     (``--both``) ``promptCache: true``, ``prewarm: true``
 
-Without ``--cold-disk`` the weights are in the page cache in every scenario
-(the same file is read at each start): "cold" is a cold *process*.
+``--cold-disk`` drops the model file from the page cache before each swap
+back: the case prewarm is for (it cuts the load part of the TTFT).  Without
+it the weights are in the page cache in every scenario (the same file is read
+at each start): "cold" is a cold *process*, and the cold and prewarm rows
+are about equal.
 
     python bench/swap_back.py [--prompt-tokens 6000] [--ctx 8192] [--rounds 3]
                               [--cold-disk] [--json out.json] [--keep]
@@ -178,12 +182,17 @@ def model_cmd(real: RealLlama, gguf: str, ctx: int) -> str:
 def scenario(
     name: str, real: RealLlama, gguf: str, args: argparse.Namespace, text: str, workdir: str
 ) -> dict[str, Any]:
+    prompt_cache, prewarm = SCENARIOS[name]
     config = {
         "healthCheckTimeout": 300,
         "startPort": free_ports(1)[0],
         "promptCacheDir": os.path.join(workdir, f"prompt-cache-{name}"),
         "models": {
-            "long": {"cmd": model_cmd(real, gguf, args.ctx), "promptCache": name == "cache"},
+            "long": {
+                "cmd": model_cmd(real, gguf, args.ctx),
+                "promptCache": prompt_cache,
+                "prewarm": prewarm,
+            },
             "other": {"cmd": model_cmd(real, real.tiny, 2048)},
         },
     }
@@ -213,6 +222,8 @@ def scenario(
                     "prompt_n": timings.get("prompt_n"),
                     "cache_n": timings.get("cache_n"),
                     "prompt_ms": timings.get("prompt_ms"),
+                    # what is not the prompt: start, load, restore, proxy
+                    "rest_s": ttft - (timings.get("prompt_ms") or 0) / 1000,
                 }
             )
             print(f"  {name}: round {len(rounds)}: {json.dumps(rounds[-1])}", flush=True)
@@ -225,6 +236,7 @@ def scenario(
         "prompt_tokens": prompt_tokens,
         "ttft_s": statistics.median(r["ttft_s"] for r in rounds),
         "swap_away_s": statistics.median(r["swap_away_s"] for r in rounds),
+        "rest_s": statistics.median(r["rest_s"] for r in rounds),
         "prompt_n": statistics.median(r["prompt_n"] for r in rounds),
         "cache_n": statistics.median(r["cache_n"] for r in rounds),
         "rounds": rounds,
@@ -260,8 +272,13 @@ def drop_from_page_cache(path: str) -> None:
         os.close(fd)
 
 
-def prewarm_available() -> bool:
-    return (REPO_ROOT / "llamaswap" / "supervision" / "prewarm.py").exists()
+#: scenario -> (promptCache, prewarm) of the model swapped back to
+SCENARIOS = {
+    "cold": (False, False),
+    "cache": (True, False),
+    "prewarm": (False, True),
+    "both": (True, True),
+}
 
 
 def main() -> None:
@@ -274,6 +291,7 @@ def main() -> None:
         action="store_true",
         help="drop the model file from the page cache before each swap back",
     )
+    parser.add_argument("--both", action="store_true", help="also a row with cache and prewarm")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir and logs")
     args = parser.parse_args()
@@ -283,24 +301,27 @@ def main() -> None:
     gguf = generate_gguf(real)
     workdir = tempfile.mkdtemp(prefix="swap-back-")
     text = calibrate(real, gguf, args, workdir)
-    results = [scenario(name, real, gguf, args, text, workdir) for name in ("cold", "cache")]
-    if prewarm_available():
-        # Prewarm (issue 14.3) reads the model's file while the swap waits
-        # for the eviction, on every swap back: it is in both rows above.
-        print("prewarm: present in this checkout (in both rows; see --cold-disk)")
+    names = ["cold", "cache", "prewarm", *(["both"] if args.both else [])]
+    results = [scenario(name, real, gguf, args, text, workdir) for name in names]
     print()
     print(f"return to a swapped-out model, {results[0]['prompt_tokens']} prompt tokens, "
-          f"-c {args.ctx}, median of {args.rounds} rounds")  # fmt: skip
-    print(f"{'scenario':10} {'TTFT s':>8} {'processed':>10} {'from cache':>11} {'swap away s':>12}")
+          f"-c {args.ctx}, median of {args.rounds} rounds, "
+          f"{os.path.getsize(gguf) / 2**20:.0f} MiB model file "
+          f"{'dropped from' if args.cold_disk else 'kept in'} the page cache")  # fmt: skip
+    print(
+        f"{'scenario':10} {'TTFT s':>8} {'processed':>10} {'from cache':>11} "
+        f"{'not prompt s':>13} {'swap away s':>12}"
+    )
     for row in results:
         print(
             f"{row['scenario']:10} {row['ttft_s']:8.2f} {row['prompt_n']:10.0f} "
-            f"{row['cache_n']:11.0f} {row['swap_away_s']:12.2f}"
+            f"{row['cache_n']:11.0f} {row['rest_s']:13.2f} {row['swap_away_s']:12.2f}"
         )
-    print("(swap away: the request for the other model, which includes the save)")
-    if not prewarm_available():
-        print(f"{'prewarm':10} {'n/a':>8}  (issue 14.3 prewarm not in this checkout)")
-    cold, cache = results
+    print("(not prompt: TTFT less the server's prompt_ms: start, load, restore, proxy;")
+    print(" swap away: the request for the other model, which includes the save)")
+    if not args.cold_disk:
+        print("(without --cold-disk the file is in the page cache: cold ~ prewarm)")
+    cold, cache, prewarmed = results[:3]
     share = cache["prompt_n"] / cache["prompt_tokens"]
     ratio = cache["ttft_s"] / cold["ttft_s"]
     print()
@@ -308,6 +329,10 @@ def main() -> None:
           f"{'met' if share <= 0.10 else 'NOT met'}")  # fmt: skip
     print(f"with the cache: TTFT {ratio:.2f} x the cold one (goal <= 0.5): "
           f"{'met' if ratio <= 0.5 else 'NOT met'}")  # fmt: skip
+    print(
+        f"with prewarm: TTFT {prewarmed['ttft_s'] - cold['ttft_s']:+.2f} s, not-prompt part "
+        f"{prewarmed['rest_s'] - cold['rest_s']:+.2f} s against the cold one"
+    )
     if args.json:
         with open(args.json, "w") as stream:
             json.dump({"ctx": args.ctx, "results": results}, stream, indent=1)

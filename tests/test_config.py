@@ -394,6 +394,18 @@ class ModelKeyTests(ConfigTestCase):
         model = self.model("models: {m: {cmd: 'x ${PORT}', name: 7, aliases: [1.5, true]}}")
         self.assertEqual((model.name, model.aliases), ("7", ("1.5", "true")))
 
+    def test_prewarm_switch(self) -> None:
+        """``prewarm`` is on by default, off with false, a bool or an error;
+        it is not compared on reload."""
+        self.assertTrue(self.model("models: {m: {cmd: 'x ${PORT}'}}").prewarm)
+        off = self.model("models: {m: {cmd: 'x ${PORT}', prewarm: false}}")
+        self.assertFalse(off.prewarm)
+        self.assertEqual(off, self.model("models: {m: {cmd: 'x ${PORT}'}}"))
+        self.assertProblem(
+            "models: {m: {cmd: 'x ${PORT}', prewarm: 2}}",
+            "models.m.prewarm: must be true or false, got 2",
+        )
+
     def test_model_not_a_mapping(self) -> None:
         """A model entry must be a mapping."""
         self.assertProblem("models: {m: [1]}", "models.m: must be a mapping, got a list")

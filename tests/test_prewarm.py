@@ -219,6 +219,42 @@ class RouterPrewarmTests(ServiceTestCase):
         made["c"].finish.callback(0)
         await self.settled()
 
+    async def test_prewarm_false_is_never_prewarmed(self) -> None:
+        """b (``prewarm: false``) waits for a's slow stop and c queues behind
+        it: c's files are read ahead, b's never are."""
+        (b_weights,) = files(self, MIB)
+        (c_weights,) = files(self, MIB)
+        await self.start(
+            {
+                "a": slow_to_stop(),
+                "b": responder_model(free_port(), files=[b_weights], prewarm=False),
+                "c": responder_model(free_port(), files=[c_weights]),
+            },
+        )
+        self.assertIsNone(prewarm_for(self.router.processes["b"].config))
+        asked: list[str] = []
+        made: dict[str, _HeldPrewarm] = {}
+
+        def factory(config: ModelConfig) -> Prewarm | None:
+            asked.append(config.id)
+            made[config.id] = _HeldPrewarm(model_files(config))
+            return made[config.id]
+
+        self.router._prewarm_factory = factory
+        response = await self.chat("a")
+        await response.content()
+        to_b = defer.ensureDeferred(self.chat("b"))
+        await poll_until(lambda: self.router.scheduler.is_swapping("b"))
+        to_c = defer.ensureDeferred(self.chat("c"))
+        await poll_until(lambda: "c" in made)
+        for pending in (to_b, to_c):
+            answered = await pending
+            self.assertEqual(answered.code, 200)
+            await answered.content()
+        self.assertEqual(asked, ["c"])
+        made["c"].finish.callback(0)
+        await self.settled()
+
     async def test_unload_cancels_the_prewarm(self) -> None:
         weights, made = await self._slow_swap()
         pending = defer.ensureDeferred(self.chat("b"))

@@ -58,6 +58,7 @@ MODEL_KEYS = frozenset(
         "healthCheckTimeout",
         "resources",
         "files",
+        "prewarm",
         "sleep",
         "promptCache",
     }
@@ -223,6 +224,7 @@ def model_config(
         ignore_websockets=model_id == COMFYUI_MODEL_ID or _ignores_websockets(entry.get("compat")),
         timeouts=timeouts,
         files=fields.strings("files"),
+        prewarm=bool(fields.boolean("prewarm", True)),
         sleep=read_sleep(entry.get("sleep"), f"{path}.sleep", report),
         prompt_cache=_prompt_cache(fields, argv),
     )

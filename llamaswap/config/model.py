@@ -105,6 +105,9 @@ class ModelConfig:
     #: ``files``: the model's weight files (prewarm, loading progress); empty
     #: = the ``-m``/``--model`` path of the command.  Not compared on reload.
     files: tuple[str, ...] = field(default=(), compare=False)
+    #: ``prewarm: false``: its files are not read ahead while its start waits.
+    #: Not compared on reload.
+    prewarm: bool = field(default=True, compare=False)
     #: ``sleep``: put to sleep instead of stopped by swaps; ``None`` = no sleep tier.
     sleep: SleepConfig | None = None
     #: ``promptCache: true``: llama-server's slots are saved before a stop

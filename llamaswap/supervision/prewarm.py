@@ -166,6 +166,9 @@ PrewarmFactory = Callable[[ModelConfig], "Prewarm | None"]
 
 
 def prewarm_for(config: ModelConfig) -> Prewarm | None:
-    """The default :data:`PrewarmFactory`: the model's files, if it names any."""
+    """The default :data:`PrewarmFactory`: the model's files, if it names
+    any and its ``prewarm`` is not switched off."""
+    if not config.prewarm:
+        return None
     paths = model_files(config)
     return Prewarm(paths) if paths else None

@@ -372,7 +372,7 @@ class Router:
         """Read the model's files into the page cache while its start waits
         (:mod:`llamaswap.supervision.prewarm`); once per wait."""
         process = self.processes.get(model_id)
-        if model_id in self._prewarms or process is None:
+        if model_id in self._prewarms or process is None or not process.config.prewarm:
             return
         if process.state in (ProcessState.READY, ProcessState.STARTING, ProcessState.SLEEPING):
             return  # nothing to wait for, its own load reads the files, or a wake needs none
