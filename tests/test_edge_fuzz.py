@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from tests.support import PYTHON, REPO, descendants, free_port
+from llamaswap.service.tap import free_port_block
+from tests.support import PYTHON, REPO, descendants
 
 EXAMPLES = int(os.environ.get("LLAMASWAP_FUZZ_EXAMPLES", "800"))
 MODELS = ("fuzz-a", "fuzz-b")
@@ -36,7 +37,7 @@ MODELS = ("fuzz-a", "fuzz-b")
 READ_LIMIT = 1 << 20
 
 
-def _config(directory: str) -> str:
+def _config(directory: str, start_port: int) -> str:
     demo = (
         f"{PYTHON} -c 'from llamaswap.demo.server import main; main()'"
         " --host 127.0.0.1 --port ${PORT}"
@@ -47,7 +48,10 @@ def _config(directory: str) -> str:
     }
     path = os.path.join(directory, "fuzz.yaml")
     with open(path, "w") as f:
-        json.dump({"healthCheckTimeout": 20, "logLevel": "info", "models": models}, f)
+        # Its own ports: the default startPort (5800) is shared by other
+        # tests running at the same time (trial -j2).
+        document = {"healthCheckTimeout": 20, "logLevel": "info", "startPort": start_port}
+        json.dump({**document, "models": models}, f)
     return path
 
 
@@ -326,7 +330,8 @@ class EdgeFuzzTests(TestCase):
 
     def setUp(self) -> None:
         self.tmp = tempfile.mkdtemp()
-        self.port = free_port()
+        start_port = free_port_block(len(MODELS) + 1)
+        self.port = start_port + len(MODELS)
         self.log_path = os.path.join(self.tmp, "out.log")
         self.log = open(self.log_path, "wb")  # noqa: SIM115 - closed in cleanup
         env = {**os.environ, "PYTHONPATH": REPO}
@@ -339,7 +344,7 @@ class EdgeFuzzTests(TestCase):
                 "--pidfile=",
                 "llamaswap",
                 "-c",
-                _config(self.tmp),
+                _config(self.tmp, start_port),
                 "--listen",
                 f"127.0.0.1:{self.port}",
             ],
