@@ -9,6 +9,7 @@ import errno
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -328,14 +329,20 @@ class DemoTests(TestCase):
     async def test_twistd_demo_copy_removed(self) -> None:
         """``twistd -n llamaswap --demo`` removes its copy of the demo config
         when stopped, though twistd ends by re-raising the signal."""
-        pattern = os.path.join(tempfile.gettempdir(), "llamaswap-demo-*.yaml")
-        before = set(glob.glob(pattern))
-        running = ServiceProcess([*TWISTD_RUN, "--demo"], free_port())
-        await running.wait_up()
-        mine = set(glob.glob(pattern)) - before
-        self.assertEqual(len(mine), 1, mine)
-        running.transport.signalProcess(signal.SIGTERM)
-        await running.ended
+        # Its own temporary directory: other demo runs (tests beside this
+        # one) put their copies in the shared one.
+        private = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, private, True)
+        pattern = os.path.join(private, "llamaswap-demo-*.yaml")
+        running = ServiceProcess([*TWISTD_RUN, "--demo"], free_port(), env={"TMPDIR": private})
+        try:
+            await running.wait_up()
+            mine = set(glob.glob(pattern))
+            self.assertEqual(len(mine), 1, mine)
+        finally:
+            if not running.ended.called:
+                running.transport.signalProcess(signal.SIGTERM)
+            await running.ended
         self.assertFalse(any(os.path.exists(path) for path in mine), running.text())
 
 
