@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from benchutil import free_ports  # noqa: E402
+from llamaswap.service.tap import free_port_block  # noqa: E402
 
 MODELS = ("soak-a", "soak-b", "soak-c")
 
@@ -55,7 +55,7 @@ class Tally:
     lost: list[str] = field(default_factory=list)
 
 
-def write_config(directory: str, tokens_per_second: int) -> str:
+def write_config(directory: str, tokens_per_second: int, start_port: int) -> str:
     demo = f"{sys.executable} -m llamaswap.demo --host 127.0.0.1 --port ${{PORT}}"
     models = {
         name: {
@@ -67,7 +67,9 @@ def write_config(directory: str, tokens_per_second: int) -> str:
     }
     path = os.path.join(directory, "soak.yaml")
     with open(path, "w") as f:
-        json.dump({"healthCheckTimeout": 30, "models": models}, f)
+        # Its own ports for the models, not the default startPort (5800) that
+        # anything else running here may use too.
+        json.dump({"healthCheckTimeout": 30, "startPort": start_port, "models": models}, f)
     return path
 
 
@@ -168,13 +170,14 @@ def mean(values: list[float]) -> float:
 
 
 async def run(args: argparse.Namespace) -> int:
-    (port,) = free_ports(1)
+    start_port = free_port_block(len(MODELS) + 1)
+    port = start_port + len(MODELS)
     tmp = tempfile.mkdtemp(prefix="llamaswap-soak-")
     log = open(os.path.join(tmp, "llamaswap.log"), "wb")  # noqa: SIM115
     twistd = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
     proc = subprocess.Popen(
         [sys.executable, "-c", twistd, "-n", "--pidfile=", "llamaswap", "-c",
-         write_config(tmp, args.tokens_per_second), "--listen", f"127.0.0.1:{port}"],
+         write_config(tmp, args.tokens_per_second, start_port), "--listen", f"127.0.0.1:{port}"],
         stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
         env={**os.environ, "PYTHONPATH": REPO},
     )  # fmt: skip
