@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import threading
 
 from twisted.internet import reactor
 from twisted.logger import LogLevel
@@ -49,6 +50,29 @@ class ConsoleWriterTests(TestCase):
         writer.write(b"hello\n")
         self.assertEqual(read_all(read_end), b"hello\n")
         self.assertEqual(writer.buffered, 0)
+
+    def test_signal_handler_logging_mid_write(self) -> None:
+        """A signal handler that logs while a write is under way on the same
+        thread (twistd's "Received SIGTERM" line) is queued behind it, not a
+        deadlock (seen: a llamaswap that never stopped after SIGTERM)."""
+        read_end, write_end = small_pipe(self)
+        writer = self.writer(write_end)
+        write = writer._write
+        handler_ran = []
+
+        def interrupted(chunk: bytes) -> int:
+            if not handler_ran:
+                handler_ran.append(True)
+                writer.write(b"Received SIGTERM\n")  # what the handler logs
+            return write(chunk)
+
+        writer._write = interrupted  # type: ignore[method-assign]
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (writer.write(b"a line\n"), done.set()))
+        worker.start()
+        worker.join(5)
+        self.assertTrue(done.is_set(), "write deadlocked when re-entered")
+        self.assertEqual(read_all(read_end), b"a line\nReceived SIGTERM\n")
 
     def test_full_pipe_never_blocks(self) -> None:
         """A pipe nobody reads: writes return at once, the buffer stays

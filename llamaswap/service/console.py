@@ -108,7 +108,10 @@ class ConsoleWriter:
         self.original_fd = fd
         self._reactor = reactor
         self._max_bytes = max_bytes
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler (twistd's SIGINT/SIGTERM log line) can
+        # run in the middle of a write on the same thread and log again.
+        self._lock = threading.RLock()
+        self._flushing = False
         try:
             self._fd, self._write, self._restore = _own_descriptor(fd)
         except OSError:  # stdout closed: nothing is written
@@ -198,7 +201,18 @@ class ConsoleWriter:
         self._queued += len(marker)
 
     def _flush_locked(self) -> None:
-        """Write queued bytes until the descriptor would block."""
+        """Write queued bytes until the descriptor would block.  A write
+        re-entered from a signal handler only queues: the flush under way
+        writes its bytes after the ones it was writing."""
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            self._flush_queue_locked()
+        finally:
+            self._flushing = False
+
+    def _flush_queue_locked(self) -> None:
         while self._queue and not self.closed:
             chunk = self._queue[0]
             try:
