@@ -329,29 +329,10 @@ class PromptCache:
                     slot=slot_id,
                 )
                 break
-            try:
-                status, answer = await self._call(
-                    b"POST",
-                    f"/slots/{slot_id}?action=save",
-                    {"filename": self._file(slot_id, "new")},
-                    left(),
-                )
-            except Exception as e:
-                log.warn(
-                    "{model} prompt cache: saving slot {slot} failed: {error}",
-                    model=self.model_id,
-                    slot=slot_id,
-                    error=_describe(e),
-                )
-                continue
-            if status != 200 or not isinstance(answer, dict):
-                log.warn(
-                    "{model} prompt cache: saving slot {slot} answered {status}: {answer}",
-                    model=self.model_id,
-                    slot=slot_id,
-                    status=status,
-                    answer=_brief(answer),
-                )
+            answer = await self._slot_call(
+                slot_id, "save", self._file(slot_id, "new"), left(), f"saving slot {slot_id}"
+            )
+            if answer is None:
                 continue
             n_saved = answer.get("n_saved")
             if isinstance(n_saved, int) and n_saved > 0:
@@ -421,28 +402,10 @@ class PromptCache:
             if left <= 0:
                 log.warn("{model} prompt cache: restore budget spent", model=self.model_id)
                 break
-            try:
-                status, answer = await self._call(
-                    b"POST", f"/slots/{slot_id}?action=restore", {"filename": name}, left
-                )
-            except Exception as e:
-                log.warn(
-                    "{model} prompt cache: restoring slot {slot} failed: {error}",
-                    model=self.model_id,
-                    slot=slot_id,
-                    error=_describe(e),
-                )
-                continue
-            if status != 200 or not isinstance(answer, dict):
-                log.warn(
-                    "{model} prompt cache: restoring slot {slot} from {name} answered "
-                    "{status}: {answer}",
-                    model=self.model_id,
-                    slot=slot_id,
-                    name=name,
-                    status=status,
-                    answer=_brief(answer),
-                )
+            answer = await self._slot_call(
+                slot_id, "restore", name, left, f"restoring slot {slot_id}", f" from {name}"
+            )
+            if answer is None:
                 continue
             tokens = answer.get("n_restored")
             if isinstance(tokens, int) and tokens > 0:
@@ -460,6 +423,35 @@ class PromptCache:
             self._state.awaiting_reuse = True
 
     # -- HTTP --------------------------------------------------------------------
+
+    async def _slot_call(
+        self, slot_id: int, action: str, filename: str, timeout: float, what: str, source: str = ""
+    ) -> dict[str, Any] | None:
+        """``POST /slots/{id}?action=save|restore``: the JSON answer, or
+        ``None`` after logging why there is none (never raises)."""
+        try:
+            status, answer = await self._call(
+                b"POST", f"/slots/{slot_id}?action={action}", {"filename": filename}, timeout
+            )
+        except Exception as e:
+            log.warn(
+                "{model} prompt cache: {what} failed: {error}",
+                model=self.model_id,
+                what=what,
+                error=_describe(e),
+            )
+            return None
+        if status != 200 or not isinstance(answer, dict):
+            log.warn(
+                "{model} prompt cache: {what}{source} answered {status}: {answer}",
+                model=self.model_id,
+                what=what,
+                source=source,
+                status=status,
+                answer=_brief(answer),
+            )
+            return None
+        return answer
 
     def _call(
         self, method: bytes, path: str, body: object, timeout: float
