@@ -5,7 +5,6 @@ chosen index in the command (``${DEVICE}``) and ``CUDA_VISIBLE_DEVICES``."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import HTTPConnectionPool
 
-from llamaswap.config import load_config_text
 from llamaswap.config.alternatives import device_argv, device_env, device_index
 from llamaswap.config.resources import resources_json
 from llamaswap.scheduling.placement import GIB, PlacementPlanner
-from llamaswap.service.wiring import build_service
 from llamaswap.supervision.process import ProcessState
-from llamaswap.web.site import LlamaSwapSite
-from tests.support import base_url, poll_until
+from tests import test_footprints
+from tests.support import poll_until
 from tests.test_footprints import FakeDevices, pause
 from tests.test_placement import config, problems
 from tests.test_service import ServiceTestCase, demo_model
@@ -377,18 +373,8 @@ class AlternativesServiceTests(ServiceTestCase):
 
 
 class MeasuredAlternativeTests(ServiceTestCase):
-    async def start(self, models: dict[str, Any], **globals_: Any) -> None:
-        document = {"healthCheckTimeout": 15, **globals_, "models": models}
-        self.config = load_config_text(json.dumps(document), environ=dict(os.environ))
-        self.service = service = build_service(self.config, reactor, devices=self.devices)
-        service.startService()
-        self.addCleanup(lambda: service.stopService() if service.running else None)
-        self.port = port = reactor.listenTCP(
-            0, LlamaSwapSite(service.app.resource()), interface="127.0.0.1"
-        )
-        self.addCleanup(lambda: port.stopListening() if port.connected else None)
-        self.url = base_url(port)
-        self.pool = HTTPConnectionPool(reactor, persistent=False)
+    #: the same service on loopback as the footprint tests start
+    start = test_footprints.MeasuredServiceTests.start
 
     async def report(self) -> Any:
         return await (await treq.get(self.url + "/api/resources", pool=self.pool)).json()
