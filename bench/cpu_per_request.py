@@ -146,6 +146,12 @@ def main() -> int:
     ap.add_argument("--profile", metavar="PREFIX", help="py-spy one more round into PREFIX.txt")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, log)")
     ap.add_argument(
+        "--config-extra",
+        default="",
+        metavar="YAML",
+        help="top-level config lines to add (what a feature costs), e.g. 'captureBuffer: 0'",
+    )
+    ap.add_argument(
         "--root", default=str(ROOT), help="checkout whose llamaswap is measured (A/B runs)"
     )
     args = ap.parse_args()
@@ -160,7 +166,8 @@ def main() -> int:
     config = work / "config.yaml"
     config.write_text(
         f"healthCheckTimeout: 30\nlogLevel: warn\nstartPort: {start_port}\n"
-        "models:\n  m1:\n"
+        + (args.config_extra.replace("\\n", "\n") + "\n" if args.config_extra else "")
+        + "models:\n  m1:\n"
         f"    cmd: {upstream_cmd()}\n"
         "    proxy: http://127.0.0.1:${PORT}\n"
         "    checkEndpoint: /health\n"

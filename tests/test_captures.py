@@ -308,6 +308,16 @@ class CaptureCacheTests(SynchronousTestCase):
         self.assertEqual([r.has_capture for r in log.recent()], [False, True, True])
 
 
+class CountingPool(ThreadPool):
+    """A real pool that counts the jobs it is given."""
+
+    jobs = 0
+
+    def callInThreadWithCallback(self, *args: object, **kwargs: object) -> None:
+        self.jobs += 1
+        super().callInThreadWithCallback(*args, **kwargs)  # type: ignore[arg-type]
+
+
 class CaptureEncoderTests(TestCase):
     """Captures are encoded off the reactor thread, through a bounded queue
     (issue 11.7)."""
@@ -372,6 +382,63 @@ class CaptureEncoderTests(TestCase):
         await cache.add_later(2, "/v1/completions", lambda: capture(2))
         self.assertNotIn(2, cache)
         self.assertEqual(cache.dropped, 0)
+
+    async def test_captures_close_together_go_as_one_batch(self) -> None:
+        """Captures submitted within the batch window reach the pool as one
+        job and come back together; each is stored as if encoded alone."""
+        pool = CountingPool(0, 2, name="test-batches")
+        pool.start()
+        self.addCleanup(pool.stop)
+        cache = CaptureCache(1 << 20, CaptureEncoder(reactor, pool=pool, batch_delay=0.05))
+        stored = [
+            cache.add_later(i, "/v1/completions", lambda i=i: capture(i, resp_body=noise(300, i)))
+            for i in range(1, 6)
+        ]
+        for d in stored:
+            await d
+        self.assertEqual(pool.jobs, 1)
+        alone = CaptureCache(1 << 20)
+        for i in range(1, 6):
+            alone.add(capture(i, resp_body=noise(300, i)))
+            self.assertEqual(cache.get(i), alone.get(i))
+
+    async def test_a_full_batch_goes_at_once(self) -> None:
+        """``batch_size`` captures go to the pool without waiting out the
+        window (and the window's timer is cancelled)."""
+        pool = CountingPool(0, 1, name="test-batches")
+        pool.start()
+        self.addCleanup(pool.stop)
+        encoder = CaptureEncoder(reactor, pool=pool, batch_delay=3600, batch_size=3)
+        cache = CaptureCache(1 << 20, encoder)
+        stored = [cache.add_later(i, "/v1/completions", lambda i=i: capture(i)) for i in (1, 2, 3)]
+        for d in stored:
+            await d
+        self.assertEqual(pool.jobs, 1)
+        self.assertEqual([i in cache for i in (1, 2, 3)], [True, True, True])
+        self.assertEqual(encoder.pending, 0)
+
+    async def test_one_failing_capture_spares_its_batch(self) -> None:
+        """A capture whose building fails is logged; the others in its batch
+        are stored."""
+
+        def broken() -> Capture:
+            raise ValueError("no body")
+
+        encoder = CaptureEncoder(reactor)
+        self.addCleanup(encoder.stop)
+        cache = CaptureCache(1 << 20, encoder)
+        with capturedLogs() as events:
+            stored = [
+                cache.add_later(1, "/v1/completions", lambda: capture(1)),
+                cache.add_later(2, "/v1/completions", broken),
+                cache.add_later(3, "/v1/completions", lambda: capture(3)),
+            ]
+            for d in stored:
+                await d
+        self.assertEqual([i in cache for i in (1, 2, 3)], [True, False, True])
+        self.assertEqual(encoder.pending, 0)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertIn("capture 2 for /v1/completions", formatEvent(events[-1]))
 
     async def test_too_large_is_logged(self) -> None:
         """A capture larger than the whole budget is logged, not stored."""

@@ -9,7 +9,8 @@ while it streams.
 
 Encoding a capture (CBOR, then zstd: milliseconds per MiB) must not stall
 the reactor: `CaptureEncoder` runs it in a small thread pool with a bounded
-queue, and `CaptureCache.add_later` stores the result back on the reactor
+queue, in batches (handing one small capture to a thread costs more than
+encoding it), and `CaptureCache.add_later` stores the result back on the reactor
 thread.  When the queue is full the capture is dropped, with a log line and
 a count (`CaptureCache.dropped`).
 """
@@ -30,6 +31,7 @@ import zstandard
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.http_headers import Headers
 
@@ -57,7 +59,11 @@ ZSTD_LEVEL = 7
 ENCODER_THREADS = 2
 #: captures waiting to be encoded before new ones are dropped; each holds its
 #: request and (capped) response body.
-ENCODER_QUEUE = 16
+ENCODER_QUEUE = 64
+#: captures gathered into one batch for the pool: seconds after the first...
+BATCH_DELAY = 0.01
+#: ...or this many, whichever comes first.
+BATCH_SIZE = 32
 
 log = Logger()
 
@@ -229,23 +235,34 @@ def _b64(value: bytes | None) -> str | None:
 _local = threading.local()
 
 
-def encode_capture(capture: Capture) -> bytes:
-    """A capture as stored: zstd-compressed CBOR (one compressor per thread)."""
+def _compressor() -> zstandard.ZstdCompressor:
+    """This thread's compressor (one per thread: they are not thread-safe)."""
     compressor = getattr(_local, "compressor", None)
     if compressor is None:
         compressor = _local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return compressor
+
+
+def encode_capture(capture: Capture) -> bytes:
+    """A capture as stored: zstd-compressed CBOR."""
     # zstd's output object keeps the whole compress-bound allocation
     # (megabytes for a capped body) however small the result: keep a
     # right-sized copy, or every capture pins its worst case in memory.
-    return bytes(bytearray(compressor.compress(capture.to_cbor())))
+    return bytes(bytearray(_compressor().compress(capture.to_cbor())))
 
 
 class CaptureEncoder:
-    """Runs encoding jobs off the reactor thread: at most ``max_pending``
-    queued or running, in a thread pool of ``threads``.
+    """Runs encoding jobs off the reactor thread, in batches: at most
+    ``max_pending`` queued or running, in a thread pool of ``threads``.
+
+    Handing one job to a thread and its result back costs more than
+    encoding a chat-sized capture (a wake-up each way, the GIL passed
+    twice): jobs submitted within ``batch_delay`` seconds of each other
+    (or ``batch_size`` of them, whichever comes first) go to the pool as
+    one batch, and come back with one call to the reactor thread.
 
     ``pool`` replaces the pool (its owner starts and stops it); the default
-    pool starts with the first job and is stopped by :meth:`stop`.
+    pool starts with the first batch and is stopped by :meth:`stop`.
     """
 
     def __init__(
@@ -255,37 +272,89 @@ class CaptureEncoder:
         threads: int = ENCODER_THREADS,
         max_pending: int = ENCODER_QUEUE,
         pool: ThreadPool | None = None,
+        batch_delay: float = BATCH_DELAY,
+        batch_size: int = BATCH_SIZE,
     ) -> None:
         self._reactor = reactor
         self._owns_pool = pool is None
         self._pool = pool or ThreadPool(0, threads, name="llamaswap-captures")
         self.max_pending = max_pending
+        self.batch_delay = batch_delay
+        self.batch_size = batch_size
         #: jobs queued or running.
         self.pending = 0
         self.stopped = False
+        self._batch: list[tuple[Callable[[], Capture], Deferred[bytes]]] = []
+        self._timer: Any = None
 
-    def submit(self, job: Callable[[], bytes]) -> Deferred[bytes] | None:
-        """Run ``job`` in the pool; None (nothing run) when the queue is full
-        or the encoder has stopped."""
+    def submit(self, build: Callable[[], Capture]) -> Deferred[bytes] | None:
+        """Build and encode a capture in the pool (``build`` runs there);
+        None (nothing run) when the queue is full or the encoder has stopped."""
         if self.stopped or self.pending >= self.max_pending:
             return None
-        if self._owns_pool and not self._pool.started:
-            self._pool.start()
         self.pending += 1
-        d: Deferred[bytes] = deferToThreadPool(self._reactor, self._pool, job)
-
-        def done(result: object) -> object:
-            self.pending -= 1
-            return result
-
-        d.addBoth(done)
+        d: Deferred[bytes] = Deferred()
+        self._batch.append((build, d))
+        if len(self._batch) >= self.batch_size:
+            self._send()
+        elif self._timer is None:
+            self._timer = self._reactor.callLater(self.batch_delay, self._send)
         return d
 
+    def _send(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        if self._owns_pool and not self._pool.started:
+            self._pool.start()
+        jobs = [job for job, _ in batch]
+        outcome = deferToThreadPool(self._reactor, self._pool, _run_jobs, jobs)
+
+        def deliver(results: list[bytes | Failure]) -> None:
+            self.pending -= len(batch)
+            for (_, d), result in zip(batch, results, strict=True):
+                d.callback(result) if not isinstance(result, Failure) else d.errback(result)
+
+        def lost(failure: Failure) -> None:  # the pool itself failed
+            self.pending -= len(batch)
+            for _, d in batch:
+                d.errback(failure)
+
+        outcome.addCallbacks(deliver, lost)
+
     def stop(self) -> None:
-        """Stop the pool (after the job it runs; queued jobs still run)."""
+        """Stop the pool (after the batch it runs; batches already queued,
+        and the one being gathered, still run)."""
         self.stopped = True
+        self._send()
         if self._owns_pool and self._pool.started:
             self._pool.stop()
+
+
+def _run_jobs(jobs: list[Callable[[], Capture]]) -> list[bytes | Failure]:
+    """Runs in a pool thread: each capture built and encoded, or its failure.
+
+    All the batch's captures are compressed in one call: zstd releases the
+    GIL while it works, and getting it back, while the reactor thread keeps
+    it busy, costs up to a switch interval (5 ms) each time.
+    """
+    results: list[bytes | Failure] = []
+    records: list[bytes | bytearray | memoryview] = []
+    for job in jobs:
+        try:
+            records.append(job().to_cbor())
+            results.append(b"")
+        except Exception:
+            results.append(Failure())
+    if records:
+        compressed = iter(_compressor().multi_compress_to_buffer(records))
+        # Each segment copied out on its own: the shared buffer is freed.
+        results = [r if isinstance(r, Failure) else next(compressed).tobytes() for r in results]
+    return results
 
 
 class CaptureCache:
@@ -345,7 +414,7 @@ class CaptureCache:
         if self.encoder is None:
             self._stored(self.add(build()), id, path)
             return succeed(None)
-        encoded = self.encoder.submit(lambda: encode_capture(build()))
+        encoded = self.encoder.submit(build)
         if encoded is None:
             if not self.encoder.stopped:
                 self.dropped += 1
