@@ -43,9 +43,9 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user","content":"hi"}],"max_tokens":8}'
 done = function(summary, latency, requests)
-  io.write(string.format("ANCHOR reqs=%d rps=%.1f p50_ms=%.3f non2xx=%d errors=%d\\n",
+  io.write(string.format("ANCHOR reqs=%d rps=%.1f p50_ms=%.3f p99_ms=%.3f non2xx=%d errors=%d\\n",
     summary.requests, summary.requests / (summary.duration / 1e6),
-    latency:percentile(50) / 1000, summary.errors.status,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 """
@@ -233,7 +233,7 @@ def main() -> int:
             print(
                 f"c={args.concurrency} reqs={int(result['reqs'])} cpu_s={used:.2f} "
                 f"cpu_us_per_req={per_req[-1]:.0f} rps={result['rps']:.0f} "
-                f"p50_ms={result['p50_ms']:.3f} non2xx={int(result['non2xx'])} "
+                f"p50_ms={result['p50_ms']:.3f} p99_ms={result['p99_ms']:.3f} non2xx={int(result['non2xx'])} "
                 f"errors={int(result['errors'])}",
                 flush=True,
             )

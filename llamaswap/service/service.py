@@ -81,6 +81,8 @@ class LlamaSwapService(service.Service):
         self._stdout_subscription: Any = None
         #: called for every state change of every process, current or future
         self.process_listeners: list[StateListener] = [self._state_metric, loading.changed]
+        #: called with the new configuration once a reload has applied it.
+        self.reload_listeners: list[Callable[[Config], object]] = []
         #: measured footprints, free memory, the resources report (placement)
         self.resources = resources
         if resources is not None:
@@ -189,6 +191,8 @@ class LlamaSwapService(service.Service):
         self.config = config
         self.bus.model_status(self.model_status())
         self.preload()
+        for listener in self.reload_listeners:
+            listener(config)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()

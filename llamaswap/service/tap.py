@@ -28,6 +28,7 @@ from llamaswap.config.commands import program_problem
 from llamaswap.config.loader import load_config_sources
 from llamaswap.core.text import as_text
 from llamaswap.service.activation import inherited_loopback_only
+from llamaswap.service.heap import HeapService, settle
 from llamaswap.service.logsetup import adopt_twistd_logging, set_log_level, set_log_to_stdout
 from llamaswap.service.reload import ReloadService
 from llamaswap.service.shutdown import relayed_requests
@@ -274,6 +275,8 @@ def makeService(options: Options) -> service.MultiService:
     core.process_listeners.append(lambda *_: notify.update_status())
     notify.setServiceParent(top)
     ReloadService(core, reactor, watch=options["watch-config"], notify=notify).setServiceParent(top)
+    HeapService(reactor).setServiceParent(top)
+    core.reload_listeners.append(lambda _: settle())
     return top
 
 
