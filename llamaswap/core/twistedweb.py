@@ -28,13 +28,20 @@ one, this is the only module to change.
   HTTP client protocol does not.
 * `after_flush`: not a private name but an under-documented ordering of the
   reactor (see its docstring).
+* `coalesce_writes`: ``FileDescriptor.doWrite``, ``disconnecting``,
+  ``_writeDisconnecting``, ``dataBuffer``/``offset``/``_tempDataLen``.  A
+  transport's writes wait for the reactor's next pass, announced to epoll and
+  back for every write (two ``epoll_ctl`` calls and one more event to
+  dispatch); there is no public way to say "flush at the end of this pass".
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -42,6 +49,7 @@ _log = Logger()
 
 __all__ = [
     "after_flush",
+    "coalesce_writes",
     "disconnected",
     "fresh_connection",
     "quiet_http_client_factories",
@@ -129,3 +137,62 @@ def _run_after_flush(reactor: Any) -> None:
             fn(*args)
         except Exception:
             _log.failure("error in {fn!r}", fn=fn)
+
+
+def coalesce_writes(transport: Any) -> None:
+    """Send what ``transport`` is given at the end of the reactor's current
+    pass, without registering it with epoll for writability.
+
+    Twisted buffers each write and asks epoll to report the socket writable
+    (``epoll_ctl``), writes it out when epoll says so, then withdraws the
+    request (``epoll_ctl`` again): three system calls and one more event per
+    response piece.  Here the writes made during one pass (a response head
+    and its body, or a request) are still gathered, then sent with one
+    ``send`` from a delayed call due at once; only what the socket does not
+    take, and a transport that is closing, goes back to Twisted's own path.
+    A transport that is not a plain file descriptor (TLS) is left as it is.
+    """
+    if not isinstance(transport, FileDescriptor) or "startWriting" in vars(transport):
+        return
+    flusher = _flushers.get(transport.reactor)
+    if flusher is None:
+        flusher = _flushers[transport.reactor] = _WriteFlusher(transport.reactor)
+    transport.startWriting = functools.partial(flusher.start_writing, transport)  # type: ignore[method-assign]
+
+
+class _WriteFlusher:
+    """Transports with writes waiting for the end of the reactor's pass."""
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._pending: dict[FileDescriptor, None] = {}
+
+    def start_writing(self, transport: Any) -> None:
+        if transport.disconnecting or transport._writeDisconnecting:
+            type(transport).startWriting(transport)
+            return
+        if not self._pending:
+            self._reactor.callLater(0, self._flush)
+        self._pending[transport] = None
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for transport in pending:
+            if not transport.connected:
+                continue  # lost meanwhile: Twisted drops what it buffered
+            if transport.disconnecting or transport._writeDisconnecting:
+                type(transport).startWriting(transport)
+                continue
+            try:
+                why = transport.doWrite()
+            except Exception:
+                why = True  # the reactor's own pass will meet it and close the connection
+            left = transport._tempDataLen or len(transport.dataBuffer) - transport.offset
+            if why is not None or left:
+                # The socket is full (or failing): epoll takes over, and the
+                # reactor handles what doWrite reports, as for any transport.
+                type(transport).startWriting(transport)
+
+
+#: reactor -> its write flusher
+_flushers: dict[Any, _WriteFlusher] = {}

@@ -42,6 +42,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from llamaswap.core.transport import no_delay
+from llamaswap.core.twistedweb import coalesce_writes
+
 #: bytes that must not appear in a request line (controls, space, DEL)
 _UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 #: largest response head accepted
@@ -202,6 +205,10 @@ class _Connection(Protocol):
         self._aborting = False
         #: fired when the connection is gone (for :meth:`LeanAgent.close`)
         self.lost: list[defer.Deferred[None]] = []
+
+    def connectionMade(self) -> None:
+        no_delay(self.transport)
+        coalesce_writes(self.transport)
 
     # -- sending ----------------------------------------------------------
 

@@ -28,6 +28,8 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
+from llamaswap.core.transport import no_delay
+from llamaswap.core.twistedweb import coalesce_writes
 from llamaswap.web.errors import error_body, json_envelope
 
 log = Logger()
@@ -123,6 +125,8 @@ def _head_deadline(protocol: Any, channel: Any) -> None:
         channel.loseConnection()
 
     def on_connection_made() -> None:
+        no_delay(channel.transport)
+        coalesce_writes(channel.transport)
         connection_made()
         arm()
 

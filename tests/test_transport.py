@@ -1,0 +1,236 @@
+"""Socket options and write coalescing on real loopback connections
+(llamaswap.core.transport, llamaswap.core.twistedweb.coalesce_writes)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from llamaswap.core.transport import no_delay
+from llamaswap.core.twistedweb import coalesce_writes
+from llamaswap.upstream.lean import LeanAgent
+from llamaswap.web.site import LlamaSwapSite
+from tests.support import poll_until
+
+
+class Sink(Protocol):
+    """Keeps what arrives; ``lost`` fires when the connection closes."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.made: defer.Deferred[Any] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.made.callback(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+
+def _nodelay(transport: Any) -> int:
+    return int(transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+class Pair:
+    """A loopback connection: ``client`` writes, ``server`` receives."""
+
+    async def open(self, case: TestCase) -> None:
+        self.server = Sink()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: self.server)
+        )
+        case.addCleanup(port.stopListening)
+        self.client = Sink()
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            Factory.forProtocol(lambda: self.client)
+        )
+        self.transport = await self.client.made
+        await self.server.made
+
+        def close() -> defer.Deferred[None]:
+            self.transport.abortConnection()
+            return defer.gatherResults([self.client.lost, self.server.lost]).addCallback(
+                lambda _: None
+            )
+
+        case.addCleanup(close)
+
+
+class NoDelayTests(TestCase):
+    async def test_sets_tcp_nodelay(self) -> None:
+        pair = Pair()
+        await pair.open(self)
+        self.assertEqual(_nodelay(pair.transport), 0)
+        no_delay(pair.transport)
+        self.assertEqual(_nodelay(pair.transport), 1)
+
+    def test_leaves_other_transports(self) -> None:
+        """A transport without the option (a Unix socket, a test double) is
+        left alone."""
+        no_delay(object())
+
+    async def test_accepted_connections_have_it(self) -> None:
+        """Connections llamaswap's site accepts send small pieces at once
+        (and coalesce their writes)."""
+        seen: list[tuple[int, bool]] = []
+
+        class Probe(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                seen.append(
+                    (_nodelay(request.transport), "startWriting" in vars(request.transport))
+                )
+                return b"ok"
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            LlamaSwapSite(Probe(), reactor)
+        )
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        response = await treq.get(f"http://127.0.0.1:{port.getHost().port}/", pool=pool)
+        self.assertEqual(await response.content(), b"ok")
+        self.assertEqual(seen, [(1, True)])
+
+
+@implementer(IPushProducer)
+class Producer:
+    def __init__(self) -> None:
+        self.paused = 0
+        self.resumed = 0
+
+    def pauseProducing(self) -> None:
+        self.paused += 1
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class CoalesceWritesTests(TestCase):
+    async def test_writes_of_a_pass_leave_together_without_epoll(self) -> None:
+        """Writes made in one reactor pass go out at its end, and the
+        transport is never registered with the reactor for writing."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        pair.transport.write(b"HTTP/1.1 200 OK\r\n")
+        pair.transport.writeSequence([b"a: b\r\n", b"\r\n"])
+        pair.transport.write(b"body")
+        self.assertNotIn(pair.transport, reactor.getWriters())
+        await poll_until(lambda: len(pair.server.received) == 29, timeout=5)
+        self.assertEqual(bytes(pair.server.received), b"HTTP/1.1 200 OK\r\na: b\r\n\r\nbody")
+        self.assertNotIn(pair.transport, reactor.getWriters())
+
+    async def test_what_the_socket_does_not_take_goes_to_epoll(self) -> None:
+        """More than the socket buffers hold: the rest is written when the
+        socket drains, a streaming producer is paused and resumed, and every
+        byte arrives in order."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        producer = Producer()
+        pair.transport.registerProducer(producer, True)
+        self.addCleanup(pair.transport.unregisterProducer)
+        pair.server.transport.pauseProducing()  # nobody reads: the buffers fill
+        data = bytes(range(256)) * (64 * 1024)  # 16 MiB
+        pair.transport.write(data)
+        self.assertEqual(producer.paused, 1)
+        await poll_until(lambda: pair.transport in reactor.getWriters(), timeout=5)
+        pair.server.transport.resumeProducing()
+        await poll_until(lambda: len(pair.server.received) == len(data), timeout=30)
+        self.assertEqual(bytes(pair.server.received), data)
+        await poll_until(lambda: pair.transport not in reactor.getWriters(), timeout=5)
+        self.assertEqual(producer.resumed, 1)
+
+    async def test_lose_connection_after_writing(self) -> None:
+        """``loseConnection`` right after a write still delivers it, then
+        closes."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        pair.transport.write(b"last words")
+        pair.transport.loseConnection()
+        await pair.server.lost
+        self.assertEqual(bytes(pair.server.received), b"last words")
+
+    async def test_peer_gone_is_a_lost_connection(self) -> None:
+        """Writing to a connection the peer reset ends in ``connectionLost``
+        (the reactor's own handling), not an error in the flush."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        pair.server.transport.abortConnection()
+        await pair.server.lost
+        for _ in range(50):
+            if pair.client.lost.called:
+                break
+            pair.transport.write(b"x" * 65536)
+            await poll_until(lambda: True)
+        await pair.client.lost
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_applied_once(self) -> None:
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        first = pair.transport.startWriting
+        coalesce_writes(pair.transport)
+        self.assertIs(pair.transport.startWriting, first)
+
+
+class UpstreamConnectionTests(TestCase):
+    async def test_lean_client_connections_have_both(self) -> None:
+        """Connections to upstreams (the lean client's) send small pieces at
+        once and coalesce their writes."""
+        server = Sink()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: server)
+        )
+        self.addCleanup(port.stopListening)
+        connected: list[Any] = []
+
+        class Endpoints:
+            def endpointForURI(self, uri: Any) -> Any:
+                endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+                connect = endpoint.connect
+
+                def spy(factory: Any) -> Any:
+                    return connect(factory).addCallback(lambda p: connected.append(p) or p)
+
+                endpoint.connect = spy  # type: ignore[method-assign]
+                return endpoint
+
+        agent = LeanAgent(reactor, Endpoints(), fallback=None)  # type: ignore[arg-type]
+        url = f"http://127.0.0.1:{port.getHost().port}/v1/models".encode()
+        answered = agent.request(b"GET", url, Headers())
+        await poll_until(lambda: b"\r\n\r\n" in server.received, timeout=5)
+        transport = connected[0].transport
+        self.assertEqual(_nodelay(transport), 1)
+        self.assertIn("startWriting", vars(transport))
+        server.transport.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+        )
+        response = await answered
+        self.assertEqual(response.code, 200)
+        await treq.content(response)
+        server.transport.loseConnection()
+        await server.lost
+        await poll_until(lambda: not transport.connected, timeout=5)
