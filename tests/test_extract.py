@@ -79,6 +79,53 @@ class ExtractTests(SynchronousTestCase):
         self.assertEqual(extract_model(b"POST", JSON, b"[1]", {}).model, "")
         self.assertIsNone(json_top_level(b'{"a":1} trailing'))
 
+    def test_json_reads_as_the_offset_scanner_does(self) -> None:
+        """The model and stream flag come out as the byte-exact scanner used
+        for rewrites reads them (the C parser is used for speed)."""
+        bodies = [
+            b'{"model":"a","stream":true}',
+            b' \r\n{ "model" : "a" , "stream" : "True" } \n',
+            b'{"model":"a","model":"b","stream":1,"stream":0}',
+            b'{"model":null}',
+            b'{"model":7,"stream":"1"}',
+            b'{"model":2.5,"stream":"t"}',
+            b'{"model":true}',
+            b'{"model":{"x":"y"},"stream":[1]}',
+            b'{"stream":true}',
+            '{"model":"caf\u00e9","stream":" TRUE "}'.encode(),
+            b'{"model":"a"} x',
+            b'["model"]',
+            b"\xef\xbb\xbf{}",
+            b'{"model":"\xff"}',
+            b"",
+        ]
+        for body in bodies:
+            top = json_top_level(body)
+            got = extract_model(b"POST", JSON, body, {})
+            if top is None:
+                self.assertEqual((got.model, got.streaming), ("", False), body)
+                self.assertIn("JSON", got.missing, body)
+                continue
+            model = top["model"][0] if "model" in top else None
+            stream = top["stream"][0] if "stream" in top else None
+            if isinstance(model, bool):
+                expected_model = "true" if model else "false"
+            elif isinstance(model, (int, float)):
+                expected_model = json.dumps(model)
+            else:
+                expected_model = model if isinstance(model, str) else ""
+            if isinstance(stream, bool):
+                expected_stream = stream
+            elif isinstance(stream, (int, float)):
+                expected_stream = stream != 0
+            else:
+                expected_stream = isinstance(stream, str) and stream.strip().lower() in (
+                    "1",
+                    "t",
+                    "true",
+                )
+            self.assertEqual((got.model, got.streaming), (expected_model, expected_stream), body)
+
     def test_multipart_field_then_query(self) -> None:
         """multipart bodies: the model field, else the query."""
         body = multipart((b"file", b"\x00binary\r\n--not-boundary"), (b"model", b"whisper"))
