@@ -143,6 +143,26 @@ class LeanAgentTests(SynchronousTestCase):
         self.request()
         self.assertEqual(len(self.endpoint.protocols), 1)
 
+    def test_a_burst_of_64_keeps_its_connections(self) -> None:
+        """64 requests at once, answered together, leave 64 idle connections
+        that the next 64 requests reuse (a cap of 32 closed and reopened a
+        third of them under the yardstick's c=64); beyond ``max_per_host``
+        a released connection is closed."""
+        for _burst in range(2):
+            answered = [self.request() for _ in range(64)]
+            for index in range(len(self.endpoint.protocols) - 64, len(self.endpoint.protocols)):
+                self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", index)
+            for d in answered:
+                self.assertEqual(self.successResultOf(d).code, 200)
+            self.assertEqual(len(self.endpoint.protocols), 64)
+        self.assertTrue(all(not t.disconnecting for t in self.endpoint.transports))
+        agent = LeanAgent(self.clock, self.endpoint, self.fallback, max_per_host=2)
+        self.agent = agent
+        answered = [self.request() for _ in range(3)]
+        for index in (-1, -2, -3):
+            self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", index)
+        self.assertEqual([t.disconnecting for t in self.endpoint.transports[-3:]].count(True), 1)
+
     @settings(max_examples=60, deadline=None)
     @given(st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=40))
     def test_chunked_in_any_split(self, cuts: list[int]) -> None:

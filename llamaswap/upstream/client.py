@@ -62,7 +62,12 @@ from llamaswap.core.twistedweb import (
     response_connection_headers,
     tls_handshake_pending,
 )
-from llamaswap.upstream.lean import LeanAgent, LeanResponse, StaleConnection
+from llamaswap.upstream.lean import (
+    MAX_IDLE_PER_ORIGIN,
+    LeanAgent,
+    LeanResponse,
+    StaleConnection,
+)
 
 log = Logger()
 
@@ -431,7 +436,7 @@ class UpstreamClient:
         reactor: Any,
         *,
         connect_timeout: float | None = 30,
-        max_per_host: int = 32,
+        max_per_host: int = MAX_IDLE_PER_ORIGIN,
         idle_timeout: float | None = 90,
         response_header_timeout: float | None = None,
         keepalive: float | None = None,
