@@ -437,7 +437,9 @@ class ChannelBoundsTests(SynchronousTestCase):
 
     def test_head_deadline_not_on_body(self) -> None:
         """The deadline covers the head only: a body sent slowly (each piece
-        within the idle time-out) is read, and no timer outlives the head."""
+        within the idle time-out) is read (the deadline's timer, still
+        pending, fires and does nothing), and no timer outlives the
+        connection."""
         clock = Clock()
         protocol, transport = self._channel(clock)
         protocol.dataReceived(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n")
@@ -450,6 +452,22 @@ class ChannelBoundsTests(SynchronousTestCase):
         protocol.connectionLost(None)
         clock.advance(0)  # the access log line
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_one_deadline_timer_per_connection(self) -> None:
+        """Requests on a kept-alive connection move one timer rather than
+        making and cancelling one each; when it fires between heads, nothing
+        happens."""
+        clock = Clock()
+        protocol, transport = self._channel(clock)
+        for _ in range(3):
+            protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+            clock.advance(1)
+        timers = [c for c in clock.getDelayedCalls() if c.func.__name__ == "expired"]
+        self.assertEqual(len(timers), 1)
+        clock.advance(HEAD_TIMEOUT)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 3)
+        protocol.connectionLost(None)
 
     def test_refused_on_other_transports_closed_at_once(self) -> None:
         """A transport that is not a plain socket (TLS, tests) cannot be

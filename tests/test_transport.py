@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from llamaswap.core.transport import no_delay
-from llamaswap.core.twistedweb import coalesce_writes
+from llamaswap.core.twistedweb import after_flush, coalesce_writes
 from llamaswap.upstream.lean import LeanAgent
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import poll_until
@@ -138,6 +138,40 @@ class CoalesceWritesTests(TestCase):
         await poll_until(lambda: len(pair.server.received) == 29, timeout=5)
         self.assertEqual(bytes(pair.server.received), b"HTTP/1.1 200 OK\r\na: b\r\n\r\nbody")
         self.assertNotIn(pair.transport, reactor.getWriters())
+
+    async def test_after_flush_rides_on_the_write_flush(self) -> None:
+        """Bookkeeping queued with ``after_flush`` while coalesced writes wait
+        runs right after they are sent, with no delayed call of its own."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        pair.transport.write(b"response")
+        scheduled = len(reactor.getDelayedCalls())
+        buffered: list[int] = []
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def bookkeeping() -> None:
+            t = pair.transport
+            buffered.append(t._tempDataLen + len(t.dataBuffer) - t.offset)
+            done.callback(None)
+
+        after_flush(reactor, bookkeeping)
+        self.assertEqual(len(reactor.getDelayedCalls()), scheduled)
+        await done
+        self.assertEqual(buffered, [0])
+        await poll_until(lambda: bytes(pair.server.received) == b"response", timeout=5)
+
+    async def test_a_stopping_reactor_takes_twisted_s_own_path(self) -> None:
+        """Once ``reactor.stop()`` was called, writes register with the
+        reactor as usual: its writers get an I/O pass before it disconnects
+        everything, where a delayed call made in the last pass never runs."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        self.patch(reactor, "_stopped", True)
+        pair.transport.write(b"503")
+        self.assertIn(pair.transport, reactor.getWriters())
+        await poll_until(lambda: bytes(pair.server.received) == b"503", timeout=5)
 
     async def test_what_the_socket_does_not_take_goes_to_epoll(self) -> None:
         """More than the socket buffers hold: the rest is written when the

@@ -118,8 +118,13 @@ def after_flush(reactor: IReactorTime, fn: Callable[..., object], *args: Any) ->
 
     Calls made in the same reactor pass share one pair of delayed calls and
     run in the order they were made (a failing one is logged and does not
-    stop the others).
+    stop the others).  When writes coalesced by `coalesce_writes` wait for
+    the end of the pass, the calls run right after those writes go out,
+    with no delayed call of their own.
     """
+    flusher = _flushers.get(reactor)
+    if flusher is not None and flusher.then(fn, args):
+        return  # writes wait for this pass's end: run just after they go out
     queue = _after_flush.get(reactor)
     if queue is None:
         queue = _after_flush[reactor] = []
@@ -166,9 +171,28 @@ class _WriteFlusher:
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._pending: dict[FileDescriptor, None] = {}
+        #: calls to make once the pending writes are out (`after_flush`)
+        self._then: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+
+    def _stopping(self) -> bool:
+        """Whether the reactor is stopping: then writes take Twisted's own
+        path, whose writers get an I/O pass before the reactor disconnects
+        everything, while a delayed call made in the pass that completes the
+        shutdown never runs.  (``_stopped`` is set by ``reactor.stop()``; a
+        shutdown event fired without it, as trial does between suites, leaves
+        the reactor running.)"""
+        return bool(getattr(self._reactor, "_stopped", False))
+
+    def then(self, fn: Callable[..., object], args: tuple[Any, ...]) -> bool:
+        """Call ``fn(*args)`` once the writes waiting now are out; False
+        (nothing done) when no write is waiting."""
+        if not self._pending or self._stopping():
+            return False
+        self._then.append((fn, args))
+        return True
 
     def start_writing(self, transport: Any) -> None:
-        if transport.disconnecting or transport._writeDisconnecting:
+        if self._stopping() or transport.disconnecting or transport._writeDisconnecting:
             type(transport).startWriting(transport)
             return
         if not self._pending:
@@ -192,6 +216,12 @@ class _WriteFlusher:
                 # The socket is full (or failing): epoll takes over, and the
                 # reactor handles what doWrite reports, as for any transport.
                 type(transport).startWriting(transport)
+        then, self._then = self._then, []
+        for fn, args in then:
+            try:
+                fn(*args)
+            except Exception:
+                _log.failure("error in {fn!r}", fn=fn)
 
 
 #: reactor -> its write flusher

@@ -75,6 +75,10 @@ async def relay_upgrade(
     channel = request.channel
     transport = channel.transport
     channel.setTimeout(None)
+    # The server's head deadline (llamaswap.web.limits) is over too.
+    stop_head_deadline = getattr(channel, "stop_head_deadline", None)
+    if stop_head_deadline is not None:
+        stop_head_deadline()
     client_side = _Pipe(client_closed)
     client_side.peer = upstream_side.transport
     upstream_side.peer = transport

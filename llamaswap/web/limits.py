@@ -88,7 +88,12 @@ def _head_deadline(protocol: Any, channel: Any) -> None:
     than ``HEAD_TIMEOUT`` seconds to arrive (see the module docstring).
     Nothing happens once ``protocol`` has switched to another channel (HTTP/2
     negotiated over TLS)."""
-    deadline: list[Any] = []
+    # One delayed call per connection, moved (``reset``) for each request
+    # rather than made and cancelled: a disarmed one that fires finds no head
+    # being read and does nothing.
+    deadline: list[Any] = []  # [the delayed call], once there is one
+    armed: list[bool] = [False]
+    stopped: list[bool] = [False]
     connection_made = channel.connectionMade
     data_received = channel.dataReceived
     all_headers_received = channel.allHeadersReceived
@@ -98,17 +103,22 @@ def _head_deadline(protocol: Any, channel: Any) -> None:
         return bool(channel.line_mode) and not channel._handlingRequest
 
     def arm() -> None:
-        if not deadline and reading_head():
-            deadline.append(channel.callLater(HEAD_TIMEOUT, expired))
+        if armed[0] or stopped[0] or not reading_head():
+            return
+        armed[0] = True
+        if deadline and deadline[0].active():
+            deadline[0].reset(HEAD_TIMEOUT)
+        else:
+            deadline[:] = [channel.callLater(HEAD_TIMEOUT, expired)]
 
     def disarm() -> None:
-        if deadline:
-            call = deadline.pop()
-            if call.active():
-                call.cancel()
+        armed[0] = False
 
     def expired() -> None:
         deadline.clear()
+        if not armed[0]:
+            return
+        armed[0] = False
         current = getattr(protocol, "_channel", channel)
         if current is not channel or not reading_head() or channel.transport is None:
             return
@@ -140,8 +150,20 @@ def _head_deadline(protocol: Any, channel: Any) -> None:
 
     def on_lost(reason: Any) -> None:
         disarm()
+        if deadline and deadline[0].active():
+            deadline[0].cancel()
+        deadline.clear()
         connection_lost(reason)
 
+    def stop() -> None:
+        """The connection was taken over (a WebSocket splice): no more heads."""
+        stopped[0] = True
+        armed[0] = False
+        if deadline and deadline[0].active():
+            deadline[0].cancel()
+        deadline.clear()
+
+    channel.stop_head_deadline = stop
     channel.connectionMade = on_connection_made
     channel.dataReceived = on_data
     channel.allHeadersReceived = on_all_headers
