@@ -11,6 +11,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -254,8 +255,11 @@ class UpstreamConnectionTests(TestCase):
 
         agent = LeanAgent(reactor, Endpoints(), fallback=None)  # type: ignore[arg-type]
         url = f"http://127.0.0.1:{port.getHost().port}/v1/models".encode()
-        answered = agent.request(b"GET", url, Headers())
-        await poll_until(lambda: b"\r\n\r\n" in server.received, timeout=5)
+        with capturedLogs() as events:
+            answered = agent.request(b"GET", url, Headers())
+            await poll_until(lambda: b"\r\n\r\n" in server.received, timeout=5)
+        # A connection is not announced in the log ("Starting factory ...").
+        self.assertEqual([e for e in events if "factory" in formatEvent(e).lower()], [])
         transport = connected[0].transport
         self.assertEqual(_nodelay(transport), 1)
         self.assertIn("startWriting", vars(transport))

@@ -491,6 +491,10 @@ def _closed_by_peer(reason: Failure) -> bool:
 
 
 class _ConnectionFactory(Factory):
+    # One factory per connection: Twisted's "Starting factory" / "Stopping
+    # factory" lines would log every upstream connection.
+    noisy = False
+
     def __init__(self, agent: LeanAgent, origin: bytes) -> None:
         self._agent = agent
         self._origin = origin
