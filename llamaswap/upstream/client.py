@@ -513,6 +513,15 @@ class UpstreamClient:
     ) -> IResponse:
         """The upstream's response (headers arrived), within the response-header
         time-out; raises :class:`UpstreamUnavailable` (or :class:`UpstreamTimedOut`)."""
+        if self._response_header_timeout <= 0:
+            # No timer to cancel the send: await it as it is (one Deferred
+            # and coroutine fewer per request); cancelling still reaches it.
+            try:
+                return await self._send(method, url, headers, body, on_retry)
+            except defer.CancelledError:
+                raise
+            except Exception as exc:
+                raise _unavailable(exc) from exc
         sending = defer.Deferred.fromCoroutine(self._send(method, url, headers, body, on_retry))
         timer = None
         timed_out = False
@@ -531,9 +540,7 @@ class UpstreamClient:
                 raise
         except Exception as exc:
             if not timed_out:
-                if isinstance(exc, ConnectError | DNSLookupError | RequestNotSent):
-                    raise UpstreamNotConnected(_describe(exc)) from exc
-                raise UpstreamUnavailable(_describe(exc)) from exc
+                raise _unavailable(exc) from exc
         finally:
             if timer is not None and timer.active():
                 timer.cancel()
@@ -602,6 +609,14 @@ class UpstreamClient:
             if on_stream_broken is not None and _is_event_stream(response):
                 on_stream_broken(f"upstream ended the stream early: {reason}")
         return response.code
+
+
+def _unavailable(exc: Exception) -> UpstreamUnavailable:
+    """What a failed send is to the caller: no connection made (nothing was
+    sent), or no response."""
+    if isinstance(exc, ConnectError | DNSLookupError | RequestNotSent):
+        return UpstreamNotConnected(_describe(exc))
+    return UpstreamUnavailable(_describe(exc))
 
 
 def _is_event_stream(response: IResponse) -> bool:
