@@ -195,6 +195,19 @@ class CoalesceWritesTests(TestCase):
         await poll_until(lambda: pair.transport not in reactor.getWriters(), timeout=5)
         self.assertEqual(producer.resumed, 1)
 
+    async def test_a_cancelled_flush_does_not_stall_later_writes(self) -> None:
+        """If the flush's delayed call is cancelled from outside (trial's
+        cleanup does that to a test that ends with one pending), the next
+        write schedules another and everything waiting goes out."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        pair.transport.write(b"first ")
+        (flush,) = [c for c in reactor.getDelayedCalls() if c.func.__name__ == "_flush"]
+        flush.cancel()
+        pair.transport.write(b"second")
+        await poll_until(lambda: bytes(pair.server.received) == b"first second", timeout=5)
+
     async def test_lose_connection_after_writing(self) -> None:
         """``loseConnection`` right after a write still delivers it, then
         closes."""

@@ -173,6 +173,7 @@ class _WriteFlusher:
         self._pending: dict[FileDescriptor, None] = {}
         #: calls to make once the pending writes are out (`after_flush`)
         self._then: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self._call: Any = None
 
     def _stopping(self) -> bool:
         """Whether the reactor is stopping: then writes take Twisted's own
@@ -186,7 +187,7 @@ class _WriteFlusher:
     def then(self, fn: Callable[..., object], args: tuple[Any, ...]) -> bool:
         """Call ``fn(*args)`` once the writes waiting now are out; False
         (nothing done) when no write is waiting."""
-        if not self._pending or self._stopping():
+        if not self._pending or self._call is None or self._stopping():
             return False
         self._then.append((fn, args))
         return True
@@ -195,11 +196,14 @@ class _WriteFlusher:
         if self._stopping() or transport.disconnecting or transport._writeDisconnecting:
             type(transport).startWriting(transport)
             return
-        if not self._pending:
-            self._reactor.callLater(0, self._flush)
+        if self._call is None or not self._call.active():
+            # (Checked on the call, not on the pending set: a call cancelled
+            # from outside, as trial's cleanup does, must not stall writes.)
+            self._call = self._reactor.callLater(0, self._flush)
         self._pending[transport] = None
 
     def _flush(self) -> None:
+        self._call = None
         pending, self._pending = self._pending, {}
         for transport in pending:
             if not transport.connected:
