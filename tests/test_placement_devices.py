@@ -22,6 +22,7 @@ from tests import test_footprints
 from tests.support import poll_until
 from tests.test_footprints import FakeDevices, pause
 from tests.test_placement import config, problems
+from tests.test_placement_service import PlacedServiceCase
 from tests.test_service import ServiceTestCase, demo_model
 
 MACHINE = """
@@ -326,17 +327,7 @@ def on_a_device(name: str) -> dict[str, Any]:
     return entry
 
 
-class AlternativesServiceTests(ServiceTestCase):
-    async def use(self, model: str) -> None:
-        response = await self.chat(model, max_tokens=2)
-        self.assertEqual(response.code, 200, model)
-        await response.content()
-
-    def loaded(self) -> list[str]:
-        return sorted(
-            m for m, p in self.router.processes.items() if p.state is not ProcessState.STOPPED
-        )
-
+class AlternativesServiceTests(PlacedServiceCase):
     def device(self, model: str) -> tuple[str, str, str]:
         """``--model`` as started, ``CUDA_VISIBLE_DEVICES`` and ``DEMO_DEVICE``."""
         argv, env = _child(self.router.processes[model].pid)

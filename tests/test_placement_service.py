@@ -23,7 +23,10 @@ def placed(name: str, gpu: str, ram: str = "1GiB") -> dict[str, Any]:
     return entry
 
 
-class PlacementServiceTests(ServiceTestCase):
+class PlacedServiceCase(ServiceTestCase):
+    """A service test with a chat helper and the list of loaded models (no
+    tests of its own: placement's service tests build on it)."""
+
     async def use(self, model: str) -> None:
         response = await self.chat(model, max_tokens=2)
         self.assertEqual(response.code, 200, model)
@@ -34,6 +37,8 @@ class PlacementServiceTests(ServiceTestCase):
             m for m, p in self.router.processes.items() if p.state is not ProcessState.STOPPED
         )
 
+
+class PlacementServiceTests(PlacedServiceCase):
     async def test_two_fit_a_third_evicts_the_cold_one(self) -> None:
         """a and b fit side by side; c fits only if one goes: the one asked
         for less (b) is evicted, counted with reason memory, and the

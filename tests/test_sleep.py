@@ -14,9 +14,9 @@ from llamaswap.config.fields import Report
 from llamaswap.config.sleep import SleepConfig, read_sleep
 from llamaswap.scheduling.placement import GIB, PlacementPlanner
 from llamaswap.supervision.process import ModelProcess, ProcessState, StartError
-from tests.support import PYTHON, REPO, free_port, pid_alive, poll_until
+from tests.support import pid_alive, poll_until
 from tests.test_process import ProcessTestCase
-from tests.test_service import ServiceTestCase
+from tests.test_service import ServiceTestCase, demo_model
 
 S = ProcessState
 
@@ -323,17 +323,6 @@ class PlacementSleepTests(ProcessTestCase):
 # End to end: demo upstreams that implement /sleep and /wake_up
 
 
-def demo(name: str, **keys: Any) -> dict[str, Any]:
-    port = free_port()
-    entry: dict[str, Any] = {
-        "cmd": f"{PYTHON} -m llamaswap.demo --host 127.0.0.1 --port {port} --model {name}",
-        "proxy": f"http://127.0.0.1:{port}",
-        "env": [f"PYTHONPATH={REPO}"],
-    }
-    entry.update(keys)
-    return entry
-
-
 class ServiceSleepTests(ServiceTestCase):
     async def chat_ok(self, model: str) -> None:
         response = await self.chat(model)
@@ -344,7 +333,7 @@ class ServiceSleepTests(ServiceTestCase):
         """A swap away from a model with ``sleep`` puts it to sleep (its
         server lives on, answers 503 to inference); ``/running`` and
         ``/v1/models`` say sleeping; a request for it wakes the same server."""
-        await self.start({"a": demo("a", sleep=True), "b": demo("b")})
+        await self.start({"a": demo_model("a", sleep=True), "b": demo_model("b")})
         await self.chat_ok("a")
         pid = self.router.processes["a"].pid
         learned = self.service.loading.learned["a"]
@@ -380,7 +369,9 @@ class ServiceSleepTests(ServiceTestCase):
         await self.settled()
 
     async def test_failed_wake_restarts(self) -> None:
-        await self.start({"a": demo("a", sleep={"wake": ["POST /no-such-call"]}), "b": demo("b")})
+        await self.start(
+            {"a": demo_model("a", sleep={"wake": ["POST /no-such-call"]}), "b": demo_model("b")}
+        )
         await self.chat_ok("a")
         pid = self.router.processes["a"].pid
         await self.chat_ok("b")
@@ -391,7 +382,7 @@ class ServiceSleepTests(ServiceTestCase):
         await self.settled()
 
     async def test_ttl_sleeps_then_stops(self) -> None:
-        await self.start({"a": demo("a", ttl=1, sleep={"ttl": 3})})
+        await self.start({"a": demo_model("a", ttl=1, sleep={"ttl": 3})})
         await self.chat_ok("a")
         pid = self.router.processes["a"].pid
         await poll_until(lambda: self.state("a") is ProcessState.SLEEPING, timeout=5)
