@@ -38,7 +38,7 @@ one, this is the only module to change.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -137,7 +137,12 @@ _after_flush: dict[Any, list[tuple[Callable[..., object], tuple[Any, ...]]]] = {
 
 
 def _run_after_flush(reactor: Any) -> None:
-    for fn, args in _after_flush.pop(reactor, ()):
+    _run_calls(_after_flush.pop(reactor, ()))
+
+
+def _run_calls(calls: Iterable[tuple[Callable[..., object], tuple[Any, ...]]]) -> None:
+    """Make each call in order; a failing one is logged and the rest still run."""
+    for fn, args in calls:
         try:
             fn(*args)
         except Exception:
@@ -221,11 +226,7 @@ class _WriteFlusher:
                 # reactor handles what doWrite reports, as for any transport.
                 type(transport).startWriting(transport)
         then, self._then = self._then, []
-        for fn, args in then:
-            try:
-                fn(*args)
-            except Exception:
-                _log.failure("error in {fn!r}", fn=fn)
+        _run_calls(then)
 
 
 #: reactor -> its write flusher

@@ -67,6 +67,19 @@ def api_key_label(index: int) -> str:
     return f"key-{index}"
 
 
+def _token_children(metric: Any, name: str) -> tuple[Any, Any, Any]:
+    """The input, output and cached children of a token counter for ``name``
+    (a model or an API key)."""
+    labels = metric.labels
+    return labels(name, "input"), labels(name, "output"), labels(name, "cached")
+
+
+def _count_tokens(children: tuple[Any, Any, Any], counts: tuple[int, int, int]) -> None:
+    for child, count in zip(children, counts, strict=True):
+        if count:
+            child.inc(count)
+
+
 class _Series:
     """The label children of one model, resolved once (``metric.labels`` builds
     a tuple and takes a lock on every call).  Each is made on first use, so a
@@ -267,17 +280,9 @@ class Metrics:
                 usage_tokens.output_tokens if usage_tokens.output_tokens > 0 else 0,
                 usage_tokens.cache_tokens if usage_tokens.cache_tokens > 0 else 0,
             )
-        tokens = series.tokens
-        if tokens is None:
-            labels = self._tokens.labels
-            tokens = series.tokens = (
-                labels(model, "input"),
-                labels(model, "output"),
-                labels(model, "cached"),
-            )
-        for token_child, count in zip(tokens, counts, strict=True):
-            if count:
-                token_child.inc(count)
+        if series.tokens is None:
+            series.tokens = _token_children(self._tokens, model)
+        _count_tokens(series.tokens, counts)
         if ttfb_s is not None and math.isfinite(ttfb_s) and ttfb_s >= 0:
             if series.ttfb is None:
                 series.ttfb = self._ttfb.labels(model)
@@ -301,15 +306,10 @@ class Metrics:
                     self._refused_key_name = True
                     log.warn("metrics: API key names must look like key-<index>; not counting")
                 return
-            labels = self._key_tokens.labels
-            key_tokens = self._key_children[api_key_name] = (
-                labels(api_key_name, "input"),
-                labels(api_key_name, "output"),
-                labels(api_key_name, "cached"),
+            key_tokens = self._key_children[api_key_name] = _token_children(
+                self._key_tokens, api_key_name
             )
-        for token_child, count in zip(key_tokens, counts, strict=True):
-            if count:
-                token_child.inc(count)
+        _count_tokens(key_tokens, counts)
 
     def _model_series(self, model: str) -> _Series:
         series = self._series.get(model)

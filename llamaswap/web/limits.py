@@ -91,9 +91,9 @@ def _head_deadline(protocol: Any, channel: Any) -> None:
     # One delayed call per connection, moved (``reset``) for each request
     # rather than made and cancelled: a disarmed one that fires finds no head
     # being read and does nothing.
-    deadline: list[Any] = []  # [the delayed call], once there is one
-    armed: list[bool] = [False]
-    stopped: list[bool] = [False]
+    call: Any = None  # the delayed call, once there is one
+    armed = False  # a head is being waited for
+    stopped = False  # the connection was taken over: no more heads
     connection_made = channel.connectionMade
     data_received = channel.dataReceived
     all_headers_received = channel.allHeadersReceived
@@ -103,22 +103,28 @@ def _head_deadline(protocol: Any, channel: Any) -> None:
         return bool(channel.line_mode) and not channel._handlingRequest
 
     def arm() -> None:
-        if armed[0] or stopped[0] or not reading_head():
+        nonlocal armed, call
+        if armed or stopped or not reading_head():
             return
-        armed[0] = True
-        if deadline and deadline[0].active():
-            deadline[0].reset(HEAD_TIMEOUT)
+        armed = True
+        if call is not None and call.active():
+            call.reset(HEAD_TIMEOUT)
         else:
-            deadline[:] = [channel.callLater(HEAD_TIMEOUT, expired)]
+            call = channel.callLater(HEAD_TIMEOUT, expired)
 
-    def disarm() -> None:
-        armed[0] = False
+    def cancel() -> None:
+        nonlocal armed, call
+        armed = False
+        if call is not None and call.active():
+            call.cancel()
+        call = None
 
     def expired() -> None:
-        deadline.clear()
-        if not armed[0]:
+        nonlocal armed, call
+        call = None
+        if not armed:
             return
-        armed[0] = False
+        armed = False
         current = getattr(protocol, "_channel", channel)
         if current is not channel or not reading_head() or channel.transport is None:
             return
@@ -145,23 +151,19 @@ def _head_deadline(protocol: Any, channel: Any) -> None:
         data_received(data)
 
     def on_all_headers() -> None:
-        disarm()
+        nonlocal armed
+        armed = False  # the pending call, if it fires, does nothing
         all_headers_received()
 
     def on_lost(reason: Any) -> None:
-        disarm()
-        if deadline and deadline[0].active():
-            deadline[0].cancel()
-        deadline.clear()
+        cancel()
         connection_lost(reason)
 
     def stop() -> None:
         """The connection was taken over (a WebSocket splice): no more heads."""
-        stopped[0] = True
-        armed[0] = False
-        if deadline and deadline[0].active():
-            deadline[0].cancel()
-        deadline.clear()
+        nonlocal stopped
+        stopped = True
+        cancel()
 
     channel.stop_head_deadline = stop
     channel.connectionMade = on_connection_made
