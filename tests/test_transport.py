@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from llamaswap.core.transport import no_delay
-from llamaswap.core.twistedweb import after_flush, coalesce_writes
+from llamaswap.core.twistedweb import after_flush, coalesce_writes, send_now
 from llamaswap.upstream.lean import LeanAgent
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import poll_until
@@ -125,6 +125,20 @@ class Producer:
         pass
 
 
+def _bookkeeping(transport: Any) -> tuple[Any, list[int], defer.Deferred[None]]:
+    """A call for ``after_flush`` that notes how many bytes ``transport``
+    still buffers when it runs, and fires a Deferred."""
+    buffered: list[int] = []
+    done: defer.Deferred[None] = defer.Deferred()
+
+    def bookkeeping() -> None:
+        t = transport
+        buffered.append(t._tempDataLen + len(t.dataBuffer) - t.offset)
+        done.callback(None)
+
+    return bookkeeping, buffered, done
+
+
 class CoalesceWritesTests(TestCase):
     async def test_writes_of_a_pass_leave_together_without_epoll(self) -> None:
         """Writes made in one reactor pass go out at its end, and the
@@ -148,14 +162,7 @@ class CoalesceWritesTests(TestCase):
         coalesce_writes(pair.transport)
         pair.transport.write(b"response")
         scheduled = len(reactor.getDelayedCalls())
-        buffered: list[int] = []
-        done: defer.Deferred[None] = defer.Deferred()
-
-        def bookkeeping() -> None:
-            t = pair.transport
-            buffered.append(t._tempDataLen + len(t.dataBuffer) - t.offset)
-            done.callback(None)
-
+        bookkeeping, buffered, done = _bookkeeping(pair.transport)
         after_flush(reactor, bookkeeping)
         self.assertEqual(len(reactor.getDelayedCalls()), scheduled)
         await done
@@ -234,6 +241,41 @@ class CoalesceWritesTests(TestCase):
             await poll_until(lambda: True)
         await pair.client.lost
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_what_a_read_writes_leaves_when_the_read_returns(self) -> None:
+        """Writes made while handling a read go out as soon as the read is
+        handled, with no delayed call; bookkeeping queued meanwhile runs
+        right after them."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        scheduled: list[int] = []
+        bookkeeping, buffered, done = _bookkeeping(pair.transport)
+
+        def answer(data: bytes) -> None:
+            pair.transport.write(b"pong")
+            after_flush(reactor, bookkeeping)
+            calls = reactor.getDelayedCalls()
+            scheduled.append(len([c for c in calls if c.func.__name__ == "_flush"]))
+
+        pair.client.dataReceived = answer  # type: ignore[method-assign]
+        pair.server.transport.write(b"ping")
+        await done
+        self.assertEqual((scheduled, buffered), ([0], [0]))
+        await poll_until(lambda: bytes(pair.server.received) == b"pong", timeout=5)
+
+    async def test_send_now(self) -> None:
+        """``send_now`` sends what waits for the end of the pass at once."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        pair.transport.write(b"complete response")
+        t = pair.transport
+        self.assertEqual(t._tempDataLen + len(t.dataBuffer) - t.offset, 17)
+        send_now(t)
+        self.assertEqual(t._tempDataLen + len(t.dataBuffer) - t.offset, 0)
+        send_now(t)  # nothing waits: nothing happens
+        await poll_until(lambda: bytes(pair.server.received) == b"complete response", timeout=5)
 
     async def test_applied_once(self) -> None:
         pair = Pair()

@@ -26,9 +26,19 @@ one, this is the only module to change.
   TLS client endpoint reports the connection before the handshake; whether
   it has finished is only known to a protocol that listens for it, and the
   HTTP client protocol does not.
+* `one_pass_heads`: ``HTTPChannel``'s request-head state
+  (``_HTTPChannel__first_line``, ``_command``, ``_path``, ``_version``,
+  ``_receivedHeaderSize``/``Count``, ``_maybeChooseTransferDecoder``),
+  ``LineReceiver``'s ``_buffer``/``_busyReceiving``, ``Headers._rawHeaders``
+  and ``http_headers._nameEncoder``.  ``HTTPChannel`` reads a head only line
+  by line; a head that arrives whole is read in one pass by setting the state
+  the line path would set (without these names, the line path is kept).
+* `plain_leaf`: ``twisted.web.resource._IEncodingResource``.  Whether a
+  root resource may be rendered without ``Site.getResourceFor`` and the
+  encoder question ``Request.process`` asks of it for every request.
 * `after_flush`: not a private name but an under-documented ordering of the
   reactor (see its docstring).
-* `coalesce_writes`: ``FileDescriptor.doWrite``, ``disconnecting``,
+* `coalesce_writes`, `send_now`: ``FileDescriptor.doWrite``, ``disconnecting``,
   ``_writeDisconnecting``, ``dataBuffer``/``offset``/``_tempDataLen``.  A
   transport's writes wait for the reactor's next pass, announced to epoll and
   back for every write (two ``epoll_ctl`` calls and one more event to
@@ -38,12 +48,16 @@ one, this is the only module to change.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.web import http_headers
+from twisted.web.iweb import INonQueuedRequestFactory
 
 _log = Logger()
 
@@ -52,8 +66,11 @@ __all__ = [
     "coalesce_writes",
     "disconnected",
     "fresh_connection",
+    "one_pass_heads",
+    "plain_leaf",
     "quiet_http_client_factories",
     "response_connection_headers",
+    "send_now",
     "tls_handshake_pending",
     "transport_paused",
 ]
@@ -156,11 +173,15 @@ def coalesce_writes(transport: Any) -> None:
     Twisted buffers each write and asks epoll to report the socket writable
     (``epoll_ctl``), writes it out when epoll says so, then withdraws the
     request (``epoll_ctl`` again): three system calls and one more event per
-    response piece.  Here the writes made during one pass (a response head
-    and its body, or a request) are still gathered, then sent with one
-    ``send`` from a delayed call due at once; only what the socket does not
-    take, and a transport that is closing, goes back to Twisted's own path.
-    A transport that is not a plain file descriptor (TLS) is left as it is.
+    response piece.  Here the writes made while one read is handled (a
+    response head and its body, or a request) are still gathered, then sent
+    with one ``send`` as soon as that read is handled (the transport's
+    ``doRead`` is wrapped for it); writes made outside a read (a timer, a
+    thread's result) go out from a delayed call due at once.  Only what the
+    socket does not take, and a transport that is closing, goes back to
+    Twisted's own path.  `send_now` sends a transport's writes earlier
+    still.  A transport that is not a plain file descriptor (TLS) is left as
+    it is.
     """
     if not isinstance(transport, FileDescriptor) or "startWriting" in vars(transport):
         return
@@ -168,6 +189,17 @@ def coalesce_writes(transport: Any) -> None:
     if flusher is None:
         flusher = _flushers[transport.reactor] = _WriteFlusher(transport.reactor)
     transport.startWriting = functools.partial(flusher.start_writing, transport)  # type: ignore[method-assign]
+    transport.doRead = functools.partial(flusher.read, transport.doRead)  # type: ignore[method-assign]
+
+
+def send_now(transport: Any) -> None:
+    """Send what `coalesce_writes` holds for ``transport`` now rather than
+    at the end of the reactor's pass: a request or response that is
+    complete should not wait for the bookkeeping that follows it."""
+    flusher = _flushers.get(getattr(transport, "reactor", None))
+    if flusher is not None and transport in flusher._pending:
+        del flusher._pending[transport]
+        flusher.write_out(transport)
 
 
 class _WriteFlusher:
@@ -179,6 +211,8 @@ class _WriteFlusher:
         #: calls to make once the pending writes are out (`after_flush`)
         self._then: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
         self._call: Any = None
+        #: reads under way (`read`): their `then` calls run once they return
+        self._reading = 0
 
     def _stopping(self) -> bool:
         """Whether the reactor is stopping: then writes take Twisted's own
@@ -191,43 +225,194 @@ class _WriteFlusher:
 
     def then(self, fn: Callable[..., object], args: tuple[Any, ...]) -> bool:
         """Call ``fn(*args)`` once the writes waiting now are out; False
-        (nothing done) when no write is waiting."""
-        if not self._pending or self._call is None or self._stopping():
+        (nothing done) when no write is waiting and no read is under way."""
+        if self._stopping():
+            return False
+        if not self._reading and (
+            not self._pending or self._call is None or not self._call.active()
+        ):
             return False
         self._then.append((fn, args))
         return True
+
+    def read(self, do_read: Callable[[], object]) -> object:
+        """A transport's ``doRead``: what handling the read wrote goes out
+        as soon as it returns, not after the rest of the reactor's pass."""
+        self._reading += 1
+        why: object = True
+        try:
+            why = do_read()
+        finally:
+            self._reading -= 1
+            if why is None and not self._stopping():
+                self.flush()
+            elif (self._then or self._pending) and (self._call is None or not self._call.active()):
+                self._call = self._reactor.callLater(0, self._flush)
+        return why
 
     def start_writing(self, transport: Any) -> None:
         if self._stopping() or transport.disconnecting or transport._writeDisconnecting:
             type(transport).startWriting(transport)
             return
-        if self._call is None or not self._call.active():
-            # (Checked on the call, not on the pending set: a call cancelled
-            # from outside, as trial's cleanup does, must not stall writes.)
+        if not self._reading and (self._call is None or not self._call.active()):
+            # (A read under way flushes when it returns.  Checked on the
+            # call, not on the pending set: a call cancelled from outside,
+            # as trial's cleanup does, must not stall writes.)
             self._call = self._reactor.callLater(0, self._flush)
         self._pending[transport] = None
 
     def _flush(self) -> None:
         self._call = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write out every pending transport, then make the `then` calls."""
+        if not self._pending and not self._then:
+            return
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
         pending, self._pending = self._pending, {}
         for transport in pending:
-            if not transport.connected:
-                continue  # lost meanwhile: Twisted drops what it buffered
-            if transport.disconnecting or transport._writeDisconnecting:
-                type(transport).startWriting(transport)
-                continue
-            try:
-                why = transport.doWrite()
-            except Exception:
-                why = True  # the reactor's own pass will meet it and close the connection
-            left = transport._tempDataLen or len(transport.dataBuffer) - transport.offset
-            if why is not None or left:
-                # The socket is full (or failing): epoll takes over, and the
-                # reactor handles what doWrite reports, as for any transport.
-                type(transport).startWriting(transport)
+            self.write_out(transport)
         then, self._then = self._then, []
         _run_calls(then)
+
+    @staticmethod
+    def write_out(transport: Any) -> None:
+        """Send what ``transport`` buffered; what the socket does not take
+        goes back to Twisted's epoll path."""
+        if not transport.connected:
+            return  # lost meanwhile: Twisted drops what it buffered
+        if transport.disconnecting or transport._writeDisconnecting:
+            type(transport).startWriting(transport)
+            return
+        try:
+            why = transport.doWrite()
+        except Exception:
+            why = True  # the reactor's own pass will meet it and close the connection
+        left = transport._tempDataLen or len(transport.dataBuffer) - transport.offset
+        if why is not None or left:
+            # The socket is full (or failing): epoll takes over, and the
+            # reactor handles what doWrite reports, as for any transport.
+            type(transport).startWriting(transport)
 
 
 #: reactor -> its write flusher
 _flushers: dict[Any, _WriteFlusher] = {}
+
+
+def plain_leaf(resource: Any) -> bool:
+    """Whether ``resource`` is a leaf that asks for no response encoder:
+    a request for it may skip ``Site.getResourceFor`` (see
+    ``LlamaSwapRequest.process``)."""
+    from twisted.web.resource import _IEncodingResource
+
+    return bool(getattr(resource, "isLeaf", False)) and not _IEncodingResource.providedBy(resource)
+
+
+# --- request heads read in one pass ----------------------------------------
+
+#: a request line Twisted's ``_parseRequestLine`` accepts (a token method, a
+#: target of bytes 33-176, HTTP/1.0 or 1.1), as one regular expression.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\xb0]+) (HTTP/1\.[01])\Z")
+#: the header names whose values decide how the body is framed
+_FRAMING = frozenset((b"Content-Length", b"Transfer-Encoding"))
+
+
+def one_pass_heads(channel: Any) -> None:
+    """Make ``channel`` (a ``twisted.web.http.HTTPChannel``) read a request
+    head that arrives whole in one read in a single pass, instead of line by
+    line through ``LineReceiver``.
+
+    ``HTTPChannel`` hands each line to ``lineReceived`` and each header to
+    ``headerReceived``: about thirty Python calls a request before the
+    request is even dispatched, most of the request path's cost once the
+    process has sat idle.  Here a head that is complete in the data read,
+    within the channel's limits and free of everything unusual (folded
+    lines, a stray CR or LF, NUL, a leading empty line, an invalid name or
+    request line) is split at once and its state set exactly as the line path
+    would set it (``_HTTPChannel__first_line``, ``_command``/``_path``/
+    ``_version``, ``_receivedHeaderSize``, the headers in order, the framing
+    through ``_maybeChooseTransferDecoder``), and the rest of the data goes
+    through ``LineReceiver`` as before.  Anything else takes Twisted's own
+    path untouched, so every refusal (400, 413, limits) stays Twisted's.
+    """
+    line_path = channel.dataReceived
+    encoder = getattr(http_headers, "_nameEncoder", None)
+    if (
+        encoder is None
+        or not hasattr(channel, "_HTTPChannel__first_line")
+        or not hasattr(channel, "_maybeChooseTransferDecoder")
+        or INonQueuedRequestFactory.providedBy(channel.requestFactory)
+    ):
+        return  # a Twisted without these names: keep its own path
+
+    def data_received(data: bytes) -> None:
+        if (
+            channel.line_mode
+            and not channel._buffer
+            and not channel._busyReceiving
+            and not channel._handlingRequest
+            and not channel.paused
+            and channel.persistent
+            and channel._HTTPChannel__first_line == 1
+            and _read_head(channel, data, encoder.encode)
+        ):
+            return
+        line_path(data)
+
+    channel.dataReceived = data_received
+
+
+def _read_head(channel: Any, data: bytes, encode: Callable[[bytes], bytes]) -> bool:
+    """Read the request head at the start of ``data`` (see `one_pass_heads`);
+    False, with nothing changed, when it should take the line path."""
+    end = data.find(b"\r\n\r\n")
+    if end <= 0 or end > channel.totalHeadersSize or end > channel.MAX_LENGTH:
+        return False
+    head = data[:end]
+    crlf = head.count(b"\r\n")
+    if head.count(b"\r") != crlf or head.count(b"\n") != crlf or b"\x00" in head:
+        return False
+    if crlf > channel.maxHeaders:
+        return False
+    lines = head.split(b"\r\n")
+    matched = _REQUEST_LINE.match(lines[0])
+    if matched is None:
+        return False
+    headers = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or line[0] in b" \t":
+            return False
+        try:
+            name = encode(name)
+        except ValueError:  # InvalidHeaderName
+            return False
+        headers.append((name, value.strip(b" \t")))
+    # From here on, exactly what lineReceived and headerReceived would do.
+    channel.resetTimeout()
+    request = channel.requestFactory(channel, len(channel.requests))
+    channel.requests.append(request)
+    channel._HTTPChannel__first_line = 0
+    channel._command, channel._path, channel._version = matched.groups()
+    channel._receivedHeaderSize = end - 2 * crlf
+    channel._receivedHeaderCount = len(headers)
+    raw = request.requestHeaders._rawHeaders
+    for name, value in headers:
+        if name in _FRAMING and not channel._maybeChooseTransferDecoder(name, value):
+            return True  # answered 400 and closing, as the line path would
+        raw.setdefault(name, []).append(value)
+    channel.allHeadersReceived()
+    if channel.length == 0:
+        channel.allContentReceived()
+    else:
+        channel.setRawMode()
+    transport = channel.transport
+    if transport is not None and transport.disconnecting:
+        return True  # as LineReceiver stops after a line that closed the connection
+    rest = data[end + 4 :]
+    if rest:
+        LineReceiver.dataReceived(channel, rest)
+    return True

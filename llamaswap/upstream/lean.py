@@ -43,7 +43,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.core.transport import no_delay
-from llamaswap.core.twistedweb import coalesce_writes
+from llamaswap.core.twistedweb import coalesce_writes, send_now
 
 #: idle keep-alive connections kept per upstream origin.  Under load the
 #: responses of a burst are released together and the next burst needs as many
@@ -229,6 +229,7 @@ class _Connection(Protocol):
         self._waiting = d
         assert self.transport is not None
         self.transport.write(data)
+        send_now(self.transport)
         return d
 
     def _cancel(self, d: defer.Deferred[IResponse]) -> None:

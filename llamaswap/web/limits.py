@@ -29,7 +29,7 @@ from twisted.web.server import Request
 
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
 from llamaswap.core.transport import no_delay
-from llamaswap.core.twistedweb import coalesce_writes
+from llamaswap.core.twistedweb import coalesce_writes, one_pass_heads
 from llamaswap.web.errors import error_body, json_envelope
 
 log = Logger()
@@ -79,6 +79,7 @@ def bound_channel(protocol: Any) -> Any:
 
     channel._respondToBadRequestAndDisconnect = bad_request
     channel.lineLengthExceeded = bad_request
+    one_pass_heads(channel)
     _head_deadline(protocol, channel)
     return protocol
 

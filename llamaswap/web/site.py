@@ -7,10 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString, unquote
 from twisted.web.server import Request, Site
+from twisted.web.server import version as server_version
 
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
-from llamaswap.core.twistedweb import after_flush
+from llamaswap.core.twistedweb import after_flush, plain_leaf, send_now
 from llamaswap.observe.logformat import request_access_line
 from llamaswap.web.limits import IDLE_TIMEOUT, BoundedRequest, bound_channel
 from llamaswap.web.plainrequest import PlainBodyRequest
@@ -31,6 +34,42 @@ class LlamaSwapRequest(BoundedRequest, PlainBodyRequest, Request):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.received_at = time.monotonic()
+
+    def process(self) -> None:
+        """``Request.process`` for a site whose root is a leaf that reads
+        ``request.path`` itself (llamaswap's dispatcher): the same default
+        headers and path attributes, without walking a resource tree or
+        asking the root for an encoder, and with a ``Date`` formatted once a
+        second.  Any other root takes Twisted's own ``process``."""
+        channel: Any = self.channel
+        site = channel.site
+        root = getattr(site, "leaf_root", None)
+        if root is None or self.path == b"*":
+            super().process()
+            return
+        self.site = site
+        headers = self.responseHeaders
+        headers.setRawHeaders(b"Server", [server_version])
+        headers.setRawHeaders(b"Date", [http_date(time.time())])
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        self.sitepath: list[bytes] = []
+        try:
+            self.render(root)
+        except BaseException:
+            self.processingFailed(Failure())
+
+
+def http_date(now: float) -> bytes:
+    """The ``Date`` header for ``now``, formatted once per second."""
+    second = int(now)
+    if second != _date_cache[0]:
+        _date_cache[0], _date_cache[1] = second, datetimeToString(second)
+    return _date_cache[1]
+
+
+#: the second last formatted and its ``Date`` value
+_date_cache: list[Any] = [-1, b""]
 
 
 class LlamaSwapSite(Site):
@@ -60,6 +99,8 @@ class LlamaSwapSite(Site):
             reactor = default_reactor
         self._reactor = reactor
         self._max_request_body_size = max_request_body_size
+        #: the root when requests can skip the resource-tree walk (`LlamaSwapRequest.process`)
+        self.leaf_root = resource if plain_leaf(resource) else None
 
     @property
     def max_request_body_size(self) -> int:
@@ -70,6 +111,11 @@ class LlamaSwapSite(Site):
         return bound_channel(super().buildProtocol(addr))
 
     def log(self, request: Any) -> None:
+        # ``Request.finish`` calls this once the whole response is written:
+        # it goes out now, before the bookkeeping that follows the finish.
+        channel = getattr(request, "channel", None)
+        if channel is not None and channel.transport is not None:
+            send_now(channel.transport)
         started = getattr(request, "received_at", None)
         duration = time.monotonic() - started if started is not None else 0.0
         after_flush(self._reactor, self._log_access, request, duration)
