@@ -13,7 +13,7 @@ from twisted.web.server import Request, Site
 from twisted.web.server import version as server_version
 
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
-from llamaswap.core.twistedweb import after_flush, plain_leaf, send_now
+from llamaswap.core.twistedweb import after_flush, plain_leaf
 from llamaswap.observe.logformat import request_access_line
 from llamaswap.web.limits import IDLE_TIMEOUT, BoundedRequest, bound_channel
 from llamaswap.web.plainrequest import PlainBodyRequest
@@ -111,11 +111,6 @@ class LlamaSwapSite(Site):
         return bound_channel(super().buildProtocol(addr))
 
     def log(self, request: Any) -> None:
-        # ``Request.finish`` calls this once the whole response is written:
-        # it goes out now, before the bookkeeping that follows the finish.
-        channel = getattr(request, "channel", None)
-        if channel is not None and channel.transport is not None:
-            send_now(channel.transport)
         started = getattr(request, "received_at", None)
         duration = time.monotonic() - started if started is not None else 0.0
         after_flush(self._reactor, self._log_access, request, duration)
