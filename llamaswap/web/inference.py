@@ -15,7 +15,6 @@ relay) with a destination:
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -124,10 +123,11 @@ class ModelRequests:
         model_id = route.model_id
         if model_id is None:
             return render_error(request, 404, unknown_model(extracted.model))
-        local = self._local(request, model_id, route.requested, upstream_path, body, query)
+        local = self._local(
+            request, model_id, route.requested, upstream_path, body, query, extracted.streaming
+        )
         if isinstance(local, bytes):
             return local
-        local = replace(local, streaming=extracted.streaming)
         return self._serving.serve(request, local, local.body or b"", request.path, metadata)
 
     def _local(
@@ -138,6 +138,7 @@ class ModelRequests:
         upstream_path: bytes,
         body: bytes,
         query: bytes,
+        streaming: bool,
     ) -> LocalModel | bytes:
         """A local destination with its body (filters, ``useModelName``
         applied), or the body of an error already set on ``request``."""
@@ -152,7 +153,7 @@ class ModelRequests:
         elif model.use_model_name and b"multipart/form-data" in lowered:
             body = replace_multipart_model(ctype, body, model.use_model_name)
         target = upstream_path + (b"?" + query if query else b"")
-        return LocalModel(model_id, target, body=body)
+        return LocalModel(model_id, target, streaming=streaming, body=body)
 
     def _peer_down(self, request: Any, name: str, peer_ids: list[str]) -> bytes:
         """503 at once for a request only down peers could serve, with
@@ -200,10 +201,10 @@ class ModelRequests:
         chain: list[LocalModel | PeerModel] = []
         for _, choice in ranked:
             if isinstance(choice, str):
-                local = self._local(request, choice, name, upstream_path, body, query)
+                local = self._local(request, choice, name, upstream_path, body, query, streaming)
                 if isinstance(local, bytes):
                     return local
-                chain.append(replace(local, streaming=streaming))
+                chain.append(local)
             else:
                 prepared = self._peer_destination(request, choice, upstream_path, body, query)
                 if isinstance(prepared, bytes):
