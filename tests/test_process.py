@@ -170,8 +170,14 @@ class ProcessTestCase(SynchronousTestCase):
             probe=self.probe,
             launcher=self.launcher,
         )
-        process.add_state_listener(lambda p, old, new: self.events.append((old, new)))
+        process.add_state_listener(self._seen)
+        self.assertEqual(process.state_value, "stopped")
         return process
+
+    def _seen(self, process: ModelProcess, old: ProcessState, new: ProcessState) -> None:
+        # Listeners see the state, and its plain-string copy, already moved.
+        assert process.state is new and process.state_value == new.value, (process, new)
+        self.events.append((old, new))
 
     def ready(self, **overrides: Any) -> tuple[ModelProcess, FakeChild]:
         process = self.make(check_endpoint=None, **overrides)

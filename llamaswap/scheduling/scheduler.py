@@ -18,6 +18,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import cast
 
 from zope.interface import Interface
 
@@ -146,6 +147,7 @@ class Scheduler:
             raise ValueError("max_wait needs a clock")
         self._effects = effects
         self._planner = planner
+        self._busy_aware = IBusyAwarePlanner.providedBy(planner)
         self._state_of = state_of
         self._limits = MappingProxyType(dict(limits))
         self._priorities = MappingProxyType(dict(priorities or {}))
@@ -237,6 +239,7 @@ class Scheduler:
             self._priorities = MappingProxyType(dict(priorities))
         if planner is not None:
             self._planner = planner
+            self._busy_aware = IBusyAwarePlanner.providedBy(planner)
         self._drain()
 
     def shutdown(self) -> None:
@@ -369,11 +372,12 @@ class Scheduler:
         placement planner) hears which models are serving, starting or being
         evicted already, so it chooses idle victims where it can."""
         running = self._running(target)
-        if IBusyAwarePlanner.providedBy(self._planner):
+        if self._busy_aware:
             busy = set(self._in_flight) | self._swaps.keys()
             for swap in self._swaps.values():
                 busy |= swap.evict
-            return frozenset(self._planner.evict_set_around(target, running, frozenset(busy)))
+            planner = cast(IBusyAwarePlanner, self._planner)  # checked once, when set
+            return frozenset(planner.evict_set_around(target, running, frozenset(busy)))
         return frozenset(self._planner.evict_set(target, running))
 
     def _running(self, target: str) -> frozenset[str]:

@@ -79,6 +79,9 @@ class ModelProcess:
         self.model_id = config.id
         self.output = output
         self._state = ProcessState.STOPPED
+        #: ``state.value``, kept as a plain string: the scheduler reads every
+        #: model's state for every request it routes
+        self.state_value: str = self._state.value
         self._listeners: list[StateListener] = []
         self._eviction_listeners: list[EvictionListener] = []
         self._core = LifecycleCore(
@@ -192,6 +195,7 @@ class ModelProcess:
 
     def _publish(self, old: ProcessState, new: ProcessState) -> None:
         self._state = new
+        self.state_value = new.value
         log.debug("{model} state {old} -> {new}", model=self.model_id, old=old.value, new=new.value)
         evicted = None
         if new is ProcessState.STARTING:

@@ -141,7 +141,7 @@ class Router:
         self.scheduler = Scheduler(
             self,
             self.planner,
-            state_of=lambda model: self.processes[model].state.value,
+            state_of=lambda model: self.processes[model].state_value,
             limits={m: c.concurrency_limit for m, c in config.models.items()},
             priorities=routing.priorities,
             name=routing.router,
