@@ -9,8 +9,9 @@ from typing import Any
 import treq
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -271,3 +272,35 @@ class ProxyTests(TestCase):
             response = await treq.post(self.front + "/echo", data=b"x", pool=self.pool)
             await response.content()
         self.assertEqual(len(peers), 1)
+
+
+class ForwardHeadersTests(SynchronousTestCase):
+    def test_copy_keeps_order_values_and_names(self) -> None:
+        """End-to-end headers are copied in order with every value; hop-by-hop
+        ones, the headers ``Connection`` names, ``Content-Length`` and
+        ``Expect`` are not; the copy is independent of the request's."""
+        source = Headers()
+        for name, value in [
+            (b"Host", b"h"),
+            (b"x-b", b"1"),
+            (b"Connection", b"keep-alive, X-Private"),
+            (b"X-B", b"2"),
+            (b"X-Private", b"secret"),
+            (b"Content-Length", b"3"),
+            (b"Expect", b"100-continue"),
+            (b"Authorization", b"Bearer k"),
+            (b"Accept", b"text/event-stream"),
+        ]:
+            source.addRawHeader(name, value)
+        out = forward_headers(source, client_ip="10.0.0.9", drop=[b"Authorization"])
+        self.assertEqual(
+            list(out.getAllRawHeaders()),
+            [
+                (b"Host", [b"h"]),
+                (b"X-B", [b"1", b"2"]),
+                (b"Accept", [b"text/event-stream"]),
+                (b"X-Forwarded-For", [b"10.0.0.9"]),
+            ],
+        )
+        out.addRawHeader(b"x-b", b"3")
+        self.assertEqual(source.getRawHeaders(b"x-b"), [b"1", b"2"])

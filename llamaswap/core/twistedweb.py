@@ -33,6 +33,8 @@ one, this is the only module to change.
   and ``http_headers._nameEncoder``.  ``HTTPChannel`` reads a head only line
   by line; a head that arrives whole is read in one pass by setting the state
   the line path would set (without these names, the line path is kept).
+* `copy_headers`: ``Headers._rawHeaders``.  ``Headers`` can only be
+  filled name by name and value by value, each encoded and checked again.
 * `plain_leaf`: ``twisted.web.resource._IEncodingResource``.  Whether a
   root resource may be rendered without ``Site.getResourceFor`` and the
   encoder question ``Request.process`` asks of it for every request.
@@ -49,7 +51,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -64,6 +66,7 @@ _log = Logger()
 __all__ = [
     "after_flush",
     "coalesce_writes",
+    "copy_headers",
     "disconnected",
     "fresh_connection",
     "one_pass_heads",
@@ -300,6 +303,19 @@ class _WriteFlusher:
 
 #: reactor -> its write flusher
 _flushers: dict[Any, _WriteFlusher] = {}
+
+
+def copy_headers(source: Any, drop: Container[bytes]) -> Any:
+    """A new ``Headers`` with ``source``'s headers whose lower-cased names
+    are not in ``drop``, in order.  The names are canonical and the values
+    checked already: they are copied as they are, not encoded and checked
+    again one by one (``Headers._rawHeaders``)."""
+    out = http_headers.Headers()
+    raw = out._rawHeaders
+    for name, values in source._rawHeaders.items():
+        if name.lower() not in drop:
+            raw[name] = list(values)
+    return out
 
 
 def plain_leaf(resource: Any) -> bool:

@@ -57,6 +57,7 @@ from zope.interface import implementer
 
 from llamaswap.core.endpoints import UpstreamEndpoints
 from llamaswap.core.twistedweb import (
+    copy_headers,
     fresh_connection,
     quiet_http_client_factories,
     response_connection_headers,
@@ -151,10 +152,7 @@ def forward_headers(
     if connection:
         for value in connection:
             dropped.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    out = Headers()
-    for name, values in source.getAllRawHeaders():
-        if name.lower() not in dropped:
-            out.setRawHeaders(name, values)
+    out: Headers = copy_headers(source, dropped)
     if client_ip:
         out.setRawHeaders(b"x-forwarded-for", [forwarded_for(source, client_ip)])
     return out
