@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from llamaswap.core.transport import no_delay
-from llamaswap.core.twistedweb import after_flush, coalesce_writes, send_now
+from llamaswap.core.twistedweb import after_flush, coalesce_writes
 from llamaswap.upstream.lean import LeanAgent
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import poll_until
@@ -263,19 +263,6 @@ class CoalesceWritesTests(TestCase):
         await done
         self.assertEqual((scheduled, buffered), ([0], [0]))
         await poll_until(lambda: bytes(pair.server.received) == b"pong", timeout=5)
-
-    async def test_send_now(self) -> None:
-        """``send_now`` sends what waits for the end of the pass at once."""
-        pair = Pair()
-        await pair.open(self)
-        coalesce_writes(pair.transport)
-        pair.transport.write(b"complete response")
-        t = pair.transport
-        self.assertEqual(t._tempDataLen + len(t.dataBuffer) - t.offset, 17)
-        send_now(t)
-        self.assertEqual(t._tempDataLen + len(t.dataBuffer) - t.offset, 0)
-        send_now(t)  # nothing waits: nothing happens
-        await poll_until(lambda: bytes(pair.server.received) == b"complete response", timeout=5)
 
     async def test_applied_once(self) -> None:
         pair = Pair()

@@ -40,7 +40,7 @@ one, this is the only module to change.
   encoder question ``Request.process`` asks of it for every request.
 * `after_flush`: not a private name but an under-documented ordering of the
   reactor (see its docstring).
-* `coalesce_writes`, `send_now`: ``FileDescriptor.doWrite``, ``disconnecting``,
+* `coalesce_writes`: ``FileDescriptor.doWrite``, ``disconnecting``,
   ``_writeDisconnecting``, ``dataBuffer``/``offset``/``_tempDataLen``.  A
   transport's writes wait for the reactor's next pass, announced to epoll and
   back for every write (two ``epoll_ctl`` calls and one more event to
@@ -73,7 +73,6 @@ __all__ = [
     "plain_leaf",
     "quiet_http_client_factories",
     "response_connection_headers",
-    "send_now",
     "tls_handshake_pending",
     "transport_paused",
 ]
@@ -182,9 +181,8 @@ def coalesce_writes(transport: Any) -> None:
     ``doRead`` is wrapped for it); writes made outside a read (a timer, a
     thread's result) go out from a delayed call due at once.  Only what the
     socket does not take, and a transport that is closing, goes back to
-    Twisted's own path.  `send_now` sends a transport's writes earlier
-    still.  A transport that is not a plain file descriptor (TLS) is left as
-    it is.
+    Twisted's own path.  A transport that is not a plain file descriptor
+    (TLS) is left as it is.
     """
     if not isinstance(transport, FileDescriptor) or "startWriting" in vars(transport):
         return
@@ -193,16 +191,6 @@ def coalesce_writes(transport: Any) -> None:
         flusher = _flushers[transport.reactor] = _WriteFlusher(transport.reactor)
     transport.startWriting = functools.partial(flusher.start_writing, transport)  # type: ignore[method-assign]
     transport.doRead = functools.partial(flusher.read, transport.doRead)  # type: ignore[method-assign]
-
-
-def send_now(transport: Any) -> None:
-    """Send what `coalesce_writes` holds for ``transport`` now rather than
-    at the end of the reactor's pass: a request or response that is
-    complete should not wait for the bookkeeping that follows it."""
-    flusher = _flushers.get(getattr(transport, "reactor", None))
-    if flusher is not None and transport in flusher._pending:
-        del flusher._pending[transport]
-        flusher.write_out(transport)
 
 
 class _WriteFlusher:

@@ -43,7 +43,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from llamaswap.core.transport import no_delay
-from llamaswap.core.twistedweb import coalesce_writes, send_now
+from llamaswap.core.twistedweb import coalesce_writes
 
 #: idle keep-alive connections kept per upstream origin.  Under load the
 #: responses of a burst are released together and the next burst needs as many
@@ -228,8 +228,10 @@ class _Connection(Protocol):
         d: defer.Deferred[IResponse] = defer.Deferred(self._cancel)
         self._waiting = d
         assert self.transport is not None
+        # Sent once the read that made the request is handled (see
+        # ``coalesce_writes``), not at once: the upstream woken by it would
+        # often wait for the rest of that handling anyway, on this core.
         self.transport.write(data)
-        send_now(self.transport)
         return d
 
     def _cancel(self, d: defer.Deferred[IResponse]) -> None:
