@@ -214,14 +214,17 @@ class _WriteFlusher:
         the reactor running.)"""
         return bool(getattr(self._reactor, "_stopped", False))
 
+    def _call_due(self) -> bool:
+        """Whether the flush's delayed call is still to run (it may have been
+        cancelled from outside, as trial's cleanup does)."""
+        return self._call is not None and bool(self._call.active())
+
     def then(self, fn: Callable[..., object], args: tuple[Any, ...]) -> bool:
         """Call ``fn(*args)`` once the writes waiting now are out; False
         (nothing done) when no write is waiting and no read is under way."""
         if self._stopping():
             return False
-        if not self._reading and (
-            not self._pending or self._call is None or not self._call.active()
-        ):
+        if not self._reading and (not self._pending or not self._call_due()):
             return False
         self._then.append((fn, args))
         return True
@@ -237,7 +240,7 @@ class _WriteFlusher:
             self._reading -= 1
             if why is None and not self._stopping():
                 self.flush()
-            elif (self._then or self._pending) and (self._call is None or not self._call.active()):
+            elif (self._then or self._pending) and not self._call_due():
                 self._call = self._reactor.callLater(0, self._flush)
         return why
 
@@ -245,7 +248,7 @@ class _WriteFlusher:
         if self._stopping() or transport.disconnecting or transport._writeDisconnecting:
             type(transport).startWriting(transport)
             return
-        if not self._reading and (self._call is None or not self._call.active()):
+        if not self._reading and not self._call_due():
             # (A read under way flushes when it returns.  Checked on the
             # call, not on the pending set: a call cancelled from outside,
             # as trial's cleanup does, must not stall writes.)
@@ -260,7 +263,7 @@ class _WriteFlusher:
         """Write out every pending transport, then make the `then` calls."""
         if not self._pending and not self._then:
             return
-        if self._call is not None and self._call.active():
+        if self._call_due():
             self._call.cancel()
         self._call = None
         pending, self._pending = self._pending, {}
