@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
-from llamaswap.core.transport import no_delay
+from llamaswap.core.transport import fixed_addresses, no_delay
 from llamaswap.core.twistedweb import after_flush, coalesce_writes
 from llamaswap.upstream.lean import LeanAgent
 from llamaswap.web.site import LlamaSwapSite
@@ -314,3 +314,73 @@ class UpstreamConnectionTests(TestCase):
         server.transport.loseConnection()
         await server.lost
         await poll_until(lambda: not transport.connected, timeout=5)
+
+
+class FixedAddressesTests(TestCase):
+    async def test_asks_the_kernel_once(self) -> None:
+        """The addresses are the transport's own, the same objects on every
+        call, still given after the socket is closed."""
+        pair = Pair()
+        await pair.open(self)
+        host, peer = pair.transport.getHost(), pair.transport.getPeer()
+        fixed_addresses(pair.transport)
+        self.assertEqual((pair.transport.getHost(), pair.transport.getPeer()), (host, peer))
+        self.assertIs(pair.transport.getHost(), pair.transport.getHost())
+        self.assertIs(pair.transport.getPeer(), pair.transport.getPeer())
+        pair.transport.abortConnection()
+        await pair.client.lost
+        self.assertEqual(pair.transport.getHost(), host)
+
+    def test_leaves_other_transports(self) -> None:
+        """A wrapper (a ``haproxy:`` endpoint's learns the client's address
+        after its connection is made), TLS or a test double is left as it is."""
+
+        class Wrapper:
+            peer = "before"
+
+            def getHost(self) -> str:
+                return "host"
+
+            def getPeer(self) -> str:
+                return self.peer
+
+        wrapper = Wrapper()
+        fixed_addresses(wrapper)
+        wrapper.peer = "from the PROXY header"
+        self.assertEqual(wrapper.getPeer(), "from the PROXY header")
+
+    async def test_accepted_connections_have_it(self) -> None:
+        """Requests on one keep-alive connection of llamaswap's site see the
+        connection's addresses, asked for once."""
+        seen: list[tuple[Any, Any, bool]] = []
+
+        class Probe(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Any) -> bytes:
+                seen.append(
+                    (
+                        request.getHost(),
+                        request.getClientAddress(),
+                        "getHost" in vars(request.transport),
+                    )
+                )
+                return b"ok"
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            LlamaSwapSite(Probe())
+        )
+        self.addCleanup(port.stopListening)
+        pool = HTTPConnectionPool(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        url = f"http://127.0.0.1:{port.getHost().port}/"
+        for _ in range(2):
+            response = await treq.get(url, pool=pool)
+            self.assertEqual(await response.content(), b"ok")
+        self.assertEqual(len(seen), 2)
+        (host, client, fixed), (host2, client2, _) = seen
+        self.assertTrue(fixed)
+        self.assertIs(host, host2)
+        self.assertIs(client, client2)
+        self.assertEqual((host.host, host.port), ("127.0.0.1", port.getHost().port))
+        self.assertEqual(client.host, "127.0.0.1")

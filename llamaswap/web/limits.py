@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
-from llamaswap.core.transport import no_delay
+from llamaswap.core.transport import fixed_addresses, no_delay
 from llamaswap.core.twistedweb import coalesce_writes, one_pass_heads
 from llamaswap.web.errors import error_body, json_envelope
 
@@ -143,6 +143,7 @@ def _head_deadline(protocol: Any, channel: Any) -> None:
 
     def on_connection_made() -> None:
         no_delay(channel.transport)
+        fixed_addresses(channel.transport)
         coalesce_writes(channel.transport)
         connection_made()
         arm()
