@@ -1,9 +1,12 @@
-"""Helpers shared by the benchmarks: free loopback ports and the demo upstream."""
+"""Helpers shared by the benchmarks: free loopback ports, waiting for a
+server, and the demo upstream."""
 
 from __future__ import annotations
 
 import socket
 import sys
+import time
+import urllib.request
 
 
 def free_ports(count: int) -> list[int]:
@@ -32,3 +35,20 @@ def demo_argv(port: int, model: str, *extra: str) -> list[str]:
         sys.executable, "-m", "llamaswap.demo", "--host", "127.0.0.1",
         "--port", str(port), "--model", model, *extra,
     ]  # fmt: skip
+
+
+def wait_ok(url: str, body: bytes | None = None, deadline: float = 60) -> None:
+    """Wait until ``url`` answers 200 (a POST of JSON ``body`` when given)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            req = urllib.request.Request(url, data=body)
+            if body is not None:
+                req.add_header("Content-Type", "application/json")
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {url}")

@@ -32,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from benchutil import wait_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_UPSTREAM = Path("/work/shared/perf/fast_upstream.py")
@@ -61,22 +62,6 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def wait_ok(url: str, body: bytes | None = None, deadline: float = 60) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            req = urllib.request.Request(url, data=body)
-            if body is not None:
-                req.add_header("Content-Type", "application/json")
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {url}")
 
 
 def upstream_cmd() -> str:

@@ -40,11 +40,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from benchutil import free_ports
+from benchutil import free_ports, wait_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 PERF_DIRS = (ROOT.parent / "shared" / "perf", Path("/work/shared/perf"))
@@ -115,23 +113,6 @@ def run_relay(listen: int, upstream: int) -> None:
 
     reactor.listenTCP(listen, protocol.Factory.forProtocol(Client), interface="127.0.0.1")
     reactor.run()
-
-
-def wait_ok(url: str, body: bytes | None = None, deadline: float = 60) -> None:
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            req = urllib.request.Request(url, data=body)
-            if body is not None:
-                req.add_header("Content-Type", "application/json")
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > end:
-            raise SystemExit(f"{url} did not answer within {deadline:.0f} s")
-        time.sleep(0.2)
 
 
 def ttft(perf: Path, port: int, model: str, n: int, chunks: int) -> float:
