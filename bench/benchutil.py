@@ -1,5 +1,5 @@
 """Helpers shared by the benchmarks: free loopback ports, waiting for a
-server, and the demo upstream."""
+server, the shared yardstick's directory, and the demo upstream."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import socket
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 
 def free_ports(count: int) -> list[int]:
@@ -52,3 +53,16 @@ def wait_ok(url: str, body: bytes | None = None, deadline: float = 60) -> None:
             pass
         time.sleep(0.1)
     raise SystemExit(f"timed out waiting for {url}")
+
+
+def shared_perf_dir(given: str | None) -> Path:
+    """The shared yardstick's directory: ``given``, else ``../shared/perf``
+    beside the checkout, else ``/work/shared/perf``."""
+    root = Path(__file__).resolve().parent.parent
+    candidates = (
+        [Path(given)] if given else [root.parent / "shared" / "perf", Path("/work/shared/perf")]
+    )
+    for candidate in candidates:
+        if (candidate / "stream_client.py").exists():
+            return candidate
+    raise SystemExit("the shared yardstick was not found; pass --perf-dir")

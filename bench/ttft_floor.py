@@ -42,10 +42,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchutil import free_ports, wait_ok
+from benchutil import free_ports, shared_perf_dir, wait_ok
 
 ROOT = Path(__file__).resolve().parent.parent
-PERF_DIRS = (ROOT.parent / "shared" / "perf", Path("/work/shared/perf"))
 
 NGINX_CONF = """worker_processes 1;
 daemon off;
@@ -142,13 +141,7 @@ def main() -> int:
     if args.relay:
         run_relay(*args.relay)
         return 0
-    perf = next(
-        (p for p in ([Path(args.perf_dir)] if args.perf_dir else PERF_DIRS)
-         if (p / "stream_client.py").exists()),
-        None,
-    )  # fmt: skip
-    if perf is None:
-        raise SystemExit("the shared yardstick was not found; pass --perf-dir")
+    perf = shared_perf_dir(args.perf_dir)
 
     work = Path(tempfile.mkdtemp(prefix="llamaswap-ttft-"))
     up, relay, nginx, lls, start_port = free_ports(5)
