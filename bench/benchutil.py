@@ -1,5 +1,6 @@
 """Helpers shared by the benchmarks: free loopback ports, waiting for a
-server, the shared yardstick's directory, and the demo upstream."""
+server, the shared yardstick's directory and llamaswap as it runs there,
+and the demo upstream."""
 
 from __future__ import annotations
 
@@ -66,3 +67,36 @@ def shared_perf_dir(given: str | None) -> Path:
         if (candidate / "stream_client.py").exists():
             return candidate
     raise SystemExit("the shared yardstick was not found; pass --perf-dir")
+
+
+def yardstick_config(
+    upstream_cmd: str, start_port: int, models: tuple[str, ...] = ("m1",), extra: str = ""
+) -> str:
+    """The yardstick's llamaswap config: each of ``models`` runs
+    ``upstream_cmd`` (which says ``${PORT}``); ``extra`` is top-level YAML to add."""
+    return (
+        f"healthCheckTimeout: 30\nlogLevel: warn\nstartPort: {start_port}\n"
+        + (extra + "\n" if extra else "")
+        + "models:\n"
+        + "".join(
+            f"  {name}:\n    cmd: {upstream_cmd}\n"
+            "    proxy: http://127.0.0.1:${PORT}\n    checkEndpoint: /health\n"
+            "    concurrencyLimit: 256\n"
+            for name in models
+        )
+    )
+
+
+def twistd_argv(
+    config: Path,
+    port: int,
+    *,
+    code: str = "from twisted.scripts.twistd import run; run()",
+    twistd_options: tuple[str, ...] = (),
+) -> list[str]:
+    """``twistd -n llamaswap -c config`` on loopback ``port``, run as
+    ``python -c code`` (``code`` ends by running twistd)."""
+    return [
+        sys.executable, "-c", code, *twistd_options, "-n", "--pidfile=", "llamaswap",
+        "-c", str(config), "--listen", f"tcp:{port}:interface=127.0.0.1",
+    ]  # fmt: skip

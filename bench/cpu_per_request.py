@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import wait_ok
+from benchutil import twistd_argv, wait_ok, yardstick_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_UPSTREAM = Path("/work/shared/perf/fast_upstream.py")
@@ -150,13 +150,7 @@ def main() -> int:
     start_port = free_port()
     config = work / "config.yaml"
     config.write_text(
-        f"healthCheckTimeout: 30\nlogLevel: warn\nstartPort: {start_port}\n"
-        + (args.config_extra.replace("\\n", "\n") + "\n" if args.config_extra else "")
-        + "models:\n  m1:\n"
-        f"    cmd: {upstream_cmd()}\n"
-        "    proxy: http://127.0.0.1:${PORT}\n"
-        "    checkEndpoint: /health\n"
-        "    concurrencyLimit: 256\n"
+        yardstick_config(upstream_cmd(), start_port, extra=args.config_extra.replace("\\n", "\n"))
     )
     env = {**os.environ, "PYTHONPATH": args.root}
     log = (work / "llamaswap.log").open("wb")
@@ -166,19 +160,7 @@ def main() -> int:
             [f"--profile={profile}", "--profiler=cprofile", "--savestats"] if profile else []
         )
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from twisted.scripts.twistd import run; run()",
-                *profiling,
-                "-n",
-                "--pidfile=",
-                "llamaswap",
-                "-c",
-                str(config),
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-            ],
+            twistd_argv(config, port, twistd_options=tuple(profiling)),
             cwd=work,
             env=env,
             stdout=log,

@@ -38,7 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchutil import free_ports, shared_perf_dir, wait_ok
+from benchutil import free_ports, shared_perf_dir, twistd_argv, wait_ok, yardstick_config
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -104,11 +104,11 @@ def install(out: str, profile: bool) -> None:
 
 def run_once(perf: Path, work: Path, profile: bool, streams: int, chunks: int) -> Path:
     port, start_port = free_ports(2)
-    (work / "config.yaml").write_text(
-        f"healthCheckTimeout: 30\nlogLevel: warn\nstartPort: {start_port}\nmodels:\n"
-        f"  m1:\n    cmd: {sys.executable} {perf / 'fast_upstream.py'} --port ${{PORT}}\n"
-        "    proxy: http://127.0.0.1:${PORT}\n    checkEndpoint: /health\n"
-        "    concurrencyLimit: 256\n"
+    config = work / "config.yaml"
+    config.write_text(
+        yardstick_config(
+            f"{sys.executable} {perf / 'fast_upstream.py'} --port ${{PORT}}", start_port
+        )
     )
     out = work / ("profiled.json" if profile else "timed.json")
     code = (
@@ -117,10 +117,7 @@ def run_once(perf: Path, work: Path, profile: bool, streams: int, chunks: int) -
         "from twisted.scripts.twistd import run; run()"
     )
     proc = subprocess.Popen(
-        [
-            sys.executable, "-c", code, "-n", "--pidfile=", "llamaswap",
-            "-c", str(work / "config.yaml"), "--listen", f"tcp:{port}:interface=127.0.0.1",
-        ],
+        twistd_argv(config, port, code=code),
         cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=(work / "llamaswap.log").open("ab"), stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -42,7 +42,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchutil import free_ports, shared_perf_dir, wait_ok
+from benchutil import free_ports, shared_perf_dir, twistd_argv, wait_ok, yardstick_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,14 +146,9 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="llamaswap-ttft-"))
     up, relay, nginx, lls, start_port = free_ports(5)
     upstream_cmd = f"{sys.executable} {perf / 'fast_upstream.py'}"
-    (work / "config.yaml").write_text(
-        f"healthCheckTimeout: 30\nlogLevel: warn\nstartPort: {start_port}\nmodels:\n"
-        + "".join(
-            f"  {name}:\n    cmd: {upstream_cmd} --port ${{PORT}}\n"
-            "    proxy: http://127.0.0.1:${PORT}\n    checkEndpoint: /health\n"
-            "    concurrencyLimit: 256\n"
-            for name in ("m1", "m2")
-        )
+    config = work / "config.yaml"
+    config.write_text(
+        yardstick_config(f"{upstream_cmd} --port ${{PORT}}", start_port, models=("m1", "m2"))
     )
     log = (work / "processes.log").open("wb")
     procs: list[subprocess.Popen[bytes]] = []
@@ -172,11 +167,7 @@ def main() -> int:
             spawn(["nginx", "-c", str(work / "nginx.conf"), "-p", str(work)])
             targets.insert(1, ("nginx", nginx, "m1"))
         spawn(
-            [
-                sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", "llamaswap", "-c", str(work / "config.yaml"),
-                "--listen", f"tcp:{lls}:interface=127.0.0.1",
-            ],
+            twistd_argv(config, lls),
             cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
         targets.append(("llamaswap", lls, "m1"))
