@@ -74,7 +74,7 @@ class _Side:
         site = LlamaSwapSite(self.resource, reactor=Clock(), max_request_body_size=lambda: 1000)
         one_pass_heads = limits.one_pass_heads
         if not one_pass:
-            limits.one_pass_heads = lambda channel: None  # type: ignore[assignment]
+            limits.one_pass_heads = lambda channel, early=None: None  # type: ignore[assignment]
         try:
             self.protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         finally:

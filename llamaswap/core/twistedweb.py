@@ -38,6 +38,8 @@ one, this is the only module to change.
 * `plain_leaf`: ``twisted.web.resource._IEncodingResource``.  Whether a
   root resource may be rendered without ``Site.getResourceFor`` and the
   encoder question ``Request.process`` asks of it for every request.
+* `write_now`: the same names as `coalesce_writes`, for a write that
+  must not wait for the end of the pass.
 * `after_flush`: not a private name but an under-documented ordering of the
   reactor (see its docstring).
 * `coalesce_writes`: ``FileDescriptor.doWrite``, ``disconnecting``,
@@ -52,7 +54,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Container, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime
@@ -63,7 +65,22 @@ from twisted.web.iweb import INonQueuedRequestFactory
 
 _log = Logger()
 
+
+class EarlyStart(Protocol):
+    """What an `EarlyStarter` began for a request before Twisted read it."""
+
+    def settle(self) -> None:
+        """The data that carried the request has been handled: whatever was
+        begun and not taken over by then is to be undone."""
+
+
+#: ``(channel, method, target, version, headers, rest of the data)``: sees a
+#: request head before Twisted builds the request (see `one_pass_heads`)
+EarlyStarter = Callable[[Any, bytes, bytes, bytes, Any, bytes], EarlyStart | None]
+
 __all__ = [
+    "EarlyStart",
+    "EarlyStarter",
     "after_flush",
     "coalesce_writes",
     "copy_headers",
@@ -75,6 +92,7 @@ __all__ = [
     "response_connection_headers",
     "tls_handshake_pending",
     "transport_paused",
+    "write_now",
 ]
 
 
@@ -296,6 +314,19 @@ class _WriteFlusher:
 _flushers: dict[Any, _WriteFlusher] = {}
 
 
+def write_now(reactor: Any) -> bool:
+    """Write out at once what `coalesce_writes` holds for the end of the
+    reactor's pass (the ``after_flush`` calls still wait for that end);
+    True when something was written."""
+    flusher = _flushers.get(reactor)
+    if flusher is None or not flusher._pending or flusher._stopping():
+        return False
+    pending, flusher._pending = flusher._pending, {}
+    for transport in pending:
+        flusher.write_out(transport)
+    return True
+
+
 def copy_headers(source: Any, drop: Container[bytes]) -> Any:
     """A new ``Headers`` with ``source``'s headers whose lower-cased names
     are not in ``drop``, in order.  The names are canonical and the values
@@ -327,7 +358,7 @@ _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\xb0]+) (HTT
 _FRAMING = frozenset((b"Content-Length", b"Transfer-Encoding"))
 
 
-def one_pass_heads(channel: Any) -> None:
+def one_pass_heads(channel: Any, early: EarlyStarter | None = None) -> None:
     """Make ``channel`` (a ``twisted.web.http.HTTPChannel``) read a request
     head that arrives whole in one read in a single pass, instead of line by
     line through ``LineReceiver``.
@@ -344,6 +375,11 @@ def one_pass_heads(channel: Any) -> None:
     through ``_maybeChooseTransferDecoder``), and the rest of the data goes
     through ``LineReceiver`` as before.  Anything else takes Twisted's own
     path untouched, so every refusal (400, 413, limits) stays Twisted's.
+
+    ``early``, when given, sees each such head (as ``Headers``) with the
+    rest of the data before Twisted builds the request; what it returns
+    (an `EarlyStart`, or ``None``) is set on the request as
+    ``early_start``, and is settled once the data has been handled.
     """
     line_path = channel.dataReceived
     encoder = getattr(http_headers, "_nameEncoder", None)
@@ -364,7 +400,7 @@ def one_pass_heads(channel: Any) -> None:
             and not channel.paused
             and channel.persistent
             and channel._HTTPChannel__first_line == 1
-            and _read_head(channel, data, encoder.encode)
+            and _read_head(channel, data, encoder.encode, early)
         ):
             return
         line_path(data)
@@ -372,7 +408,9 @@ def one_pass_heads(channel: Any) -> None:
     channel.dataReceived = data_received
 
 
-def _read_head(channel: Any, data: bytes, encode: Callable[[bytes], bytes]) -> bool:
+def _read_head(
+    channel: Any, data: bytes, encode: Callable[[bytes], bytes], early: EarlyStarter | None
+) -> bool:
     """Read the request head at the start of ``data`` (see `one_pass_heads`);
     False, with nothing changed, when it should take the line path."""
     end = data.find(b"\r\n\r\n")
@@ -388,7 +426,9 @@ def _read_head(channel: Any, data: bytes, encode: Callable[[bytes], bytes]) -> b
     matched = _REQUEST_LINE.match(lines[0])
     if matched is None:
         return False
-    headers = []
+    headers = http_headers.Headers()
+    raw = headers._rawHeaders
+    framing = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not name or line[0] in b" \t":
@@ -397,29 +437,46 @@ def _read_head(channel: Any, data: bytes, encode: Callable[[bytes], bytes]) -> b
             name = encode(name)
         except ValueError:  # InvalidHeaderName
             return False
-        headers.append((name, value.strip(b" \t")))
-    # From here on, exactly what lineReceived and headerReceived would do.
-    channel.resetTimeout()
-    request = channel.requestFactory(channel, len(channel.requests))
-    channel.requests.append(request)
-    channel._HTTPChannel__first_line = 0
-    channel._command, channel._path, channel._version = matched.groups()
-    channel._receivedHeaderSize = end - 2 * crlf
-    channel._receivedHeaderCount = len(headers)
-    raw = request.requestHeaders._rawHeaders
-    for name, value in headers:
-        if name in _FRAMING and not channel._maybeChooseTransferDecoder(name, value):
-            return True  # answered 400 and closing, as the line path would
+        value = value.strip(b" \t")
         raw.setdefault(name, []).append(value)
-    channel.allHeadersReceived()
-    if channel.length == 0:
-        channel.allContentReceived()
-    else:
-        channel.setRawMode()
-    transport = channel.transport
-    if transport is not None and transport.disconnecting:
-        return True  # as LineReceiver stops after a line that closed the connection
+        if name in _FRAMING:
+            framing.append((name, value))
+    command, path, version = matched.groups()
     rest = data[end + 4 :]
-    if rest:
-        LineReceiver.dataReceived(channel, rest)
-    return True
+    started = None
+    if early is not None:
+        try:
+            started = early(channel, command, path, version, headers, rest)
+        except Exception:
+            _log.failure(
+                "error in the early look at {method} {target}", method=command, target=path
+            )
+    try:
+        # From here on, exactly what lineReceived and headerReceived would do.
+        channel.resetTimeout()
+        request = channel.requestFactory(channel, len(channel.requests))
+        if started is not None:
+            request.early_start = started
+        channel.requests.append(request)
+        channel._HTTPChannel__first_line = 0
+        channel._command, channel._path, channel._version = command, path, version
+        channel._receivedHeaderSize = end - 2 * crlf
+        channel._receivedHeaderCount = len(lines) - 1
+        request.requestHeaders = headers
+        for name, value in framing:
+            if not channel._maybeChooseTransferDecoder(name, value):
+                return True  # answered 400 and closing, as the line path would
+        channel.allHeadersReceived()
+        if channel.length == 0:
+            channel.allContentReceived()
+        else:
+            channel.setRawMode()
+        transport = channel.transport
+        if transport is not None and transport.disconnecting:
+            return True  # as LineReceiver stops after a line that closed the connection
+        if rest:
+            LineReceiver.dataReceived(channel, rest)
+        return True
+    finally:
+        if started is not None:
+            started.settle()

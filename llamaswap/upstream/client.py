@@ -544,6 +544,22 @@ class UpstreamClient:
                 timer.cancel()
         raise UpstreamTimedOut(f"no response headers within {self._response_header_timeout:g}s")
 
+    def send(
+        self,
+        method: bytes,
+        url: bytes,
+        *,
+        headers: Headers,
+        body: bytes,
+        on_retry: Callable[[], None] | None = None,
+    ) -> defer.Deferred[IResponse]:
+        """Send a request now, before the client's request is ready to take
+        the answer: the Deferred, handed to :meth:`forward` as ``sent``,
+        fires with the response as soon as its headers arrived, as in
+        :meth:`forward` (time-out, re-send and errors the same); cancelling
+        it aborts the upstream request."""
+        return defer.Deferred.fromCoroutine(self._response(method, url, headers, body, on_retry))
+
     async def forward(
         self,
         request: Any,
@@ -555,6 +571,7 @@ class UpstreamClient:
         on_response: Callable[[IResponse], Callable[[bytes], None] | None] | None = None,
         on_retry: Callable[[], None] | None = None,
         on_stream_broken: Callable[[str], None] | None = None,
+        sent: defer.Deferred[IResponse] | None = None,
     ) -> int:
         """Relay ``request`` to ``url`` and stream the answer back.
 
@@ -568,10 +585,15 @@ class UpstreamClient:
         hears why an event-stream response broke off mid-body (it may write a
         last event).  Raises :class:`UpstreamNotConnected` when no connection
         could be made (nothing was sent).  Cancelling the
-        returned coroutine's Deferred aborts the upstream request.
+        returned coroutine's Deferred aborts the upstream request.  ``sent``
+        is the request already sent with :meth:`send` (``url``, ``headers``
+        and ``body`` then only say what it was).
         """
         sent_method = method or request.method
-        response = await self._response(sent_method, url, headers, body, on_retry)
+        if sent is None:
+            response = await self._response(sent_method, url, headers, body, on_retry)
+        else:
+            response = await sent
         # A proxied response carries the upstream's headers only: no
         # Content-Type is made up when the upstream sent none.
         request.defaultContentType = None

@@ -20,6 +20,7 @@ from twisted.web.resource import IResource, Resource
 
 from llamaswap.web.auth import unauthorized
 from llamaswap.web.cors import preflight
+from llamaswap.web.early import EarlyHead, EarlySend, plain_body
 from llamaswap.web.errors import method_not_allowed, render_error
 from llamaswap.web.guard import BrowserGuard, changes_state
 from llamaswap.web.inference import ModelRequests
@@ -51,6 +52,9 @@ class Dispatcher(Resource):
         self._guard = guard
 
     def render(self, request: Any) -> object:
+        early = getattr(request, "early_start", None)
+        if early is not None:
+            return self._models.take_early(request, early)
         refused = self._guard.refuse_host(request, self._routing.state.config)
         if refused is not None:
             return refused
@@ -81,6 +85,29 @@ class Dispatcher(Resource):
             # Klein would answer this with a bare text/html 400.
             return render_error(request, 400, "the request path is not UTF-8 once percent-decoded")
         return self._admin.render(request)
+
+    def early_start(
+        self, channel: Any, method: bytes, target: bytes, version: bytes, headers: Any, rest: bytes
+    ) -> EarlySend | None:
+        """The early path (:mod:`llamaswap.web.early`) for a request head that
+        arrived whole, with ``rest`` of the data after it: the same checks as
+        :meth:`render` for a model-dispatched path, then the route."""
+        if method != b"POST" or version != b"HTTP/1.1":
+            return None
+        route = INFERENCE_ROUTES.get(target)
+        site = getattr(channel, "site", None)
+        limit = getattr(site, "max_request_body_size", None)
+        if route is None or method not in route[1] or limit is None:
+            return None
+        if not plain_body(headers, rest, limit):
+            return None
+        state = self._routing.state
+        if self._guard.refused_host(headers, state.config) is not None:
+            return None
+        head = EarlyHead(method, target, headers, channel.getPeer())
+        if not state.api_keys.authorize(head):
+            return None
+        return self._models.early(head, route[0], rest)
 
 
 def _utf8(path: bytes) -> bool:

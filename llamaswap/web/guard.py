@@ -103,18 +103,21 @@ class BrowserGuard:
         host, port = parts
         return is_loopback_host(host) or config.allowed_hosts.allows(host, port)
 
+    def refused_host(self, headers: Any, config: Config) -> bytes | None:
+        """The first ``Host`` value among request ``headers`` that is
+        refused, or ``None`` when they are acceptable."""
+        if not self.loopback_only and not config.allowed_hosts.entries:
+            return None
+        for raw in headers.getRawHeaders(b"host") or ():
+            if not self._host_allowed(config, raw):
+                return raw
+        return None
+
     def refuse_host(self, request: Any, config: Config) -> bytes | None:
         """``None`` when ``request``'s ``Host`` is acceptable; else the body
         of the ``403`` set on ``request``."""
-        if not self.loopback_only and not config.allowed_hosts.entries:
-            return None
-        hosts = request.requestHeaders.getRawHeaders(b"host")
-        if not hosts:
-            return None
-        for raw in hosts:
-            if not self._host_allowed(config, raw):
-                return self._host_refused(request, raw)
-        return None
+        raw = self.refused_host(request.requestHeaders, config)
+        return None if raw is None else self._host_refused(request, raw)
 
     def _host_refused(self, request: Any, raw: bytes) -> bytes:
         shown = _shown(raw)

@@ -22,6 +22,7 @@ from llamaswap.config.entries import COMFYUI_MODEL_ID as COMFYUI_MODEL
 from llamaswap.config.peers import PeerTarget
 from llamaswap.supervision.selection import (
     NoModelIdentified,
+    Route,
     SelectorUnavailable,
     resolve_request,
     rewrite_upstream_path,
@@ -36,6 +37,7 @@ from llamaswap.upstream.peers import (
 )
 from llamaswap.upstream.websocket import is_upgrade
 from llamaswap.web.auth import carried_headers
+from llamaswap.web.early import EarlyHead, EarlySend
 from llamaswap.web.errors import render_error
 from llamaswap.web.paths import (
     BadPath,
@@ -87,14 +89,7 @@ class ModelRequests:
         if not extracted.model:
             return render_error(request, 404, extracted.missing)
         try:
-            route = resolve_request(
-                extracted.model,
-                local=state.config.resolve,
-                peers=state.peers,
-                profile=state.profile_state,
-                selectors=state.selectors,
-                state_of=self._routing.state_of,
-            )
+            route = self._resolve(extracted.model)
         except NoModelIdentified:
             return render_error(
                 request,
@@ -129,6 +124,53 @@ class ModelRequests:
         if isinstance(local, bytes):
             return local
         return self._serving.serve(request, local, local.body or b"", request.path, metadata)
+
+    def _resolve(self, name: str) -> Route:
+        """Where a request for model ``name`` goes (see `resolve_request`)."""
+        state = self._routing.state
+        return resolve_request(
+            name,
+            local=state.config.resolve,
+            peers=state.peers,
+            profile=state.profile_state,
+            selectors=state.selectors,
+            state_of=self._routing.state_of,
+        )
+
+    def early(self, head: EarlyHead, upstream_path: bytes, body: bytes) -> EarlySend | None:
+        """The early path's route (see :mod:`llamaswap.web.early`) for a POST
+        of JSON ``body`` to a model-dispatched path without a query: what
+        :meth:`inference` decides, when that is a local model reached by the
+        name as sent (no profile pin, selector or replica, filters applied
+        without error); ``None``, with nothing done, for anything else."""
+        ctype = head.getHeader(b"content-type") or b""
+        if b"application/json" not in ctype.lower():
+            return None
+        extracted = extract_model(b"POST", ctype, body, {})
+        state = self._routing.state
+        if extracted.malformed or not extracted.model or extracted.model in state.selectors:
+            return None
+        try:
+            route = self._resolve(extracted.model)
+        except (NoModelIdentified, SelectorUnavailable):
+            return None
+        model_id = route.model_id
+        if model_id is None or route.requested != extracted.model or route.reservation is not None:
+            return None
+        if state.peers.replicas(route.requested):
+            return None
+        model = state.config.models[model_id]
+        try:
+            body = apply_filters(body, model.filters, route.requested, model.use_model_name)
+        except ValueError:
+            return None
+        local = LocalModel(model_id, upstream_path, streaming=extracted.streaming, body=body)
+        return self._serving.send_early(head, local)
+
+    def take_early(self, request: Any, early: EarlySend) -> object:
+        """Serve ``request``, which the early path began (`early`)."""
+        local = early.take(request).local
+        return self._serving.serve(request, local, local.body or b"", request.path, early=early)
 
     def _local(
         self,

@@ -29,7 +29,7 @@ from twisted.web.server import Request
 
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
 from llamaswap.core.transport import fixed_addresses, no_delay
-from llamaswap.core.twistedweb import coalesce_writes, one_pass_heads
+from llamaswap.core.twistedweb import EarlyStarter, coalesce_writes, one_pass_heads
 from llamaswap.web.errors import error_body, json_envelope
 
 log = Logger()
@@ -63,11 +63,12 @@ def _closing_response(status: bytes, ctype: bytes, body: bytes) -> bytes:
     return head % (status, ctype, len(body)) + b"Connection: close\r\n\r\n" + body
 
 
-def bound_channel(protocol: Any) -> Any:
+def bound_channel(protocol: Any, early: EarlyStarter | None = None) -> Any:
     """Set the header limits on a protocol built by a Twisted ``Site`` (the
     HTTP/1.1 channel inside Twisted's protocol-negotiating wrapper), and
     make the requests its parser rejects get a JSON ``400`` (Twisted sends
-    an empty one, or none for a line over its length limit)."""
+    an empty one, or none for a line over its length limit).  ``early``
+    sees the heads that arrive whole (`one_pass_heads`)."""
     channel = getattr(protocol, "_channel", protocol)
     channel.maxHeaders = MAX_HEADERS
     channel.totalHeadersSize = TOTAL_HEADERS_SIZE
@@ -79,7 +80,7 @@ def bound_channel(protocol: Any) -> Any:
 
     channel._respondToBadRequestAndDisconnect = bad_request
     channel.lineLengthExceeded = bad_request
-    one_pass_heads(channel)
+    one_pass_heads(channel, early)
     _head_deadline(protocol, channel)
     return protocol
 

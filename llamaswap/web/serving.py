@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
 from llamaswap.config.peers import PeerTarget
+from llamaswap.core.twistedweb import write_now
 from llamaswap.observe.bodies import narrow_accept_encoding
 from llamaswap.observe.inflight import InflightEntry, InflightTracker
 from llamaswap.observe.prometheus import Metrics
@@ -38,6 +39,7 @@ from llamaswap.upstream.client import (
 )
 from llamaswap.upstream.peerhealth import PeerHealth
 from llamaswap.web.auth import carried_headers
+from llamaswap.web.early import EarlyHead, EarlySend
 from llamaswap.web.errors import json_envelope, write_error, write_too_many
 from llamaswap.web.loading import LoadingStream, relay_body_only, wants_loading_stream
 from llamaswap.web.paths import RECORDED_PATHS
@@ -111,12 +113,14 @@ class RequestServer:
         recorded_path: bytes | None = None,
         metadata: dict[str, str] | None = None,
         alternatives: Sequence[LocalModel | PeerModel] = (),
+        early: EarlySend | None = None,
     ) -> object:
         """Serve ``request`` with ``body``; a POST to ``recorded_path`` (one of
         the recorded paths) becomes an activity row with ``metadata``.
         ``alternatives`` are replicas of a peer ``destination``, tried in
         order when no connection to the one before could be made (nothing
-        was sent to it: a generation never runs twice)."""
+        was sent to it: a generation never runs twice).  ``early`` is what
+        `send_early` did for a local ``destination`` already."""
         name = destination.name
         recording = None
         if recorded_path is not None:
@@ -129,7 +133,7 @@ class RequestServer:
             client_ip(request),
         )
         d = defer.Deferred.fromCoroutine(
-            self._serve(request, destination, body, recording, entry, alternatives)
+            self._serve(request, destination, body, recording, entry, alternatives, early)
         )
         entry.set_canceller(d.cancel)
         request.notifyFinish().addErrback(lambda _: d.cancel())
@@ -166,6 +170,7 @@ class RequestServer:
         recording: Recording | None,
         entry: InflightEntry,
         alternatives: Sequence[LocalModel | PeerModel] = (),
+        early: EarlySend | None = None,
     ) -> None:
         error = "client disconnected"
         hook = self._response_hook(recording, entry)
@@ -174,7 +179,7 @@ class RequestServer:
             for index, choice in enumerate(chain):
                 sent = body if choice.body is None else choice.body
                 if isinstance(choice, LocalModel):
-                    error = await self._serve_local(request, choice, sent, hook)
+                    error = await self._serve_local(request, choice, sent, hook, early)
                     break
                 try:
                     error = await self._serve_peer(
@@ -236,25 +241,34 @@ class RequestServer:
         return on_response
 
     async def _serve_local(
-        self, request: Any, local: LocalModel, body: bytes, on_response: ResponseHook
+        self,
+        request: Any,
+        local: LocalModel,
+        body: bytes,
+        on_response: ResponseHook,
+        early: EarlySend | None = None,
     ) -> str:
-        """Admit, wait for the model, relay.  Returns the error text for the
-        activity row when no upstream response arrived ("" if one did)."""
-        try:
-            # Admission comes first: a 429 is never preceded by a loading stream.
-            ticket = self._router.admit(local.model_id)
-        except TooManyRequests:
-            write_too_many(request)
-            return "Too many requests"
-        except UnknownModel:
-            message = "no local server found for requested model"
-            write_error(request, 404, message)
-            return message
-        except ShuttingDown as exc:
-            message = f"unspecific error: {exc}"
-            write_error(request, 503, message)
-            return message
-        waiting = self._router.wait(ticket)
+        """Admit, wait for the model, relay (from where ``early`` left off).
+        Returns the error text for the activity row when no upstream response
+        arrived ("" if one did)."""
+        if early is not None:
+            ticket, waiting = early.ticket, early.waiting
+        else:
+            try:
+                # Admission comes first: a 429 is never preceded by a loading stream.
+                ticket = self._router.admit(local.model_id)
+            except TooManyRequests:
+                write_too_many(request)
+                return "Too many requests"
+            except UnknownModel:
+                message = "no local server found for requested model"
+                write_error(request, 404, message)
+                return message
+            except ShuttingDown as exc:
+                message = f"unspecific error: {exc}"
+                write_error(request, 503, message)
+                return message
+            waiting = self._router.wait(ticket)
         loading: LoadingStream | None = None
         waited_since: float | None = None
         try:
@@ -284,11 +298,9 @@ class RequestServer:
         try:
             if waited_since is not None:
                 self._metrics.queue_wait(local.model_id, self._reactor.seconds() - waited_since)
-            headers = forward_headers(
-                request.requestHeaders,
-                client_ip=client_ip(request),
-                drop=carried_headers(request),
-            )
+            sent = early.response if early is not None else None
+            # (what was sent early had its headers made from the same request)
+            headers = _upstream_headers(request) if sent is None else Headers()
             target = request
             if loading is not None:
                 await loading.finish()
@@ -305,9 +317,35 @@ class RequestServer:
                 on_response,
                 f"upstream {local.model_id} unavailable",
                 on_retry=functools.partial(self._metrics.upstream_retry, local.model_id),
+                sent=sent,
             )
         finally:
             lease.release()
+
+    def send_early(self, head: EarlyHead, local: LocalModel) -> EarlySend | None:
+        """Admit a request for ``local`` before Twisted has read it and, when
+        its model is granted at once, send it (see :mod:`llamaswap.web.early`);
+        ``None``, with nothing done, when admission refuses it (the usual
+        path then answers)."""
+        try:
+            ticket = self._router.admit(local.model_id)
+        except (TooManyRequests, UnknownModel, ShuttingDown):
+            return None
+        early = EarlySend(head, local, ticket, self._router.wait(ticket))
+        lease = early.granted
+        send = getattr(self._routing.model_client(local.model_id) or self._client, "send", None)
+        if lease is not None and send is not None:
+            headers = _upstream_headers(head)
+            _narrow(headers)
+            response = send(
+                head.method,
+                lease.upstream + local.target,
+                headers=headers,
+                body=local.body or b"",
+                on_retry=functools.partial(self._metrics.upstream_retry, local.model_id),
+            )
+            early.sent(response, write_now(self._reactor))
+        return early
 
     def _loading_stream(
         self, request: Any, local: LocalModel, ticket: Ticket
@@ -347,11 +385,10 @@ class RequestServer:
         *,
         health: tuple[PeerHealth, str] | None = None,
         failover: bool = False,
+        sent: defer.Deferred[Any] | None = None,
     ) -> str:
-        if headers.hasHeader(b"accept-encoding"):
-            # Usage is read from the response body: only gzip/deflate can be decoded.
-            wanted = b", ".join(headers.getRawHeaders(b"accept-encoding", []))
-            headers.setRawHeaders(b"accept-encoding", [narrow_accept_encoding(wanted) or b""])
+        if sent is None:
+            _narrow(headers)
         if health is not None:
             seen = on_response
 
@@ -368,6 +405,7 @@ class RequestServer:
                 on_response=on_response,
                 on_retry=on_retry,
                 on_stream_broken=functools.partial(_stream_broken, request),
+                sent=sent,
             )
         except UpstreamUnavailable as exc:
             if health is not None and isinstance(exc, UpstreamNotConnected):
@@ -393,6 +431,24 @@ class RequestServer:
             return
         log.failure("error while serving {uri}", failure, uri=request.uri)
         write_error(request, 500, f"unspecific error: {failure.getErrorMessage()}")
+
+
+def _upstream_headers(request: Any) -> Headers:
+    """The headers a request for a local model is sent upstream with
+    (before `_narrow`)."""
+    return forward_headers(
+        request.requestHeaders,
+        client_ip=client_ip(request),
+        drop=carried_headers(request),
+    )
+
+
+def _narrow(headers: Headers) -> None:
+    """Usage is read from the response body: only gzip/deflate can be
+    decoded, so ``Accept-Encoding`` asks for those alone."""
+    if headers.hasHeader(b"accept-encoding"):
+        wanted = b", ".join(headers.getRawHeaders(b"accept-encoding", []))
+        headers.setRawHeaders(b"accept-encoding", [narrow_accept_encoding(wanted) or b""])
 
 
 def _stream_broken(request: Any, message: str) -> None:

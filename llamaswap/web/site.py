@@ -101,6 +101,9 @@ class LlamaSwapSite(Site):
         self._max_request_body_size = max_request_body_size
         #: the root when requests can skip the resource-tree walk (`LlamaSwapRequest.process`)
         self.leaf_root = resource if plain_leaf(resource) else None
+        #: what a request head that arrives whole is shown first (the
+        #: dispatcher's early path, :mod:`llamaswap.web.early`)
+        self.early_start = getattr(self.leaf_root, "early_start", None)
 
     @property
     def max_request_body_size(self) -> int:
@@ -108,7 +111,7 @@ class LlamaSwapSite(Site):
         return self._max_request_body_size()
 
     def buildProtocol(self, addr: Any) -> Any:
-        return bound_channel(super().buildProtocol(addr))
+        return bound_channel(super().buildProtocol(addr), early=self.early_start)
 
     def log(self, request: Any) -> None:
         started = getattr(request, "received_at", None)
