@@ -264,6 +264,30 @@ class EarlyPathTests(TestCase):
         await poll_until(lambda: self.upstream.held[0].lost)
         await self.settled()
 
+    async def test_a_failure_before_the_coroutine_owns_it_undoes_it(self) -> None:
+        """Should serving fail after the take-over but before the serving
+        coroutine adopted the early admission, the read's end still undoes
+        it: the client gets a 500, the upstream request is aborted and the
+        model's place released."""
+        await self.start()
+        await self.exchange(_request(b'{"model":"a"}', b"Connection: close"))
+        await self.settled()
+        recorder = self.service.recorder
+        begin = recorder.begin
+
+        def broken(**kwargs: Any) -> Any:
+            recorder.begin = begin
+            raise RuntimeError("broken books")
+
+        recorder.begin = broken
+        pooled = self.upstream.answered[-1]
+        answer = await self.exchange(_request(b'{"model":"a","hold":1}', b"Connection: close"))
+        self.assertIn(b" 500 ", answer.split(b"\r\n", 1)[0])
+        self.assertIsNotNone(self.early[-1].response)
+        await poll_until(lambda: pooled.lost)
+        await self.settled()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     async def test_a_request_not_taken_over_is_undone(self) -> None:
         """Were the dispatcher ever not to take over a request the early path
         began, the read's end undoes it: the upstream request is aborted and

@@ -18,8 +18,9 @@ first, from the head and body as they arrived:
    send (`~llamaswap.web.serving.RequestServer.send_early`).
 
 Then Twisted reads the request as usual, and the dispatcher hands it to
-`EarlySend.take`, which serves it from where the early path left off: the
-books (activity row, in-flight list) are written while the upstream works.
+`EarlySend.take`, and serves it from where the early path left off (the
+serving coroutine adopts the admission): the books (activity row,
+in-flight list) are written while the upstream works.
 
 Anything else, and any request the early path is not sure about, goes the
 usual way, untouched: what the early path does is only ever done *instead*
@@ -125,13 +126,18 @@ class EarlySend:
 
     def take(self, request: Any) -> EarlySend:
         """The dispatcher serves ``request`` (the same request, now read by
-        Twisted) from here on."""
-        self._taken = True
+        Twisted) from here on: it carries what authentication found."""
         head = self.head.__dict__
         for name in _CREDENTIALS:
             if name in head:
                 setattr(request, name, head[name])
         return self
+
+    def adopt(self) -> tuple[Ticket, defer.Deferred[Lease]]:
+        """The serving coroutine owns the admission (and the upstream
+        request) from here on; until then `settle` would undo them."""
+        self._taken = True
+        return self.ticket, self.waiting
 
     def settle(self) -> None:
         if self._taken:

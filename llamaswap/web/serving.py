@@ -252,7 +252,7 @@ class RequestServer:
         Returns the error text for the activity row when no upstream response
         arrived ("" if one did)."""
         if early is not None:
-            ticket, waiting = early.ticket, early.waiting
+            ticket, waiting = early.adopt()
         else:
             try:
                 # Admission comes first: a 429 is never preceded by a loading stream.
