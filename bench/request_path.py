@@ -23,6 +23,8 @@ switched on for exactly those reads.  It prints:
 - the functions with the most self time (profiled, so inflated).
 
 Ports are ephemeral; it needs the shared yardstick (``../shared/perf``).
+Since the early path (``llamaswap/web/early.py``) a read yields the core to
+the upstream it woke: its wall time includes the upstream's run.
 """
 
 from __future__ import annotations
