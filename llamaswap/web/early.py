@@ -156,9 +156,11 @@ class EarlySend:
             self.waiting.cancel()
 
 
-def _yield() -> None:
-    """Let the process the send woke run now, on this core."""
+def _no_yield() -> None:
+    """Where the system cannot be asked to run another process first."""
 
 
-#: ``os.sched_yield`` where the system has it
-_let_upstream_run: Callable[[], None] = getattr(os, "sched_yield", _yield)
+#: Let the process the send woke (the model's server, often woken on this
+#: core) run now, before the rest of the request's handling here:
+#: ``os.sched_yield`` where the system has it.
+_let_upstream_run: Callable[[], None] = getattr(os, "sched_yield", _no_yield)
