@@ -95,11 +95,10 @@ class Dispatcher(Resource):
         if method != b"POST" or version != b"HTTP/1.1":
             return None
         route = INFERENCE_ROUTES.get(target)
-        site = getattr(channel, "site", None)
-        limit = getattr(site, "max_request_body_size", None)
-        if route is None or method not in route[1] or limit is None:
+        if route is None or method not in route[1]:
             return None
-        if not plain_body(headers, rest, limit):
+        limit = getattr(getattr(channel, "site", None), "max_request_body_size", None)
+        if limit is None or not plain_body(headers, rest, limit):
             return None
         state = self._routing.state
         if self._guard.refused_host(headers, state.config) is not None:

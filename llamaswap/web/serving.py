@@ -333,11 +333,11 @@ class RequestServer:
             return None
         early = EarlySend(head, local, ticket, self._router.wait(ticket))
         lease = early.granted
-        send = getattr(self._routing.model_client(local.model_id) or self._client, "send", None)
-        if lease is not None and send is not None:
+        if lease is not None:
             headers = _upstream_headers(head)
             _narrow(headers)
-            response = send(
+            client = self._routing.model_client(local.model_id) or self._client
+            response = client.send(
                 head.method,
                 lease.upstream + local.target,
                 headers=headers,
