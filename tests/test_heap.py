@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from llamaswap.service.heap import HeapService, settle
+from llamaswap.service.heap import YOUNG_THRESHOLD, HeapService, settle
 from llamaswap.service.tap import Options, makeService
 
 
@@ -31,6 +31,18 @@ class SettleTests(TestCase):
         self.assertGreater(gc.get_freeze_count(), 1000)
         heap.stopService()
         self.assertEqual(gc.get_freeze_count(), 0)
+
+    def test_young_threshold_raised_while_running(self) -> None:
+        """The young generation's threshold is `YOUNG_THRESHOLD` while the
+        service runs (the older ones untouched), and what it was after."""
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        gc.set_threshold(700, 10, 10)
+        heap = HeapService(reactor)
+        heap.startService()
+        self.assertEqual(gc.get_threshold(), (YOUNG_THRESHOLD, 10, 10))
+        heap.stopService()
+        self.assertEqual(gc.get_threshold(), (700, 10, 10))
 
     def test_a_later_settle_collects_garbage_an_earlier_one_froze(self) -> None:
         """A cycle frozen while alive that became garbage (a reload replaced
