@@ -21,6 +21,7 @@ from twisted.web.http_headers import Headers
 from llamaswap.config import load_config_text
 from llamaswap.core.twistedweb import one_pass_heads
 from llamaswap.service.wiring import build_service
+from llamaswap.web import early
 from llamaswap.web.early import plain_body
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import PYTHON, ServiceProcess, free_port, poll_until
@@ -262,6 +263,41 @@ class EarlyPathTests(TestCase):
         self.assertIsNotNone(self.early[-1].response)
         client.transport.abortConnection()
         await poll_until(lambda: self.upstream.held[0].lost)
+        await self.settled()
+
+    async def test_core_yielded_only_when_alone(self) -> None:
+        """The core is yielded to the woken upstream after an early send only
+        when no other request is in flight here: under load the reactor has
+        the others' work to do instead."""
+        await self.start(limit=2)
+        yields: list[None] = []
+        self.patch(early, "_let_upstream_run", lambda: yields.append(None))
+        await self.exchange(_request(b'{"model":"a"}', b"Connection: close"))  # start
+        await self.settled()
+        # two requests at once: two upstream connections in the pool after
+        first, second = await self.connect(), await self.connect()
+        for client in (first, second):
+            client.transport.write(_request(b'{"model":"a","hold":1}'))
+        await poll_until(lambda: len(self.upstream.held) == 2)
+        for waiting in self.upstream.held:
+            waiting.release()
+        for client in (first, second):
+            await _read_until(client, b"}")
+            client.transport.loseConnection()
+        await self.settled()
+        del self.upstream.held[:], yields[:]
+        held = await self.connect()
+        held.transport.write(_request(b'{"model":"a","hold":1}'))
+        await poll_until(lambda: len(self.upstream.held) == 1)
+        self.assertIsNotNone(self.early[-1].response)
+        self.assertEqual(len(yields), 1)  # alone: yielded
+        answer = await self.exchange(_request(b'{"model":"a"}', b"Connection: close"))
+        self.assertIn(b" 200 OK", answer.split(b"\r\n", 1)[0])
+        self.assertIsNotNone(self.early[-1].response)  # sent early, beside the held one
+        self.assertEqual(len(yields), 1)  # not yielded
+        self.upstream.held[0].release()
+        self.assertIn(b'"released":true', await _read_until(held, b"}"))
+        held.transport.loseConnection()
         await self.settled()
 
     async def test_a_failure_before_the_coroutine_owns_it_undoes_it(self) -> None:

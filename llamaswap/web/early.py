@@ -118,10 +118,17 @@ class EarlySend:
         #: the lease when the model was granted at once
         self.granted: Lease | None = box[0] if box and isinstance(box[0], Lease) else None
 
-    def sent(self, response: defer.Deferred[Any], written: bool) -> None:
-        """The request went upstream (``written``: onto the socket already)."""
+    def sent(self, response: defer.Deferred[Any], written: bool, alone: bool = True) -> None:
+        """The request went upstream (``written``: onto the socket already).
+
+        ``alone``: no other request is in flight here.  Only then is the
+        core yielded to the woken upstream: with others in flight the
+        reactor has their work to do, and the upstream runs when it waits
+        for more, or on another core; a yield per request under load only
+        adds a system call and a switch to each (measured alternately at
+        64 clients: 2% less CPU per request without it)."""
         self.response = response
-        if written:
+        if written and alone:
             _let_upstream_run()
 
     def take(self, request: Any) -> EarlySend:

@@ -344,7 +344,7 @@ class RequestServer:
                 body=local.body or b"",
                 on_retry=functools.partial(self._metrics.upstream_retry, local.model_id),
             )
-            early.sent(response, write_now(self._reactor))
+            early.sent(response, write_now(self._reactor), alone=not self._inflight)
         return early
 
     def _loading_stream(
