@@ -178,6 +178,23 @@ class _Ok(Resource):
 
 
 class RealRequestTests(SynchronousTestCase):
+    def test_no_access_line_when_not_wanted(self) -> None:
+        """``access_lines`` (the config's ``logLevel`` above info) is asked at
+        each request's end: while it says no, no access line is made."""
+        wanted = [False]
+        clock = Clock()
+        site = LlamaSwapSite(_Ok(), reactor=clock, access_lines=lambda: wanted[0])
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        channel.makeConnection(StringTransport())
+        with capturedLogs() as events:
+            for flag in (False, True, False):
+                wanted[0] = flag
+                channel.dataReceived(b"GET /v1/models HTTP/1.1\r\nHost: h\r\n\r\n")
+                clock.advance(1)
+        channel.connectionLost(None)
+        access = [e for e in events if "access_line" in e]
+        self.assertEqual(len(access), 1, events)
+
     def test_hostile_request_logs_one_line_everywhere(self) -> None:
         """A request whose path, user agent and X-Forwarded-For carry control
         characters, quotes and a forged log line is logged as one line on

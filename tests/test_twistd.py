@@ -121,6 +121,18 @@ class SameOutputTests(TestCase):
         text = await self._serve("twistd", self._config(logLevel="debug"))
         self.assertGreater(text.count("health probe failed"), 0, text)
 
+    async def test_access_lines_follow_the_log_level(self) -> None:
+        """An access line per request at ``logLevel: info``; none at
+        ``warn`` (where no observer would print it, so none is made), while
+        warnings still are."""
+        line = '"GET /upstream/a/health HTTP/1.1" 200'
+        for entry in ENTRY_POINTS:
+            text = await self._serve(entry, self._config())
+            self.assertIn(line, text, f"{entry}:\n{text}")
+        text = await self._serve("twistd", self._config(logLevel="warn"))
+        self.assertNotIn(line, text, text)
+        self.assertNotIn("Health check passed", text, text)
+
     async def test_upstream_output_with_both_and_upstream(self) -> None:
         """``logToStdout: both`` and ``upstream``: the model server's output
         is on stdout under either entry point."""

@@ -9,12 +9,13 @@ priority.  All of them read this table.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from types import MappingProxyType
 
 from twisted.logger import LogLevel
 
-__all__ = ["LEVELS", "label", "parse_level", "rank", "syslog_priority"]
+__all__ = ["LEVELS", "label", "logs_info", "parse_level", "rank", "syslog_priority"]
 
 #: ``logLevel`` names, in increasing severity, and their ``LogLevel``.
 LEVELS: Mapping[str, LogLevel] = MappingProxyType(
@@ -59,6 +60,12 @@ def label(level: LogLevel) -> str:
 def rank(level: LogLevel) -> int:
     """Position in increasing severity, for filtering (unknown counts as info)."""
     return _ORDER.index(level) if level in _ORDER else 1
+
+
+@functools.lru_cache(maxsize=16)
+def logs_info(log_level: str) -> bool:
+    """Whether a config ``logLevel`` lets info lines (the access log) through."""
+    return rank(parse_level(log_level)) <= rank(LogLevel.info)
 
 
 def syslog_priority(level: LogLevel) -> int:

@@ -26,6 +26,7 @@ from llamaswap import __version__
 from llamaswap.config import Config, ConfigError
 from llamaswap.config.commands import program_problem
 from llamaswap.config.loader import load_config_sources
+from llamaswap.core.loglevels import logs_info
 from llamaswap.core.text import as_text
 from llamaswap.service.activation import inherited_loopback_only
 from llamaswap.service.heap import HeapService, settle
@@ -261,6 +262,7 @@ def makeService(options: Options) -> service.MultiService:
         core.app.resource(),
         reactor,
         max_request_body_size=lambda: core.config.max_request_body_size,
+        access_lines=lambda: logs_info(core.config.log_level),
     )
     site.noisy = False  # no "Starting factory <...>" line; the start-up lines say it
     WebService(

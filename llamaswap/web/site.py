@@ -89,8 +89,12 @@ class LlamaSwapSite(Site):
         resource: Any,
         reactor: Any = None,
         max_request_body_size: Callable[[], int] = lambda: DEFAULT_MAX_REQUEST_BODY_SIZE,
+        access_lines: Callable[[], bool] = lambda: True,
         **kwargs: Any,
     ) -> None:
+        """``access_lines``: whether access lines are logged now (the
+        config's ``logLevel`` lets info lines through); when not, none is
+        made, instead of being made and then dropped by every observer."""
         kwargs.setdefault("timeout", IDLE_TIMEOUT)
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         if reactor is None:
@@ -99,6 +103,7 @@ class LlamaSwapSite(Site):
             reactor = default_reactor
         self._reactor = reactor
         self._max_request_body_size = max_request_body_size
+        self._access_lines = access_lines
         #: the root when requests can skip the resource-tree walk (`LlamaSwapRequest.process`)
         self.leaf_root = resource if plain_leaf(resource) else None
         #: what a request head that arrives whole is shown first (the
@@ -114,6 +119,8 @@ class LlamaSwapSite(Site):
         return bound_channel(super().buildProtocol(addr), early=self.early_start)
 
     def log(self, request: Any) -> None:
+        if not self._access_lines():
+            return
         started = getattr(request, "received_at", None)
         duration = time.monotonic() - started if started is not None else 0.0
         after_flush(self._reactor, self._log_access, request, duration)
