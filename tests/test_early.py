@@ -19,7 +19,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from llamaswap.config import load_config_text
-from llamaswap.core.twistedweb import one_pass_heads
+from llamaswap.core.twistedweb import HOLD_BODY, HOLD_FOR, one_pass_heads
 from llamaswap.service.wiring import build_service
 from llamaswap.web import early
 from llamaswap.web.early import plain_body
@@ -171,11 +171,13 @@ class EarlyPathTests(TestCase):
         await poll_until(lambda: scheduler.reserved("a") == 0 and scheduler.in_flight("a") == 0)
 
     async def test_upstream_receives_the_same_bytes_either_way(self) -> None:
-        """A request whole in one read goes the early path, the same request
-        in two reads the usual one; the model's server receives the very same
-        bytes (headers forwarded and dropped, Accept-Encoding narrowed, the
-        llamaswap key removed, useModelName applied) and the client the
-        same answer, also while the model is first started."""
+        """A request whole in one read goes the early path from its head;
+        one whose body comes in a later read (as Python's ``http.client``
+        writes it), once the body is read; with the early path off, the
+        usual one.  The model's server receives the very same bytes (headers
+        forwarded and dropped, Accept-Encoding narrowed, the llamaswap key
+        removed, useModelName applied) and the client the same answer, also
+        while the model is first started."""
         await self.start(apiKeys=[KEY])
         body = b'{"model":"a","messages":[{"role":"user","content":"hi"}]}'
         request = _request(
@@ -193,27 +195,50 @@ class EarlyPathTests(TestCase):
         for pieces in ((request,), (request,), (head + b"\r\n\r\n", body)):
             answers.append(_without_date(await self.exchange(*pieces)))
             await self.settled()
-        first, second, usual = self.upstream.inference()
-        self.assertEqual(first, usual)
-        self.assertEqual(second, usual)
+        self.site.early_start = None
+        answers.append(_without_date(await self.exchange(request)))
+        await self.settled()
+        *early_sent, usual = self.upstream.inference()
+        for sent in early_sent:
+            self.assertEqual(sent, usual)
         self.assertIn(b'"model":"served-name"', usual)
         self.assertIn(b"Accept-Encoding: gzip\r\n", usual)
         self.assertIn(b"X-Kept: yes\r\n", usual)
         self.assertIn(b"X-Forwarded-For: 10.1.2.3, 127.0.0.1\r\n", usual)
         self.assertNotIn(KEY.encode(), usual)
         self.assertNotIn(b"secret", usual)
+        # (the split one's head is held back for its body: seen once, whole)
         started, sent, split = self.early
         self.assertIsNone(started.response)  # the model was starting: sent when ready
         self.assertIsNotNone(sent.response)  # ready: sent before Twisted read the request
-        self.assertIsNone(split)  # its body came in a later read
-        self.assertEqual([a.split(b"\r\n", 1)[0] for a in answers], [b"HTTP/1.1 200 OK"] * 3)
-        self.assertEqual(answers[0].split(b"\r\n\r\n")[0], answers[2].split(b"\r\n\r\n")[0])
+        self.assertIsNotNone(split.response)  # sent once its body was read too
+        self.assertEqual([a.split(b"\r\n", 1)[0] for a in answers], [b"HTTP/1.1 200 OK"] * 4)
+        for answer in answers[:3]:
+            self.assertEqual(answer.split(b"\r\n\r\n")[0], answers[3].split(b"\r\n\r\n")[0])
         page = await treq.get(
             f"http://127.0.0.1:{self.port.getHost().port}/api/metrics/activity",
             headers={b"authorization": [b"Bearer " + KEY.encode()]},
             pool=HTTPConnectionPool(reactor, persistent=False),
         )
-        self.assertEqual((await page.json())["total"], 3)
+        self.assertEqual((await page.json())["total"], 4)
+
+    async def test_a_large_body_read_later_is_sent_once_read(self) -> None:
+        """A head whose body is too large to hold it back for is read at once
+        (the early starter declines it: no body yet); once Twisted has read
+        the body the request goes the early path all the same."""
+        await self.start()
+        await self.exchange(_request(b'{"model":"a"}', b"Connection: close"))
+        await self.settled()
+        del self.early[:]
+        body = b'{"model":"a","pad":"%s"}' % (b"x" * (HOLD_BODY + 1))
+        head, _, _ = _request(body, b"Connection: close").partition(b"\r\n\r\n")
+        answer = await self.exchange(head + b"\r\n\r\n", body)
+        self.assertIn(b" 200 OK", answer.split(b"\r\n", 1)[0])
+        declined, sent = self.early
+        self.assertIsNone(declined)  # the head, without its body
+        self.assertIsNotNone(sent.response)  # the whole request
+        self.assertTrue(self.upstream.inference()[-1].endswith(body[-100:]))
+        await self.settled()
 
     async def test_refused_requests_take_the_usual_path(self) -> None:
         """Without a valid key, for an unknown model, at the concurrency
@@ -427,9 +452,127 @@ class EarlyStartSettledTests(TestCase):
         self.assertTrue(callable(one_pass_heads))
 
 
+class HeldHeadTests(TestCase):
+    """A POST head read without its (small) body is held back for one more
+    read, at most ``HOLD_FOR`` seconds, so that the early starter sees the
+    request whole (``one_pass_heads``)."""
+
+    HEAD = b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n"
+
+    def setUp(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+        from twisted.web.resource import Resource
+
+        self.seen: list[str] = []
+        seen = self.seen
+
+        class Root(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                started = getattr(request, "early_start", None)
+                seen.append(f"render {request.content.read().decode()} early={started is not None}")
+                return b"ok"
+
+        class Started:
+            def settle(self) -> None:
+                seen.append("settle")
+
+        def early(channel: Any, method: bytes, target: bytes, v: bytes, h: Any, rest: bytes) -> Any:
+            seen.append(f"early {rest.decode()!r}")
+            return Started() if rest == b"ab" else None
+
+        self.clock = Clock()
+        site = LlamaSwapSite(Root(), reactor=self.clock)
+        site.early_start = early
+        self.proto = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        self.proto.callLater = self.clock.callLater
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def held(self) -> list[Any]:
+        return [c for c in self.clock.getDelayedCalls() if c.getTime() == HOLD_FOR]
+
+    def test_head_and_body_read_together(self) -> None:
+        """The head waits for its body; the starter then sees both at once."""
+        self.proto.dataReceived(self.HEAD)
+        self.assertEqual(self.seen, [])
+        self.assertEqual(len(self.held()), 1)
+        self.proto.dataReceived(b"ab")
+        self.assertEqual(self.seen, ["early 'ab'", "render ab early=True", "settle"])
+        self.assertEqual(self.held(), [])
+        self.assertIn(b"200 OK", self.transport.value())
+
+    def test_released_after_hold_for(self) -> None:
+        """A body that takes longer than ``HOLD_FOR``: the head is read the
+        usual way then, and the starter sees the request once its body is read."""
+        self.proto.dataReceived(self.HEAD)
+        self.clock.advance(HOLD_FOR)
+        self.assertEqual(self.seen, [])
+        self.proto.dataReceived(b"a")
+        self.proto.dataReceived(b"b")
+        self.assertEqual(self.seen, ["early 'ab'", "render ab early=True", "settle"])
+        self.assertIn(b"200 OK", self.transport.value())
+
+    def test_body_still_short_after_one_more_read(self) -> None:
+        """Held for one read only: what is still short of its body is read
+        as usual, and the starter sees the request once its body is read."""
+        self.proto.dataReceived(self.HEAD)
+        self.proto.dataReceived(b"a")
+        self.assertEqual(self.seen, ["early 'a'"])
+        self.assertEqual(self.held(), [])
+        self.proto.dataReceived(b"b")
+        self.assertEqual(self.seen, ["early 'a'", "early 'ab'", "render ab early=True", "settle"])
+
+    def test_not_held(self) -> None:
+        """A GET, an ``Expect: 100-continue`` head, a body over ``HOLD_BODY``
+        and a head whose body came with it are not held back."""
+        heads = [
+            b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (HOLD_BODY + 1),
+            self.HEAD + b"ab",
+        ]
+        for head in heads:
+            with self.subTest(head=head):
+                del self.seen[:]
+                self.setUp()
+                self.proto.dataReceived(head)
+                self.assertEqual(self.held(), [])
+                self.assertTrue(self.seen and self.seen[0].startswith("early"), self.seen)
+
+    def test_body_waiting_on_the_socket_is_read_at_once(self) -> None:
+        """A body that arrived while the head was being read is read from
+        the socket at once: nothing is held, and the starter sees it all."""
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        self.transport.socket = ours
+        theirs.sendall(b"ab")
+        self.proto.dataReceived(self.HEAD)
+        self.assertEqual(self.held(), [])
+        self.assertEqual(self.seen, ["early 'ab'", "render ab early=True", "settle"])
+        self.proto.dataReceived(self.HEAD)  # nothing waits this time: held
+        self.assertEqual(len(self.held()), 1)
+
+    def test_client_gone_while_held(self) -> None:
+        """A client that leaves while its head is held: nothing is read or
+        answered, and the hold's timer is gone."""
+        self.proto.dataReceived(self.HEAD)
+        self.proto.connectionLost(None)
+        self.assertEqual(self.held(), [])
+        self.clock.advance(HOLD_FOR)
+        self.assertEqual(self.seen, [])
+        self.assertEqual(self.transport.value(), b"")
+
+
 class TwistdEarlyPathTests(TestCase):
     """The early path as users run it: ``twistd -n llamaswap``, requests
-    written whole on one keep-alive connection, streamed and not."""
+    written whole, or head and then body, on one keep-alive connection,
+    streamed and not."""
 
     timeout = 60
 
@@ -457,10 +600,17 @@ class TwistdEarlyPathTests(TestCase):
         for body in (plain, stream, stream, plain):
             sock.sendall(_request(body))
             answers.append(await _read_response(sock))
+        # the head, then the body, as Python's http.client writes them
+        for body in (stream, plain):
+            head, _, _ = _request(body).partition(b"\r\n\r\n")
+            sock.sendall(head + b"\r\n\r\n")
+            await _turn()
+            sock.sendall(body)
+            answers.append(await _read_response(sock))
         for answer in answers:
             self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK"), answer[:200])
-        self.assertIn(b"data: [DONE]", answers[1])
-        self.assertIn(b"data: [DONE]", answers[2])
+        for streamed in (1, 2, 4):
+            self.assertIn(b"data: [DONE]", answers[streamed])
         running.transport.signalProcess(signal.SIGTERM)
         await running.ended
         self.assertIn("shutdown complete", running.text())

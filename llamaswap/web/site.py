@@ -13,7 +13,13 @@ from twisted.web.server import Request, Site
 from twisted.web.server import version as server_version
 
 from llamaswap.config.settings import DEFAULT_MAX_REQUEST_BODY_SIZE
-from llamaswap.core.twistedweb import after_flush, plain_leaf
+from llamaswap.core.twistedweb import (
+    EARLY_SEEN,
+    EarlyStart,
+    EarlyStarter,
+    after_flush,
+    plain_leaf,
+)
 from llamaswap.observe.logformat import request_access_line
 from llamaswap.web.limits import IDLE_TIMEOUT, BoundedRequest, bound_channel
 from llamaswap.web.plainrequest import PlainBodyRequest
@@ -48,6 +54,7 @@ class LlamaSwapRequest(BoundedRequest, PlainBodyRequest, Request):
             super().process()
             return
         self.site = site
+        started = self._start_early(site.early_start)
         headers = self.responseHeaders
         headers.setRawHeaders(b"Server", [server_version])
         headers.setRawHeaders(b"Date", [http_date(time.time())])
@@ -58,6 +65,38 @@ class LlamaSwapRequest(BoundedRequest, PlainBodyRequest, Request):
             self.render(root)
         except BaseException:
             self.processingFailed(Failure())
+        finally:
+            if started is not None:
+                started.settle()
+
+    def _start_early(self, start: EarlyStarter | None) -> EarlyStart | None:
+        """Show the whole request to the site's early starter, now that its
+        body is read, unless the starter saw all of it with the head already
+        (`~llamaswap.core.twistedweb.one_pass_heads`).  Most clients write a
+        request's head and its body separately (Python's ``http.client``
+        does), and the body then arrives in a later read: this is the early
+        path for them (:mod:`llamaswap.web.early`).  What it returns is set
+        as ``early_start``, and settled once the request was rendered."""
+        if start is None or getattr(self, "early_start", None) is not None:
+            return None
+        content = self.content
+        if content is None:
+            return None
+        body = content.getvalue()
+        if len(body) <= getattr(self, EARLY_SEEN, -1):
+            return None  # seen whole with the head, and declined then
+        try:
+            started = start(
+                self.channel, self.method, self.uri, self.clientproto, self.requestHeaders, body
+            )
+        except Exception:
+            log.failure(
+                "error in the early look at {method} {target}", method=self.method, target=self.uri
+            )
+            return None
+        if started is not None:
+            self.early_start = started
+        return started
 
 
 def http_date(now: float) -> bytes:
