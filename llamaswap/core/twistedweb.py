@@ -52,9 +52,7 @@ one, this is the only module to change.
 from __future__ import annotations
 
 import functools
-import os
 import re
-import socket
 from collections.abc import Callable, Container, Iterable
 from typing import Any, Protocol
 
@@ -64,6 +62,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.web import http_headers
 from twisted.web.iweb import INonQueuedRequestFactory
+
+from llamaswap.core.transport import acknowledge_now, let_others_run, waiting_now
 
 _log = Logger()
 
@@ -94,6 +94,7 @@ __all__ = [
     "disconnected",
     "fresh_connection",
     "one_pass_heads",
+    "start_early",
     "plain_leaf",
     "quiet_http_client_factories",
     "response_connection_headers",
@@ -435,10 +436,13 @@ def one_pass_heads(channel: Any, early: EarlyStarter | None = None) -> None:
             outcome = _read_head(channel, data, encoder.encode, early, may_hold)
             if outcome is _HOLD:
                 transport = channel.transport
-                more = _waiting_now(transport)
-                if not more and _acknowledge_now(transport):
-                    _let_client_run()
-                    more = _waiting_now(transport)
+                more = waiting_now(transport)
+                if not more and acknowledge_now(transport):
+                    # the client, woken by the acknowledgement, often waits
+                    # for this core: with it, the body was then there every
+                    # time measured (41 of 41), instead of 130-290 µs later
+                    let_others_run()
+                    more = waiting_now(transport)
                 if not more:
                     channel.resetTimeout()
                     held[:] = [data, channel.callLater(HOLD_FOR, release)]
@@ -461,60 +465,23 @@ def one_pass_heads(channel: Any, early: EarlyStarter | None = None) -> None:
     channel.connectionLost = connection_lost
 
 
-def _waiting_now(transport: Any) -> bytes:
-    """What already waits to be read on ``transport``'s socket (a plain TCP
-    connection's), without waiting: the body a client wrote just after the
-    head often arrived while the head was being read, and reading it now
-    saves going back to the reactor for it.  ``b""`` when nothing waits,
-    and for any other transport; an error or the end of the connection is
-    left for the reactor's own next read to find."""
-    sock = getattr(transport, "socket", None)
-    if not isinstance(sock, socket.socket):
-        return b""
+def start_early(
+    early: EarlyStarter,
+    channel: Any,
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    headers: Any,
+    rest: bytes,
+) -> EarlyStart | None:
+    """``early``'s answer for a request; None, logged, when it fails."""
     try:
-        return sock.recv(_READ_SIZE)
-    except OSError:
-        return b""
+        return early(channel, method, target, version, headers, rest)
+    except Exception:
+        _log.failure("error in the early look at {method} {target}", method=method, target=target)
+        return None
 
 
-def _acknowledge_now(transport: Any) -> bool:
-    """Have the kernel acknowledge what was read on ``transport``'s socket
-    now (``TCP_QUICKACK``, where there is one).
-
-    A client that wrote a request's head and then its small body without
-    ``TCP_NODELAY`` (Python's ``http.client`` does) has Nagle's algorithm
-    hold the body back until the head is acknowledged; and on a connection
-    that goes back and forth, Linux delays that acknowledgement, hoping to
-    send it with the answer, which cannot come before the body: measured,
-    the body came 0.6-2.4 ms after the head.  Acknowledged at once, it
-    comes as soon as the client runs (often on this core: see
-    `_let_client_run`).  Whether it was acknowledged."""
-    sock = getattr(transport, "socket", None)
-    if isinstance(sock, socket.socket) and _QUICKACK is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-        except OSError:
-            return False
-        return True
-    return False
-
-
-def _no_yield() -> None:
-    """Where the system cannot be asked to run another process first."""
-
-
-#: Let the client whose body was just acknowledged run (``os.sched_yield``
-#: where the system has it): the kernel often queues it on this core, which
-#: woke it, and it sends the body only once it runs.  Measured, the body was
-#: then on the socket every time (41 of 41 heads held) instead of coming
-#: 130-290 µs later, after a trip back to the reactor.
-_let_client_run: Callable[[], None] = getattr(os, "sched_yield", _no_yield)
-
-
-#: ``TCP_QUICKACK`` where the system has it
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-#: bytes read at most by `_waiting_now` (what Twisted reads at a time)
-_READ_SIZE = 65536
 #: the largest body a head is held back for (see `one_pass_heads`)
 HOLD_BODY = 64 * 1024
 #: seconds a head is held back for its body at most
@@ -571,12 +538,7 @@ def _read_head(
                 return _HOLD
     started = None
     if early is not None:
-        try:
-            started = early(channel, command, path, version, headers, rest)
-        except Exception:
-            _log.failure(
-                "error in the early look at {method} {target}", method=command, target=path
-            )
+        started = start_early(early, channel, command, path, version, headers, rest)
     try:
         # From here on, exactly what lineReceived and headerReceived would do.
         channel.resetTimeout()

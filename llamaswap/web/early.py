@@ -31,13 +31,13 @@ when the read ends: its upstream request is aborted and its place released.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from llamaswap.core.transport import let_others_run
 from llamaswap.scheduling import Ticket
 from llamaswap.supervision.router import Lease
 
@@ -163,11 +163,6 @@ class EarlySend:
             self.waiting.cancel()
 
 
-def _no_yield() -> None:
-    """Where the system cannot be asked to run another process first."""
-
-
 #: Let the process the send woke (the model's server, often woken on this
-#: core) run now, before the rest of the request's handling here:
-#: ``os.sched_yield`` where the system has it.
-_let_upstream_run: Callable[[], None] = getattr(os, "sched_yield", _no_yield)
+#: core) run now, before the rest of the request's handling here.
+_let_upstream_run: Callable[[], None] = let_others_run

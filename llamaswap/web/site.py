@@ -19,6 +19,7 @@ from llamaswap.core.twistedweb import (
     EarlyStarter,
     after_flush,
     plain_leaf,
+    start_early,
 )
 from llamaswap.observe.logformat import request_access_line
 from llamaswap.web.limits import IDLE_TIMEOUT, BoundedRequest, bound_channel
@@ -85,15 +86,9 @@ class LlamaSwapRequest(BoundedRequest, PlainBodyRequest, Request):
         body = content.getvalue()
         if len(body) <= getattr(self, EARLY_SEEN, -1):
             return None  # seen whole with the head, and declined then
-        try:
-            started = start(
-                self.channel, self.method, self.uri, self.clientproto, self.requestHeaders, body
-            )
-        except Exception:
-            log.failure(
-                "error in the early look at {method} {target}", method=self.method, target=self.uri
-            )
-            return None
+        started = start_early(
+            start, self.channel, self.method, self.uri, self.clientproto, self.requestHeaders, body
+        )
         if started is not None:
             self.early_start = started
         return started
