@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from llamaswap.core.transport import fixed_addresses, no_delay
-from llamaswap.core.twistedweb import after_flush, coalesce_writes
+from llamaswap.core.twistedweb import after_flush, after_this_read, coalesce_writes
 from llamaswap.upstream.lean import LeanAgent
 from llamaswap.web.site import LlamaSwapSite
 from tests.support import poll_until
@@ -262,6 +262,27 @@ class CoalesceWritesTests(TestCase):
         pair.server.transport.write(b"ping")
         await done
         self.assertEqual((scheduled, buffered), ([0], [0]))
+        await poll_until(lambda: bytes(pair.server.received) == b"pong", timeout=5)
+
+    async def test_after_this_read_runs_once_the_read_s_writes_are_out(self) -> None:
+        """``after_this_read`` called while a read is handled runs its call
+        right after that read's writes went out; outside a read it does
+        nothing and says so (the caller then calls at once)."""
+        pair = Pair()
+        await pair.open(self)
+        coalesce_writes(pair.transport)
+        self.assertFalse(after_this_read(reactor, self.fail, "outside a read"))
+        bookkeeping, buffered, done = _bookkeeping(pair.transport)
+        queued: list[bool] = []
+
+        def answer(data: bytes) -> None:
+            pair.transport.write(b"pong")
+            queued.append(after_this_read(reactor, bookkeeping))
+
+        pair.client.dataReceived = answer  # type: ignore[method-assign]
+        pair.server.transport.write(b"ping")
+        await done
+        self.assertEqual((queued, buffered), ([True], [0]))
         await poll_until(lambda: bytes(pair.server.received) == b"pong", timeout=5)
 
     async def test_applied_once(self) -> None:

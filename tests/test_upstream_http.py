@@ -16,6 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -203,6 +204,19 @@ def _head_and_headers(answer: bytes) -> tuple[bytes, dict[bytes, list[bytes]]]:
         name, _, value = line.partition(b":")
         headers.setdefault(name.strip().lower(), []).append(value.strip())
     return head[0], headers
+
+
+class RefusedTests(TestCase):
+    async def test_what_agent_refuses_is_unavailable_not_raised(self) -> None:
+        """A method or URL that Twisted's ``Agent`` refuses to send (it
+        raises at once) fails the send's Deferred with
+        ``UpstreamUnavailable``, as any failed send does: nothing raises
+        from ``send`` itself."""
+        client = UpstreamClient(reactor)
+        self.addCleanup(client.close)
+        for method, url in ((b"GE T", b"http://127.0.0.1:1/"), (b"GET", b"http://127.0.0.1:1/a b")):
+            d = client.send(method, url, headers=Headers(), body=b"")
+            await self.assertFailure(d, UpstreamUnavailable)
 
 
 class HeaderTests(UpstreamEdgeCase):

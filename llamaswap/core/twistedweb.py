@@ -322,6 +322,18 @@ class _WriteFlusher:
 _flushers: dict[Any, _WriteFlusher] = {}
 
 
+def after_this_read(reactor: Any, fn: Callable[..., object], *args: Any) -> bool:
+    """Call ``fn(*args)`` right after what the read under way wrote has gone
+    out (see `coalesce_writes`), with the `after_flush` calls, in order;
+    False, with nothing done, when no read of a coalescing transport is
+    under way (call it now then)."""
+    flusher = _flushers.get(reactor)
+    if flusher is None or not flusher._reading or flusher._stopping():
+        return False
+    flusher._then.append((fn, args))
+    return True
+
+
 def write_now(reactor: Any) -> bool:
     """Write out at once what `coalesce_writes` holds for the end of the
     reactor's pass (the ``after_flush`` calls still wait for that end);

@@ -57,11 +57,13 @@ from zope.interface import implementer
 
 from llamaswap.core.endpoints import UpstreamEndpoints
 from llamaswap.core.twistedweb import (
+    after_this_read,
     copy_headers,
     fresh_connection,
     quiet_http_client_factories,
     response_connection_headers,
     tls_handshake_pending,
+    write_now,
 )
 from llamaswap.upstream.lean import (
     MAX_IDLE_PER_ORIGIN,
@@ -192,12 +194,22 @@ class _Relay(Protocol):
     """Writes upstream body bytes to the client with backpressure.
 
     ``done`` fires when the body has ended; cancelling it (the client went
-    away) stops the upstream transfer.
+    away) stops the upstream transfer.  With ``reactor`` (whose writes
+    `coalesce_writes` gathers), bytes wait for nothing of ours: the
+    observer sees each piece right after the read that brought it has been
+    written out (`after_this_read`), and the body's end is written out
+    before ``done`` fires, ahead of what ending the request costs.
     """
 
-    def __init__(self, request: Any, observer: Callable[[bytes], None] | None) -> None:
+    def __init__(
+        self,
+        request: Any,
+        observer: Callable[[bytes], None] | None,
+        reactor: Any = None,
+    ) -> None:
         self._request = request
         self._observer = observer
+        self._reactor = reactor
         self._client_gone = False
         self.done: defer.Deferred[None] = defer.Deferred(lambda _: self._stop())
 
@@ -209,9 +221,11 @@ class _Relay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._client_gone:
             return
-        if self._observer is not None:
-            self._observer(data)
         self._request.write(data)
+        # The observer (usage parsing, capture, byte counts) sees the piece
+        # once it is on its way: a token waits for nothing here.
+        if self._observer is not None and not after_this_read(self._reactor, self._observer, data):
+            self._observer(data)
 
     def _stop(self) -> None:
         self._client_gone = True
@@ -223,6 +237,10 @@ class _Relay(Protocol):
             self._request.unregisterProducer()
         if self.done.called:
             return
+        if self._reactor is not None:
+            # The body's end goes out now, before what ending the request
+            # costs (the coroutines above unwind, the lease, the books).
+            write_now(self._reactor)
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(None)
         else:
@@ -441,6 +459,7 @@ class UpstreamClient:
         tls_handshake_timeout: float | None = None,
         clock: Any = None,
     ) -> None:
+        self._reactor = reactor
         self._clock = clock if clock is not None else reactor
         self._response_header_timeout = response_header_timeout or 0
         self._pool = _Pool(reactor)
@@ -480,26 +499,44 @@ class UpstreamClient:
             [self._pool.closeCachedConnections(), self._agent.retire()]
         ).addCallback(lambda _: None)
 
-    async def _send(
+    def _send(
         self,
         method: bytes,
         url: bytes,
         headers: Headers,
         body: bytes,
         on_retry: Callable[[], None] | None,
-    ) -> IResponse:
-        producer = BytesProducer(body) if body or method not in (b"GET", b"HEAD") else None
+        unavailable: bool = False,
+    ) -> defer.Deferred[IResponse]:
+        """The response, sent once more on a new connection when a pooled
+        one turns out stale (``unavailable``: failures but a cancellation
+        made `UpstreamUnavailable`).  Plain callbacks, not a coroutine: this
+        runs on every request's way upstream, before the send."""
+        has_body = bool(body) or method not in (b"GET", b"HEAD")
         try:
-            return await self._agent.request(method, url, headers, producer)
-        except StaleConnection as exc:
+            sending = self._agent.request(
+                method, url, headers, BytesProducer(body) if has_body else None
+            )
+        except Exception:  # Agent refuses what it would not send (ValueError)
+            sending = defer.fail()
+
+        def resend(failure: Failure) -> defer.Deferred[IResponse]:
+            failure.trap(StaleConnection)
             # The upstream closed an idle pooled connection while our request
             # was on its way: it never reached the application, so it is
             # sent once more, on a new connection.
-            log.debug("re-sending {url} on a new connection: {reason}", url=url, reason=exc)
-        if on_retry is not None:
-            on_retry()
-        producer = BytesProducer(body) if producer is not None else None
-        return await self._resend_agent.request(method, url, headers, producer)
+            log.debug(
+                "re-sending {url} on a new connection: {reason}", url=url, reason=failure.value
+            )
+            if on_retry is not None:
+                on_retry()
+            producer = BytesProducer(body) if has_body else None
+            return self._resend_agent.request(method, url, headers, producer)
+
+        sending.addErrback(resend)
+        if unavailable:
+            sending.addErrback(_as_unavailable)
+        return sending
 
     async def _response(
         self,
@@ -514,13 +551,8 @@ class UpstreamClient:
         if self._response_header_timeout <= 0:
             # No timer to cancel the send: await it as it is (one Deferred
             # and coroutine fewer per request); cancelling still reaches it.
-            try:
-                return await self._send(method, url, headers, body, on_retry)
-            except defer.CancelledError:
-                raise
-            except Exception as exc:
-                raise _unavailable(exc) from exc
-        sending = defer.Deferred.fromCoroutine(self._send(method, url, headers, body, on_retry))
+            return await self._send(method, url, headers, body, on_retry, True)
+        sending = self._send(method, url, headers, body, on_retry)
         timer = None
         timed_out = False
         if self._response_header_timeout > 0:
@@ -558,6 +590,8 @@ class UpstreamClient:
         fires with the response as soon as its headers arrived, as in
         :meth:`forward` (time-out, re-send and errors the same); cancelling
         it aborts the upstream request."""
+        if self._response_header_timeout <= 0:
+            return self._send(method, url, headers, body, on_retry, True)
         return defer.Deferred.fromCoroutine(self._response(method, url, headers, body, on_retry))
 
     async def forward(
@@ -614,7 +648,7 @@ class UpstreamClient:
             response.deliverBody(_Discard())
             return response.code
 
-        relay = _Relay(request, observer)
+        relay = _Relay(request, observer, self._reactor)
         response.deliverBody(relay)
         try:
             await relay.done
@@ -637,6 +671,15 @@ def _unavailable(exc: Exception) -> UpstreamUnavailable:
     if isinstance(exc, ConnectError | DNSLookupError | RequestNotSent):
         return UpstreamNotConnected(_describe(exc))
     return UpstreamUnavailable(_describe(exc))
+
+
+def _as_unavailable(failure: Failure) -> Failure:
+    """A failed send's failure made `UpstreamUnavailable` (a cancellation
+    stays one)."""
+    exc = failure.value
+    if isinstance(exc, defer.CancelledError) or not isinstance(exc, Exception):
+        return failure
+    raise _unavailable(exc) from exc
 
 
 def _is_event_stream(response: IResponse) -> bool:
