@@ -49,6 +49,11 @@ async def poll_until(
         await task.deferLater(reactor, interval, lambda: None)
 
 
+def unsent(transport: Any) -> int:
+    """Bytes a Twisted TCP ``transport`` holds that are not on its socket yet."""
+    return int(transport._tempDataLen + len(transport.dataBuffer) - transport.offset)
+
+
 class ServiceProcess:
     """llamaswap run as users run it, as a child process of the test:
     ``argv`` follows the Python interpreter, ``--listen`` is added on

@@ -16,7 +16,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from llamaswap.upstream.client import UpstreamClient, forward_headers
 from llamaswap.web.site import LlamaSwapSite
-from tests.support import base_url, listen, poll_until
+from tests.support import base_url, listen, poll_until, unsent
 
 EVENTS = [b'data: {"n":%d}\n\n' % n for n in range(3)] + [b"data: [DONE]\n\n"]
 
@@ -43,11 +43,6 @@ class _Streaming(Resource):
         return NOT_DONE_YET
 
 
-def _buffered(t: Any) -> int:
-    """Bytes the connection ``t`` holds that are not on the socket yet."""
-    return int(t._tempDataLen + len(t.dataBuffer) - t.offset)
-
-
 class _Front(Resource):
     """Forwards to the upstream; the observer and the end of the relay note
     what had been written, and what was still buffered, at that moment."""
@@ -68,7 +63,7 @@ class _Front(Resource):
 
         def on_response(response: Any) -> Any:
             def observe(data: bytes) -> None:
-                self.seen.append((data, request.sentLength, _buffered(transport)))
+                self.seen.append((data, request.sentLength, unsent(transport)))
 
             return observe
 
@@ -80,7 +75,7 @@ class _Front(Resource):
                 body=b"",
                 on_response=on_response,
             )
-            self.ended.callback((request.sentLength, _buffered(transport)))
+            self.ended.callback((request.sentLength, unsent(transport)))
             request.finish()
 
         defer.Deferred.fromCoroutine(relay()).addErrback(self.ended.errback)

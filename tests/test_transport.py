@@ -22,7 +22,7 @@ from llamaswap.core.transport import fixed_addresses, no_delay
 from llamaswap.core.twistedweb import after_flush, after_this_read, coalesce_writes
 from llamaswap.upstream.lean import LeanAgent
 from llamaswap.web.site import LlamaSwapSite
-from tests.support import poll_until
+from tests.support import poll_until, unsent
 
 
 class Sink(Protocol):
@@ -128,15 +128,14 @@ class Producer:
 def _bookkeeping(transport: Any) -> tuple[Any, list[int], defer.Deferred[None]]:
     """A call for ``after_flush`` that notes how many bytes ``transport``
     still buffers when it runs, and fires a Deferred."""
-    buffered: list[int] = []
+    seen: list[int] = []
     done: defer.Deferred[None] = defer.Deferred()
 
     def bookkeeping() -> None:
-        t = transport
-        buffered.append(t._tempDataLen + len(t.dataBuffer) - t.offset)
+        seen.append(unsent(transport))
         done.callback(None)
 
-    return bookkeeping, buffered, done
+    return bookkeeping, seen, done
 
 
 class CoalesceWritesTests(TestCase):

@@ -255,6 +255,14 @@ class _WriteFlusher:
         self._then.append((fn, args))
         return True
 
+    def after_read(self, fn: Callable[..., object], args: tuple[Any, ...]) -> bool:
+        """Call ``fn(*args)`` with the `then` calls of the read under way;
+        False (nothing done) when no read is under way."""
+        if not self._reading or self._stopping():
+            return False
+        self._then.append((fn, args))
+        return True
+
     def read(self, do_read: Callable[[], object]) -> object:
         """A transport's ``doRead``: what handling the read wrote goes out
         as soon as it returns, not after the rest of the reactor's pass."""
@@ -328,10 +336,7 @@ def after_this_read(reactor: Any, fn: Callable[..., object], *args: Any) -> bool
     False, with nothing done, when no read of a coalescing transport is
     under way (call it now then)."""
     flusher = _flushers.get(reactor)
-    if flusher is None or not flusher._reading or flusher._stopping():
-        return False
-    flusher._then.append((fn, args))
-    return True
+    return flusher is not None and flusher.after_read(fn, args)
 
 
 def write_now(reactor: Any) -> bool:

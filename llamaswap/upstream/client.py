@@ -506,6 +506,7 @@ class UpstreamClient:
         headers: Headers,
         body: bytes,
         on_retry: Callable[[], None] | None,
+        *,
         unavailable: bool = False,
     ) -> defer.Deferred[IResponse]:
         """The response, sent once more on a new connection when a pooled
@@ -551,7 +552,7 @@ class UpstreamClient:
         if self._response_header_timeout <= 0:
             # No timer to cancel the send: await it as it is (one Deferred
             # and coroutine fewer per request); cancelling still reaches it.
-            return await self._send(method, url, headers, body, on_retry, True)
+            return await self._send(method, url, headers, body, on_retry, unavailable=True)
         sending = self._send(method, url, headers, body, on_retry)
         timer = None
         timed_out = False
@@ -591,7 +592,7 @@ class UpstreamClient:
         :meth:`forward` (time-out, re-send and errors the same); cancelling
         it aborts the upstream request."""
         if self._response_header_timeout <= 0:
-            return self._send(method, url, headers, body, on_retry, True)
+            return self._send(method, url, headers, body, on_retry, unavailable=True)
         return defer.Deferred.fromCoroutine(self._response(method, url, headers, body, on_retry))
 
     async def forward(
