@@ -4,7 +4,9 @@ and the demo upstream."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -37,6 +39,20 @@ def demo_argv(port: int, model: str, *extra: str) -> list[str]:
         sys.executable, "-m", "llamaswap.demo", "--host", "127.0.0.1",
         "--port", str(port), "--model", model, *extra,
     ]  # fmt: skip
+
+
+def stop_process(process: subprocess.Popen[bytes], deadline_s: float) -> str:
+    """SIGTERM, wait up to the deadline, then SIGKILL; how it ended."""
+    if process.poll() is not None:
+        return f"had already exited ({process.returncode})"
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=deadline_s)
+        return f"exited {process.returncode} after SIGTERM"
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+        return f"did not exit within {deadline_s:g} s of SIGTERM; killed"
 
 
 def wait_ok(url: str, body: bytes | None = None, deadline: float = 60) -> None:

@@ -25,7 +25,6 @@ import os
 import pstats
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchutil import twistd_argv, wait_ok, yardstick_config
+from benchutil import stop_process, twistd_argv, wait_ok, yardstick_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_UPSTREAM = Path("/work/shared/perf/fast_upstream.py")
@@ -167,21 +166,13 @@ def main() -> int:
             stderr=subprocess.STDOUT,
         )
 
-    def stop(proc: subprocess.Popen[bytes]) -> None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
     idle_calls = 0
     if args.calls:
         # Calls made by start-up and shut-down alone, to subtract.
         idle = start(work / "idle.prof")
         wait_ok(f"http://127.0.0.1:{port}/health")
         wait_ok(f"http://127.0.0.1:{port}/v1/chat/completions", b'{"model":"m1","messages":[]}')
-        stop(idle)
+        stop_process(idle, 60)
         idle_calls = pstats.Stats(str(work / "idle.prof")).total_calls  # type: ignore[attr-defined]
     proc = start(work / "load.prof" if args.calls else None)
     base = f"http://127.0.0.1:{port}"
@@ -255,7 +246,7 @@ def main() -> int:
             summarize_profile(raw, Path(args.profile + ".txt"))
             print(f"profile: {args.profile}.txt")
         if args.calls:
-            stop(proc)
+            stop_process(proc, 60)
             calls = pstats.Stats(str(work / "load.prof")).total_calls  # type: ignore[attr-defined]
             print(
                 f"CALLS python_calls_per_req={(calls - idle_calls) / total_reqs:.0f}"
@@ -263,7 +254,7 @@ def main() -> int:
             )
     finally:
         if proc.poll() is None:
-            stop(proc)
+            stop_process(proc, 60)
         log.close()
         if args.keep:
             print(f"kept {work}")

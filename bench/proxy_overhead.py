@@ -42,7 +42,7 @@ REPO_ROOT = BENCH_DIR.parent
 LOADGEN = BENCH_DIR / "loadgen.py"
 sys.path.insert(0, str(BENCH_DIR))
 
-from benchutil import demo_argv, free_ports, port_in_use  # noqa: E402
+from benchutil import demo_argv, free_ports, port_in_use, stop_process  # noqa: E402
 from loadgen import percentile, wrk_available  # noqa: E402
 
 MODEL = "bench"
@@ -240,20 +240,6 @@ def start_direct_upstream(services: Services) -> None:
     deadline = time.monotonic() + STARTUP_DEADLINE_S
     url = f"http://127.0.0.1:{services.upstream_port}{CHAT_PATH}"
     wait_for_status(url, deadline, SMALL_BODY, alive=services.direct_upstream)
-
-
-def stop_process(process: subprocess.Popen[bytes], deadline_s: float) -> str:
-    """SIGTERM, wait up to the deadline, then SIGKILL; how it ended."""
-    if process.poll() is not None:
-        return f"had already exited ({process.returncode})"
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=deadline_s)
-        return f"exited {process.returncode} after SIGTERM"
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=5)
-        return f"did not exit within {deadline_s:g} s of SIGTERM; killed"
 
 
 def listening_pids(port: int) -> list[int]:

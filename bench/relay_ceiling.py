@@ -28,17 +28,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchutil import free_ports, twistd_argv, wait_ok
-from cpu_per_request import LUA, SHARED_UPSTREAM, wrk
+from benchutil import free_ports, stop_process, twistd_argv, wait_ok
+from cpu_per_request import LUA, upstream_cmd, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model":"m1","messages":[]}'
@@ -73,14 +72,7 @@ def main() -> int:
     lua.write_text(LUA)
     ports = free_ports(1 + 2 * args.processes)
     upstream_port, proxy_ports = ports[0], ports[1 : 1 + args.processes]
-    upstream_argv = (
-        [sys.executable, str(SHARED_UPSTREAM), "--port", str(upstream_port)]
-        if SHARED_UPSTREAM.exists()
-        else [
-            sys.executable, "-m", "llamaswap.demo", "--host", "127.0.0.1",
-            "--port", str(upstream_port), "--model", "m1", "--tokens-per-second", "0",
-        ]
-    )  # fmt: skip
+    upstream_argv = shlex.split(upstream_cmd().replace("${PORT}", str(upstream_port)))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = (work / "log").open("wb")
     procs = [subprocess.Popen(upstream_argv, stdout=log, stderr=subprocess.STDOUT, env=env)]
@@ -107,37 +99,31 @@ def main() -> int:
         share = args.concurrency // args.processes
         one: list[float] = []
         many: list[float] = []
-        rows: list[float] = []
+        direct_rps: list[float] = []
         with ThreadPoolExecutor(args.processes) as pool:
             for k in range(1, args.rounds + 1):
                 one.append(wrk(urls[0], args.concurrency, args.duration, lua)["rps"])
                 results = pool.map(lambda u: wrk(u, share, args.duration, lua)["rps"], urls)
                 many.append(sum(results))
-                rows.append(wrk(direct, args.concurrency, args.duration, lua)["rps"])
+                direct_rps.append(wrk(direct, args.concurrency, args.duration, lua)["rps"])
                 print(
                     f"round {k}: one process {one[-1]:,.0f} req/s, "
                     f"{args.processes} processes {many[-1]:,.0f} "
-                    f"({many[-1] / one[-1]:.2f}x), direct {rows[-1]:,.0f}",
+                    f"({many[-1] / one[-1]:.2f}x), direct {direct_rps[-1]:,.0f}",
                     flush=True,
                 )
         ratios = [m / o for m, o in zip(many, one, strict=True)]
         print(
             f"c{args.concurrency}: one process median {statistics.median(one):,.0f} req/s "
-            f"({statistics.median(one) / statistics.median(rows):.3f}x direct); "
+            f"({statistics.median(one) / statistics.median(direct_rps):.3f}x direct); "
             f"{args.processes} processes {statistics.median(many):,.0f} "
-            f"({statistics.median(many) / statistics.median(rows):.3f}x direct); "
+            f"({statistics.median(many) / statistics.median(direct_rps):.3f}x direct); "
             f"gain per round {min(ratios):.2f}-{max(ratios):.2f}x, "
             f"median {statistics.median(ratios):.2f}x"
         )
     finally:
         for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 60)
         log.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -51,7 +51,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from benchutil import free_ports, port_in_use  # noqa: E402
+from benchutil import free_ports, port_in_use, stop_process  # noqa: E402
 
 MODEL = "bench"
 CHAT_PATH = "/v1/chat/completions"
@@ -365,20 +365,6 @@ def child_env() -> dict[str, str]:
     paths = [str(REPO_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
-
-
-def stop_process(process: subprocess.Popen[bytes], deadline_s: float) -> str:
-    """SIGTERM, wait up to the deadline, then SIGKILL; how it ended."""
-    if process.poll() is not None:
-        return f"had already exited ({process.returncode})"
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=deadline_s)
-        return f"exited {process.returncode} after SIGTERM"
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=5)
-        return f"did not exit within {deadline_s:g} s of SIGTERM; killed"
 
 
 def upstream_pids(script: Path) -> list[int]:
@@ -778,7 +764,7 @@ class Bench:
         request = chat_request(port, stream=mode == "sse", size=size, prompt_tokens=prompt)
         return read_response(port, request)
 
-    def warm_up(self, size: int = WARMUP_BYTES) -> int:
+    def warm_up(self, size: int) -> int:
         """A transfer of ``size`` each way per mode; returns the baseline RSS.
 
         Use the smallest measured size: its captures then fill the bounded
